@@ -1,0 +1,84 @@
+"""The Config object and the data contract readers."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from xmctag import Config, UserError, train
+from xmctag.data import LabelTable, load_labelled_set
+
+
+def test_config_layers_defaults_toml_and_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[xmctag]\nepochs = 7\nlr = 0.001\ntext_cols = ["title", "description"]\n')
+    config = Config.create(toml, epochs=3, lr=None)
+    assert config.epochs == 3 and config.lr == 0.001 and config.text_cols == ["title", "description"]
+    config.save(tmp_path / "config.json")
+    assert Config.load(tmp_path / "config.json") == config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("epochs = 1\nlearning_rate = 2\n", "unknown setting"),
+    ("epochs = [", "not valid TOML"),
+    ("margin_min = 0.5\nmargin_max = 0.1\n", "margin_min <= margin_max"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        Config.create(tmp_path / "c.toml")
+
+
+def test_label_table_with_synonyms_csv_and_duplicates(tmp_path):
+    pl.DataFrame({"label": [1, 2], "text": ["beef", None], "alt_texts": [["cattle meat", "veal"], []]}) \
+        .write_parquet(tmp_path / "l.parquet")
+    labels = LabelTable.load(tmp_path / "l.parquet", Config())
+    assert labels.ids == ["1", "2"]
+    assert labels.texts == ["beef ; cattle meat ; veal", "2"]  # a label without text falls back to its id
+    (tmp_path / "l.csv").write_text("label,text,alt_texts\na,apple,pome\nb,banana,\n")
+    assert LabelTable.load(tmp_path / "l.csv", Config()).texts == ["apple ; pome", "banana"]
+    (tmp_path / "d.csv").write_text("label,text\na,apple\na,again\n")
+    with pytest.raises(UserError, match="duplicate label id"):
+        LabelTable.load(tmp_path / "d.csv", Config())
+
+
+def test_training_rows_without_text_or_known_labels_are_skipped_and_counted(tmp_path):
+    pl.DataFrame({"label": ["x", "y"], "text": ["ex", "why"]}).write_parquet(tmp_path / "l.parquet")
+    pl.DataFrame({
+        "id": [1, 2, 3, 4],
+        "title": ["a", None, "c", "d"],
+        "description": [None, "only a description", "", None],
+        "labels": [["x", "zzz"], ["y"], ["zzz"], ["y", "y"]],
+    }).write_parquet(tmp_path / "t.parquet")
+    config = Config(text_cols=["title", "description"])
+    data = load_labelled_set(tmp_path / "t.parquet", config, LabelTable.load(tmp_path / "l.parquet", config))
+    assert data.ids == ["1", "2", "4"]
+    assert data.texts == ["a", "only a description", "d"]
+    assert [x.tolist() for x in data.labels] == [[0], [1], [1]]
+    assert data.skipped == {"no known label": 1} and data.unknown_labels == 2
+    with pytest.raises(UserError, match="labels must be a list"):
+        pl.DataFrame({"id": [1], "title": ["a"], "labels": ["x"]}).write_parquet(tmp_path / "bad.parquet")
+        load_labelled_set(tmp_path / "bad.parquet", Config(), LabelTable.load(tmp_path / "l.parquet", config))
+
+
+def test_resume_continues_and_refuses_changed_settings(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    import xmctag.training.trainer as trainer
+
+    config = Config(encoder=tiny_encoder_dir, epochs=1, batch_size=32, lr=1e-3, warmup_steps=2, max_length=16,
+                    label_max_length=12, label_vector_epochs=2)
+    files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet", out=tmp_path / "run",
+                 progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stop the run after its first epoch
+        patch.setattr(trainer, "fit_label_vectors", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(config=config, **files)
+    assert (tmp_path / "run/checkpoint.pt").exists()
+    with pytest.raises(UserError, match="lr 0.001 -> 0.5"):
+        train(config=Config(**{**config.to_dict(), "lr": 0.5}), resume=True, **files)
+    config.epochs = 2  # training longer is the one allowed change
+    result = train(config=config, resume=True, **files)
+    assert [h.get("epoch") for h in result.history] == [1, 2, None]  # epoch 1 came from the checkpoint
+    assert not (tmp_path / "run/checkpoint.pt").exists()

@@ -1,0 +1,62 @@
+"""Export: Optimum ONNX graphs, parity with PyTorch, the bundle and its manifest."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xmctag import UserError, export
+from xmctag import bundle as layout
+from xmctag import run_dir
+from xmctag.backend.runtime import create_session
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_run, tmp_path_factory):
+    return export(trained_run, tmp_path_factory.mktemp("export") / "tiny", progress=False)
+
+
+def test_bundle_contents_and_manifest(bundle_dir):
+    manifest = json.loads((bundle_dir / layout.MANIFEST).read_text())
+    assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask"]
+    assert manifest["graph"]["files"] == [layout.ONNX_FP32, layout.ONNX_FP16]
+    assert manifest["dims"] == {"embedding": 32, "index": 33, "labels": 19}
+    assert manifest["parity_max_abs"][layout.ONNX_FP32] <= 1e-4
+    assert manifest["parity_max_abs"][layout.ONNX_FP16] <= 5e-3
+    for name in (layout.INDEX, "tokenizer/tokenizer.json", run_dir.LABELS, run_dir.CONFIG):
+        assert name in manifest["files"]
+    layout.read_manifest(bundle_dir)  # hashes verify
+
+
+@pytest.mark.parametrize("graph,tolerance", [(layout.ONNX_FP32, 1e-4), (layout.ONNX_FP16, 5e-3)])
+def test_onnx_matches_pytorch_with_dynamic_batch_and_length(bundle_dir, trained_run, graph, tolerance):
+    run = run_dir.load_run(trained_run)
+    encoder, tokenizer = run.encoder_and_tokenizer()
+    encoder.eval()
+    session = create_session(bundle_dir / graph)
+    texts = ["acme red shirt", "a much longer product title about blue jeans and a belt", "cap"]
+    for batch in (texts[:1], texts):
+        ids, mask = pad(token_ids(tokenizer, batch, 16), pad_id_of(tokenizer))
+        with torch.no_grad():
+            expected = encoder(torch.from_numpy(ids), torch.from_numpy(mask))["embedding"].numpy()
+        got = session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= tolerance
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=tolerance)
+
+
+def test_export_refuses_a_non_empty_target_and_a_non_run(trained_run, bundle_dir, tmp_path):
+    with pytest.raises(UserError, match="not empty"):
+        export(trained_run, bundle_dir, progress=False)
+    with pytest.raises(UserError, match="not a finished xmctag run"):
+        export(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_modified_bundle_is_refused(bundle_dir, copy_of):
+    copy = copy_of(bundle_dir)
+    with open(copy / run_dir.LABEL_VECTORS, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(UserError, match="does not match the manifest"):
+        layout.read_manifest(copy)

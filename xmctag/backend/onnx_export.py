@@ -1,0 +1,146 @@
+"""``xmctag export``: a trained run directory -> a tagging bundle that needs only ONNX Runtime, faiss and tokenizers.
+
+Steps:
+1. Export the fused encoder (``TextEncoder``: backbone + mean pooling + L2 norm) with Optimum, through a custom
+   ``OnnxConfig`` for our wrapper. Graph contract: inputs ``input_ids``, ``attention_mask`` (int64, dynamic batch and
+   sequence axes; image fusion adds ``image_embedding`` and ``image_mask`` later), output ``embedding`` (float32,
+   ``(batch, dim)``, unit norm).
+2. Optimise it with ONNX Runtime's transformer optimizer (fused LayerNorm/GELU/attention where patterns match):
+   ``encoder.onnx`` (fp32, for CPU), and ``encoder.fp16.onnx`` (fp16 weights, fp32 inputs/outputs, for CUDA).
+3. Parity check on real rows (the training products sampled into the run directory, and label texts) against
+   the PyTorch model; export fails, writing nothing, past max abs 1e-4 (fp32) or 5e-3 (fp16).
+4. Bundle: ONNX files, tokenizer, label table, label embeddings, label vectors, a faiss index over them, the
+   config and a manifest (file hashes, versions, dims, tokenisation settings, parity results). Written to a
+   temporary directory and renamed into place, so a failed export never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from xmctag import bundle as layout
+from xmctag import run_dir
+from xmctag.errors import UserError
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.progress import Progress
+
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-3
+OPSET = 17
+
+
+def _onnx_config_class():
+    """Built lazily: importing Optimum is slow and only export needs it."""
+    from optimum.exporters.onnx.config import TextEncoderOnnxConfig
+    from optimum.utils import NormalizedTextConfig
+
+    class XMCEncoderOnnxConfig(TextEncoderOnnxConfig):
+        """Optimum's description of our ``TextEncoder`` wrapper: ids and mask in, pooled embedding out."""
+
+        NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
+        DEFAULT_ONNX_OPSET = OPSET
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            axes = {0: "batch_size", 1: "sequence_length"}
+            return {"input_ids": dict(axes), "attention_mask": dict(axes)}
+
+        @property
+        def outputs(self) -> dict[str, dict[int, str]]:
+            return {"embedding": {0: "batch_size"}}
+
+    return XMCEncoderOnnxConfig
+
+
+def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
+           progress: bool = True) -> Path:
+    """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``."""
+    import torch
+
+    show = Progress(progress)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+    trained = run_dir.load_run(run)
+    encoder, tokenizer = trained.encoder_and_tokenizer()
+    if not tokenizer.is_fast:
+        raise UserError(f"{run}: the model's tokenizer has no fast (tokenizer.json) version, which tagging needs")
+    encoder.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            show.log("exporting the encoder to ONNX (Optimum)")
+            raw = staging / "raw.onnx"
+            _optimum_export(encoder, raw)
+            _optimise(raw, staging / layout.ONNX_FP32, encoder.config, fp16=False)
+            if fp16:
+                _optimise(raw, staging / layout.ONNX_FP16, encoder.config, fp16=True)
+            raw.unlink()
+            for leftover in staging.glob("*.onnx.data"):
+                leftover.unlink()
+            parity = _check_parity(encoder, tokenizer, trained, staging, fp16, show)
+        tokenizer.save_pretrained(staging / layout.TOKENIZER)
+        layout.write_bundle_files(staging, trained, parity, pad_id_of(tokenizer))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    show.log(f"bundle written to {out}")
+    return out
+
+
+def _optimum_export(encoder, path: Path) -> None:
+    import warnings
+
+    from optimum.exporters.onnx import export as optimum_export
+
+    onnx_config = _onnx_config_class()(encoder.config, task="feature-extraction")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers internals
+        optimum_export(model=encoder, config=onnx_config, output=path, opset=OPSET)
+
+
+def _optimise(source: Path, target: Path, model_config, fp16: bool) -> None:
+    """ORT transformer optimizer (graph fusions); fp16: weights in fp16, inputs and outputs kept fp32."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = "bert" if model_config.model_type in ("bert", "distilbert", "roberta", "xlm-roberta") else "gpt2"
+    optimised = optimize_model(str(source), model_type=model_type, num_heads=model_config.num_attention_heads,
+                               hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16)
+    if fp16:
+        optimised.convert_float_to_float16(keep_io_types=True)
+    onnx.save_model(optimised.model, str(target))
+
+
+def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: Progress) -> dict:
+    """Max abs difference between ONNX Runtime (CPU) and PyTorch embeddings on real rows, per graph."""
+    from xmctag.backend.runtime import create_session
+
+    texts = layout.parity_texts(trained)
+    ids = token_ids(tokenizer, texts, trained.config.max_length)
+    results = {"rows": len(texts)}
+    graphs = [(layout.ONNX_FP32, FP32_TOLERANCE)] + ([(layout.ONNX_FP16, FP16_TOLERANCE)] if fp16 else [])
+    import torch
+
+    for name, tolerance in graphs:
+        session = create_session(staging / name, "cpu")
+        worst = 0.0
+        for start in range(0, len(ids), 32):  # batches of mixed lengths: padding is exercised too
+            input_ids, mask = pad(ids[start:start + 32], pad_id_of(tokenizer))
+            expected = encoder(torch.from_numpy(input_ids), torch.from_numpy(mask))["embedding"].numpy()
+            got = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
+            worst = max(worst, float(np.abs(got.astype(np.float32) - expected).max()))
+        show.log(f"parity {name}: max abs diff {worst:.2e} (tolerance {tolerance:.0e}) on {len(texts)} rows")
+        if not worst <= tolerance:
+            raise UserError(f"export failed the parity check: {name} differs from PyTorch by {worst:.3g} "
+                            f"(max abs; tolerance {tolerance:g}); no bundle written")
+        results[name] = worst
+    return results

@@ -1,0 +1,127 @@
+"""Layout of a model bundle (what ``xmctag export`` writes and ``xmctag tag`` reads).
+
+    encoder.onnx           fp32 graph for CPU: input_ids, attention_mask -> embedding (unit norm)
+    encoder.fp16.onnx      the same graph with fp16 weights, for CUDA (optional)
+    tokenizer/             tokenizer files (tokenizer.json is what tagging uses)
+    labels.parquet         label, text, encoder_text, train_count
+    label_embeddings.npy   (L, d) label-text embeddings
+    label_vectors.npy      (L, d + 1) rows [w_l, b_l]
+    labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])
+    config.json            the training Config
+    manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
+    README.md              model card of the run
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from xmctag import run_dir
+from xmctag.errors import UserError
+
+FORMAT = "xmctag-bundle/1"
+ONNX_FP32 = "encoder.onnx"
+ONNX_FP16 = "encoder.fp16.onnx"
+TOKENIZER = "tokenizer"
+INDEX = "labels.faiss"
+MANIFEST = "manifest.json"
+COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
+
+
+def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
+    """Real rows for the export parity check: sampled training products, then label texts."""
+    sample = run_dir.load_sample_texts(trained.path)
+    labels = trained.labels.texts[:: max(1, len(trained.labels) // n)]
+    return (sample + labels)[:n]
+
+
+def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, pad_id: int) -> None:
+    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest."""
+    from xmctag.backend import runtime
+
+    faiss = runtime.faiss()
+    for name in COPIED_FROM_RUN:
+        shutil.copy2(trained.path / name, target / name)
+    vectors = trained.vectors.index_matrix()
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(target / INDEX))
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    hashes = {str(p.relative_to(target)): _sha256(p) for p in files}
+    config = trained.config
+    manifest = {
+        "format": FORMAT,
+        "bundle_id": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(trained.path.resolve()),
+        "versions": _versions(),
+        "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors)},
+        "graph": {"inputs": ["input_ids", "attention_mask"], "outputs": ["embedding"],
+                  "files": [n for n in (ONNX_FP32, ONNX_FP16) if (target / n).exists()]},
+        "tokenization": {"tokenizer": f"{TOKENIZER}/tokenizer.json", "max_length": config.max_length, "pad_id": pad_id,
+                         "text_cols": config.text_cols, "separator": " ; ", "padding": "right", "truncation": True},
+        "training": {"rows": trained.n_train, "encoder": config.encoder},
+        "scoring": {"score": "sigmoid(scale * <[embedding, 1], index row>)", "scale": trained.vectors.scale},
+        "parity_max_abs": parity,
+        "files": hashes,
+    }
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
+    """The manifest of a bundle, after checking that its files are there and unchanged."""
+    path = bundle / MANIFEST
+    if not path.is_file():
+        if (bundle / run_dir.CONFIG).exists() and (bundle / run_dir.MODEL).exists():
+            raise UserError(f"{bundle}: this is a training run, not a bundle; run `xmctag export {bundle} --out DIR`")
+        raise UserError(f"{bundle}: not an xmctag bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{bundle}: bundle format {manifest.get('format')!r}, this xmctag reads {FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        file = bundle / name
+        if not file.is_file():
+            raise UserError(f"{bundle}: bundle is incomplete, {name} is missing")
+        if verify_hashes and _sha256(file) != digest:
+            raise UserError(f"{bundle}: {name} does not match the manifest (modified or corrupt bundle)")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    import xmctag
+
+    versions = {"xmctag": xmctag.__version__}
+    for dist in ("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "faiss-cpu",
+                 "faiss-gpu", "tokenizers", "polars"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def label_count(manifest: dict) -> int:
+    return int(manifest["dims"]["labels"])
+
+
+def load_label_vectors(bundle: Path) -> np.ndarray:
+    return np.load(bundle / run_dir.LABEL_VECTORS)

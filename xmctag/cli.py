@@ -1,0 +1,246 @@
+"""The ``xmctag`` command line: a thin Typer layer over the Python API.
+
+Every command turns a ``UserError`` into one red line on stderr and exit code 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xmctag.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Tag product catalogs with extreme multi-label classification (ViXML dual encoders).")
+out_console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_EXPORT_DIR = Path("export")
+
+
+def user_errors(command):
+    """Decorator: a UserError becomes a one-line message and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+# Shared options ----------------------------------------------------------------------------------------------------
+QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+
+
+@app.command()
+@user_errors
+def train(
+    train: Path = typer.Option(..., "--train", help="Training catalog (Parquet: id, text columns, labels)."),
+    labels: Path = typer.Option(..., "--labels", help="Label table (Parquet or CSV: label, text[, synonyms])."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write, e.g. runs/NAME."),
+    dev: Optional[Path] = typer.Option(None, "--dev", help="Dev catalog, evaluated after each epoch."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="builtin:minilm-l6, a HF id or a local dir."),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Product-side tokens."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with Config settings."),
+    id_col: Optional[str] = typer.Option(None, "--id-col"),
+    text_cols: Optional[str] = typer.Option(None, "--text-cols", help="Comma-separated, e.g. title,description."),
+    labels_col: Optional[str] = typer.Option(None, "--labels-col"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    device: str = DeviceOption,
+    quiet: bool = QuietOption,
+):
+    """Train a dual encoder and label vectors; writes a self-contained run directory."""
+    from xmctag.config import Config
+    from xmctag.run_dir import CONFIG
+    from xmctag.training.trainer import train as train_api
+
+    overrides = dict(encoder=encoder, epochs=epochs, batch_size=batch_size, max_length=max_length, lr=lr,
+                     id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col, seed=seed)
+    if resume and (out / CONFIG).exists():
+        # A resumed run keeps its saved settings; flags given now must agree (the API checks).
+        saved = Config.load(out / CONFIG).to_dict()
+        config = Config.from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    else:
+        config = Config.create(config_file, **overrides)
+    result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
+                       device=device, progress=not quiet)
+    if result.dev_metrics:
+        _print_metrics(result.dev_metrics, title=f"dev ({dev})")
+    err_console.print(f"model written to {result.run_dir}")
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path = typer.Argument(..., help="Run directory written by `xmctag train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory [default: export/<run name>]."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the fp16 graph for GPUs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    quiet: bool = QuietOption,
+):
+    """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""
+    from xmctag.backend.onnx_export import export as export_api
+
+    export_api(run, out or DEFAULT_EXPORT_DIR / run.resolve().name, fp16=fp16, overwrite=overwrite,
+               progress=not quiet)
+
+
+@app.command()
+@user_errors
+def tag(
+    catalog: Path = typer.Argument(..., help="Catalog to tag (Parquet with id and the model's text columns)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Bundle directory [default: newest in ./export]."),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="[default: <catalog>.predictions.<format> beside the catalog]"),
+    fmt: str = typer.Option("parquet", "--format", help="parquet, csv or jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop labels scoring below this (0-1)."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows read per batch."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on a row without text instead of skipping it."),
+    device: str = DeviceOption,
+    show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
+    quiet: bool = QuietOption,
+):
+    """Write the top-k labels of every product of a catalog."""
+    from xmctag.tagger import Tagger
+
+    tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device)
+    summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
+                              strict=strict, progress=not quiet)
+    skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
+    err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
+                      f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
+                      f"wrote {summary.output}", highlight=False, soft_wrap=True)
+    if show:
+        _print_examples(tagger, catalog, summary.output, show)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    predictions: Path = typer.Argument(..., help="Prediction file written by `xmctag tag`."),
+    truth: Path = typer.Option(..., "--truth", help="Catalog with the true labels (id, labels)."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training catalog, for PSP propensities."),
+    k: str = typer.Option("1,3,5", "--k", help="Cut-offs, comma-separated."),
+    psp_a: float = typer.Option(0.55, "--psp-a"),
+    psp_b: float = typer.Option(1.5, "--psp-b"),
+    id_col: str = typer.Option("id", "--id-col"),
+    labels_col: str = typer.Option("labels", "--labels-col"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """P@k, nDCG@k, PSP@k and R@k of a prediction file."""
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    try:
+        ks = tuple(sorted({int(x) for x in _split(k) or []}))
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers, not {k!r}") from None
+    if not ks or min(ks) < 1:
+        raise UserError("--k needs cut-offs >= 1")
+    report = evaluate_predictions(predictions, truth, train, ks, psp_a, psp_b, id_col, labels_col)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    _print_metrics(report.metrics, title=f"{predictions} vs {truth} ({report.rows} rows)")
+    notes = [f"PSP propensities from {report.propensity_source}"]
+    if report.rows_without_predictions:
+        notes.append(f"{report.rows_without_predictions} truth rows had no predictions (scored 0)")
+    if report.predictions_not_in_truth:
+        notes.append(f"{report.predictions_not_in_truth} predicted ids are not in the truth file (ignored)")
+    err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Path = typer.Argument(..., help="Directory with trn.raw.json.gz, tst.raw.json.gz, lbl.raw.json.gz."),
+    out: Path = typer.Option(..., "--out", help="Directory for train.parquet, test.parquet, labels.parquet."),
+):
+    """Convert an Extreme Classification Repository raw dataset (e.g. LF-AmazonTitles-131K) to xmctag's format."""
+    from xmctag.convert import convert_xc_raw
+
+    written = convert_xc_raw(source, out)
+    for name, rows in written.items():
+        err_console.print(f"{out / name}: {rows} rows")
+
+
+def newest_bundle(directory: Path) -> Path:
+    """The most recently exported bundle under ``directory`` (the default of ``tag --model``)."""
+    from xmctag.bundle import MANIFEST
+
+    manifests = sorted(directory.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime) if directory.is_dir() else []
+    if not manifests:
+        raise UserError(f"no --model given and no bundle in ./{directory}; run `xmctag export` or pass --model DIR")
+    chosen = manifests[-1].parent
+    err_console.print(f"using model bundle {chosen}", highlight=False)
+    return chosen
+
+
+def _print_metrics(metrics: dict[str, float], title: str) -> None:
+    ks = sorted({int(name.split("@")[1]) for name in metrics})
+    families = [f for f in ("P", "nDCG", "PSP", "R") if any(m.startswith(f + "@") for m in metrics)]
+    table = Table(title=title)
+    table.add_column("metric")
+    for k in ks:
+        table.add_column(f"@{k}", justify="right")
+    for family in families:
+        table.add_row(family, *[f"{100 * metrics[f'{family}@{k}']:.2f}" if f"{family}@{k}" in metrics else ""
+                                for k in ks])
+    out_console.print(table)
+
+
+def _print_examples(tagger, catalog: Path, output: Path, n: int) -> None:
+    import polars as pl
+
+    from xmctag.data import product_text_expr
+    from xmctag.evaluation.predictions import read_predictions
+
+    preds = read_predictions(output).head(n)
+    texts = (pl.scan_parquet(catalog).select(pl.col(tagger.config.id_col).cast(pl.String).alias("id"),
+                                             product_text_expr(tagger.config.text_cols).alias("text"))
+             .join(preds.lazy().select("id"), on="id").collect())
+    text_of = dict(zip(texts["id"], texts["text"]))
+    label_text = dict(zip(tagger.label_ids.tolist(), tagger.label_texts.tolist()))
+    table = Table(title=f"top-{tagger_top(preds)} labels of {len(preds)} products")
+    table.add_column("id")
+    table.add_column("text", max_width=50)
+    table.add_column("labels")
+    for row_id, labels in zip(preds["id"], preds["labels"]):
+        table.add_row(row_id, text_of.get(row_id, ""), "\n".join(label_text.get(x, x) for x in labels))
+    out_console.print(table)
+
+
+def tagger_top(preds) -> int:
+    return max((len(x) for x in preds["labels"]), default=0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

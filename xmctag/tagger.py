@@ -1,0 +1,201 @@
+"""``xmctag.Tagger``: a loaded bundle that tags products. Needs ONNX Runtime, faiss, tokenizers and polars (no torch).
+
+    tagger = Tagger.load("export/demo")                   # device "auto": CUDA + fp16 graph when available
+    frame = tagger.tag(pl.read_parquet("catalog.parquet"), top_k=5)
+    summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
+
+Per product: text from the model's text columns -> tokens -> ONNX encoder -> [embedding, 1] -> faiss top-k over
+the label vectors -> score = sigmoid(scale * inner product). ``tag_file`` streams the catalog in batches, so memory
+stays bounded whatever its size, and writes the output atomically (``xmctag.io.writers``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from xmctag import bundle as layout
+from xmctag import run_dir
+from xmctag.backend import runtime
+from xmctag.config import Config
+from xmctag.data import check_columns, product_text_expr, table_schema
+from xmctag.errors import UserError
+from xmctag.io.writers import PredictionWriter
+from xmctag.progress import Progress
+
+SKIP_EMPTY_TEXT = "empty text"
+
+
+@dataclass
+class TagSummary:
+    output: Path | None
+    rows_read: int = 0
+    rows_tagged: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def products_per_second(self) -> float:
+        return self.rows_tagged / self.seconds if self.seconds > 0 else 0.0
+
+
+class Tagger:
+    """A bundle ready to tag: ONNX session, tokenizer, faiss index and label table."""
+
+    def __init__(self, path: Path, manifest: dict, config: Config, session, tokenizer, pad_id: int, index,
+                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = 64):
+        self.path = path
+        self.manifest = manifest
+        self.config = config
+        self.session = session
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.index = index
+        self.label_ids = np.array(label_ids, dtype=object)
+        self.label_texts = np.array(label_texts, dtype=object)
+        self.device = device
+        self.scale = float(manifest["scoring"]["scale"])
+        self.encode_batch_size = encode_batch_size
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
+             verify: bool = True) -> "Tagger":
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"--model {path}: no such bundle directory")
+        manifest = layout.read_manifest(path, verify_hashes=verify)
+        config = Config.load(path / run_dir.CONFIG)
+        device = runtime.resolve_device(device)
+        graph = layout.ONNX_FP16 if device == "cuda" and layout.ONNX_FP16 in manifest["graph"]["files"] \
+            else layout.ONNX_FP32
+        session = runtime.create_session(path / graph, device, threads)
+        tokenization = manifest["tokenization"]
+        tokenizer = Tokenizer.from_file(str(path / tokenization["tokenizer"]))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(tokenization["max_length"])
+        index = runtime.faiss().read_index(str(path / layout.INDEX))
+        labels = pl.read_parquet(path / run_dir.LABELS, columns=["label", "text"])
+        dims = manifest["dims"]
+        if index.d != dims["index"] or index.ntotal != dims["labels"] or len(labels) != dims["labels"]:
+            raise UserError(f"{path}: index ({index.ntotal} x {index.d}) and label table ({len(labels)} rows) do not "
+                            f"match the manifest ({dims['labels']} x {dims['index']})")
+        return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
+                   labels["label"].to_list(), labels["text"].to_list(), device)
+
+    # -- core ----------------------------------------------------------------------------------------------------
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """``(n, d)`` float32 unit-norm embeddings; batches formed in length order, output in input order."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = [e.ids for e in encodings]
+        dim = self.manifest["dims"]["embedding"]
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        for start in range(0, len(ids), self.encode_batch_size):
+            rows = order[start:start + self.encode_batch_size]
+            longest = max(len(ids[i]) for i in rows)
+            input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), longest), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, : len(ids[i])] = ids[i]
+                mask[r, : len(ids[i])] = 1
+            out[rows] = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
+        return out
+
+    def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None):
+        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in (0, 1), best first."""
+        if top_k < 1:
+            raise UserError("--top-k must be >= 1")
+        embeddings = self.embed(texts)
+        queries = np.hstack([embeddings, np.ones((len(embeddings), 1), np.float32)])
+        logits, indices = self.index.search(queries, min(top_k, self.index.ntotal))
+        scores = (1.0 / (1.0 + np.exp(-self.scale * logits.astype(np.float64)))).astype(np.float32)
+        if min_score is not None:
+            indices = np.where(scores >= min_score, indices, -1)
+        return indices, scores
+
+    def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None) -> pl.DataFrame:
+        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have text (others are left out)."""
+        batch = self._prepare(frame, source="frame")
+        ids, labels, _, scores = self._tag_prepared(batch, top_k, min_score)
+        return pl.DataFrame({"id": ids, "labels": labels, "scores": [s.tolist() for s in scores]},
+                            schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)})
+
+    # -- whole files ---------------------------------------------------------------------------------------------
+    def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5, fmt: str = "parquet",
+                 min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
+                 progress: bool = True) -> TagSummary:
+        """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing."""
+        catalog = Path(catalog)
+        columns = self._check_catalog(catalog)
+        output = Path(output) if output is not None else default_output_path(catalog, fmt)
+        if output.resolve() == catalog.resolve():
+            raise UserError(f"--output {output}: would overwrite the catalog being tagged")
+        summary = TagSummary(output=output)
+        total = pl.scan_parquet(catalog).select(pl.len()).collect().item()
+        metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
+                    "top_k": top_k, "min_score": min_score, "text_cols": ",".join(self.config.text_cols)}
+        show = Progress(progress)
+        started = time.perf_counter()
+        with PredictionWriter(output, fmt, metadata) as writer, \
+                show.task("tagging", total=total, unit="products") as update:
+            for frame in _read_batches(catalog, columns, batch_size):
+                batch = self._prepare(frame, source=str(catalog), row_offset=summary.rows_read, strict=strict)
+                summary.rows_read += len(frame)
+                skipped = len(frame) - len(batch)
+                if skipped:
+                    summary.skipped[SKIP_EMPTY_TEXT] = summary.skipped.get(SKIP_EMPTY_TEXT, 0) + skipped
+                if len(batch):
+                    writer.write(*self._tag_prepared(batch, top_k, min_score))
+                    summary.rows_tagged += len(batch)
+                update(len(frame))
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _check_catalog(self, catalog: Path) -> list[str]:
+        if not catalog.is_file():
+            raise UserError(f"{catalog}: no such file")
+        columns = [self.config.id_col, *self.config.text_cols]
+        check_columns(catalog, table_schema(catalog), columns)
+        return columns
+
+    def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False) -> pl.DataFrame:
+        """``id``, ``text`` of the rows that have text; under ``strict`` an empty row is an error."""
+        check_columns(Path(source), frame.schema, [self.config.id_col, *self.config.text_cols])
+        prepared = frame.select(pl.col(self.config.id_col).cast(pl.String).alias("id"),
+                                product_text_expr(self.config.text_cols).alias("text"))
+        empty = prepared["text"].is_null()
+        if strict and empty.any():
+            row = int(empty.arg_true()[0])
+            raise UserError(f"{source}: row {row_offset + row} (id {prepared['id'][row]!r}) has no text in "
+                            f"{', '.join(self.config.text_cols)} (--strict)")
+        return prepared.filter(~empty)
+
+    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None):
+        indices, scores = self.predict(batch["text"].to_list(), top_k, min_score)
+        keep = indices >= 0
+        labels = [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)]
+        texts = [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)]
+        return batch["id"].to_list(), labels, texts, [s[k] for s, k in zip(scores, keep)]
+
+
+def default_output_path(catalog: Path, fmt: str) -> Path:
+    suffix = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}.get(fmt, f".{fmt}")
+    return catalog.with_name(f"{catalog.stem}.predictions{suffix}")
+
+
+def _read_batches(catalog: Path, columns: list[str], batch_size: int):
+    """Polars streaming read: frames of about ``batch_size`` rows, memory bounded by the batch, not the file."""
+    try:
+        yield from pl.scan_parquet(catalog).select(columns).collect_batches(chunk_size=batch_size)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{catalog}: cannot read ({str(e).strip().splitlines()[0]})") from None

@@ -1,0 +1,260 @@
+"""``xmctag.train``: the whole training run, top to bottom.
+
+1. Read the label table, the training catalog and (optionally) a dev catalog; tokenise everything once.
+2. Siamese dual-encoder training: each step takes a batch of products, samples one positive label for each,
+   embeds products and the batch's labels with the same encoder, and applies the triplet loss with the hardest
+   in-batch negatives. From ``cluster_start_epoch`` on, batches are made of clusters of similar products
+   (clustered on the embeddings seen during the previous epoch), so that in-batch negatives are hard.
+3. After each epoch: dev evaluation (when a dev set is given), best model kept, checkpoint for ``--resume``.
+4. Second stage: embed all training products with the best encoder, fit per-label vectors on them
+   (``label_vectors.py``), evaluate on dev again, and write the run directory (see ``xmctag.run_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmctag import run_dir as layout
+from xmctag.config import Config
+from xmctag.data import LabelledSet, LabelTable, load_labelled_set
+from xmctag.errors import UserError
+from xmctag.evaluation.evaluator import evaluate_scores
+from xmctag.losses.triplet import TripletOHNMLoss
+from xmctag.models.embedding import encode_ids
+from xmctag.models.encoder import TextEncoder
+from xmctag.models.registry import load_pretrained
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.progress import Progress
+from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
+from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]  # one entry per epoch (loss, seconds, dev metrics) plus the final label-vector entry
+    dev_metrics: dict[str, float] | None  # final metrics of the saved model on the dev set
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to PyTorch")
+    return torch.device(device)
+
+
+def train(
+    train: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    dev: str | Path | None = None,
+    config: Config | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Trains a model and writes a self-contained run directory to ``out``."""
+    config = config or Config()
+    config.validate()
+    out = Path(out)
+    show = Progress(progress)
+    dev_ = resolve_device(device)
+    _prepare_out_dir(out, resume, overwrite)
+    _check_resumed_config(out, config, resume)
+    config.save(out / layout.CONFIG)
+    _seed_everything(config.seed)
+
+    label_table = LabelTable.load(labels, config)
+    train_set = load_labelled_set(train, config, label_table)
+    dev_set = load_labelled_set(dev, config, label_table) if dev is not None else None
+    _report_data(show, "train", train, train_set)
+    if dev_set is not None:
+        _report_data(show, "dev", dev, dev_set)
+    inv_p = layout.inverse_propensities(train_set.label_counts(len(label_table)), len(train_set), config)
+
+    tokenizer, backbone = load_pretrained(config.encoder)
+    encoder = TextEncoder(backbone).to(dev_)
+    pad_id = pad_id_of(tokenizer)
+    product_ids = token_ids(tokenizer, train_set.texts, config.max_length)
+    label_ids = token_ids(tokenizer, label_table.texts, config.label_max_length)
+    dev_ids = token_ids(tokenizer, dev_set.texts, config.max_length) if dev_set else None
+
+    def dev_metrics(vectors: LabelVectors | None = None) -> dict[str, float]:
+        products = encode_ids(encoder, dev_ids, pad_id, device=dev_)
+        if vectors is None:
+            vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_),
+                                                        config.label_vector_scale)
+        return evaluate_scores(products, vectors, dev_set.labels, config, inv_p)
+
+    loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(train_set) // config.batch_size)
+    scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * config.epochs))
+    seen_embeddings = np.zeros((len(train_set), encoder.dim), dtype=np.float32)  # for clustering
+    history: list[dict] = []
+    best = {"score": -1.0, "epoch": -1}
+    start_epoch = 0
+    checkpoint = out / layout.CHECKPOINT
+    if resume and checkpoint.exists():
+        start_epoch, history, best = _load_checkpoint(checkpoint, encoder, optimizer, scheduler, seen_embeddings)
+        show.log(f"resuming after epoch {start_epoch} of {config.epochs}")
+
+    for epoch in range(start_epoch, config.epochs):
+        rng = np.random.default_rng(config.seed + epoch)
+        if epoch >= config.cluster_start_epoch:
+            clusters = balanced_clusters(seen_embeddings, config.cluster_size, rng)
+            batches = batches_from_clusters(clusters, config.batch_size, rng)
+        else:
+            batches = random_batches(len(train_set), config.batch_size, rng)
+        encoder.train()
+        started, total_loss = time.perf_counter(), 0.0
+        with show.task(f"epoch {epoch + 1}/{config.epochs}", total=len(train_set), unit="pairs") as update:
+            for batch in batches:
+                loss, embeddings = _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set, batch,
+                                               product_ids, label_ids, pad_id, rng, dev_)
+                seen_embeddings[batch] = embeddings
+                total_loss += loss * len(batch)
+                update(len(batch), loss=loss)
+        record = {"epoch": epoch + 1, "loss": total_loss / len(train_set),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        if dev_set is not None:
+            record["dev"] = dev_metrics()
+            score = record["dev"]["P@1"] + record["dev"]["P@5"]
+            show.log(f"epoch {epoch + 1}: loss {record['loss']:.4f}, dev " + _short(record["dev"]))
+        else:
+            score = epoch  # without a dev set the last epoch is the best
+            show.log(f"epoch {epoch + 1}: loss {record['loss']:.4f}")
+        history.append(record)
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch + 1}
+            layout.save_encoder(out, encoder, tokenizer)
+        _save_checkpoint(checkpoint, epoch + 1, encoder, optimizer, scheduler, seen_embeddings, history, best)
+
+    if config.epochs == 0 or best["epoch"] < 0:
+        layout.save_encoder(out, encoder, tokenizer)  # zero epochs: the pretrained encoder as is
+    elif best["epoch"] != config.epochs:
+        show.log(f"keeping the encoder of epoch {best['epoch']} (best on dev)")
+        encoder = layout.load_encoder(out).to(dev_)
+
+    # Second stage: label vectors on frozen product embeddings of the kept encoder.
+    started = time.perf_counter()
+    with show.task("embedding labels and training products", total=len(label_ids) + len(product_ids)) as update:
+        label_embeddings = encode_ids(encoder, label_ids, pad_id, device=dev_, progress=update)
+        products = encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update)
+    with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
+        vectors = fit_label_vectors(products, train_set.labels, label_embeddings, scale=config.label_vector_scale,
+                                    epochs=config.label_vector_epochs, lr=config.label_vector_lr, seed=config.seed,
+                                    device=dev_, progress=update)
+    final = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
+    dev_result = None
+    if dev_set is not None:
+        dev_result = final["dev"] = dev_metrics(vectors)
+        show.log("label vectors: dev " + _short(dev_result))
+    history.append(final)
+
+    layout.save_labels(out, label_table, label_embeddings, vectors, train_set.label_counts(len(label_table)),
+                       len(train_set))
+    (out / layout.METRICS).write_text(json.dumps({"history": history, "dev": dev_result, "best_epoch": best["epoch"],
+                                                  "n_train": len(train_set)}, indent=2) + "\n")
+    layout.save_sample_texts(out, train_set.texts)
+    layout.write_model_card(out, config, train_set, dev_set, dev_result)
+    checkpoint.unlink(missing_ok=True)
+    return TrainResult(out, history, dev_result)
+
+
+def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: LabelledSet, batch, product_ids, label_ids,
+                pad_id, rng, device):
+    """One optimisation step on the products ``batch``; returns (loss, their embeddings as numpy)."""
+    positives = np.array([rng.choice(train_set.labels[i]) for i in batch])
+    batch_labels, positive_col = np.unique(positives, return_inverse=True)
+    is_relevant = np.array([np.isin(batch_labels, train_set.labels[i]) for i in batch])
+    p_ids, p_mask = pad([product_ids[i] for i in batch], pad_id)
+    l_ids, l_mask = pad([label_ids[i] for i in batch_labels], pad_id)
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        products = encoder(t(p_ids), t(p_mask))["embedding"]
+        labels = encoder(t(l_ids), t(l_mask))["embedding"]
+        scores = products.float() @ labels.float().T
+        loss = loss_fn(scores, t(positive_col), t(is_relevant))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), products.detach().float().cpu().numpy()
+
+
+def _warmup_linear_decay(optimizer, warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"--out {out}: directory is not empty (use --resume to continue it or --overwrite)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resumed_config(out: Path, config: Config, resume: bool) -> None:
+    """A resumed run must keep its settings; only ``epochs`` may change (to train longer)."""
+    if not (resume and (out / layout.CONFIG).exists()):
+        return
+    saved = Config.load(out / layout.CONFIG).to_dict()
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config.to_dict().items() if k != "epochs" and saved[k] != v]
+    if changed:
+        raise UserError(f"--resume {out}: settings differ from the run being resumed: {'; '.join(changed)}")
+
+
+def _save_checkpoint(path: Path, epoch, encoder, optimizer, scheduler, seen_embeddings, history, best) -> None:
+    state = {"epoch": epoch, "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "seen_embeddings": seen_embeddings, "history": history,
+             "best": best, "torch_rng": torch.get_rng_state()}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash while saving never leaves a truncated checkpoint
+
+
+def _load_checkpoint(path: Path, encoder, optimizer, scheduler, seen_embeddings):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    encoder.load_state_dict(state["encoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    seen_embeddings[:] = state["seen_embeddings"]
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["history"], state["best"]
+
+
+def _report_data(show: Progress, name: str, path, data: LabelledSet) -> None:
+    skipped = ", ".join(f"{n} {reason}" for reason, n in data.skipped.items())
+    show.log(f"{name}: {len(data)} rows from {path}" + (f" (skipped: {skipped})" if skipped else "")
+             + (f"; {data.unknown_labels} label mention(s) not in the label table ignored"
+                if data.unknown_labels else ""))
+
+
+def _short(metrics: dict[str, float]) -> str:
+    keys = [k for k in ("P@1", "P@5", "nDCG@5", "PSP@5", "R@5") if k in metrics]
+    return " ".join(f"{k} {100 * metrics[k]:.2f}" for k in keys)
