@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 CALIBRATION_STEPS = 200
@@ -52,10 +51,12 @@ def fit_label_vectors(
     l2: float = 1e-4,
     batch_size: int = 512,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device="cpu",
     progress=None,
 ) -> LabelVectors:
     """Fits the label vectors; ``products`` ``(n, d)`` unit-norm, ``product_labels[i]`` label indices of row i."""
+    import torch  # here, not at the top: tagging uses LabelVectors and must not load torch
+
     generator = torch.Generator().manual_seed(seed)
     seen = np.unique(np.concatenate(product_labels))
     column_of = np.full(len(label_embeddings), -1, dtype=np.int64)
