@@ -1,6 +1,5 @@
 """The Config object and the data contract readers."""
 
-import numpy as np
 import polars as pl
 import pytest
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from xmctag import UserError, export
+from xmctag import UserError, export, run_dir
 from xmctag import bundle as layout
-from xmctag import run_dir
 from xmctag.backend.runtime import create_session
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 

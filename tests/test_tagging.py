@@ -7,8 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from xmctag import Tagger, UserError, export
-from xmctag import run_dir
+from xmctag import Tagger, UserError, export, run_dir
 from xmctag.evaluation.evaluator import exact_top_k
 from xmctag.io.writers import read_parquet_metadata
 from xmctag.models.embedding import encode_texts

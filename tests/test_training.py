@@ -2,10 +2,6 @@
 
 import json
 
-import numpy as np
-import pytest
-
-from xmctag import Config, UserError, train
 from xmctag import run_dir as layout
 
 

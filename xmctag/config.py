@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from xmctag.errors import UserError
 
@@ -47,9 +48,9 @@ class Config:
     cluster_start_epoch: int = 1  # epochs before clustering starts (random batches until then)
     seed: int = 0
     # --- label vectors (second stage, on frozen product embeddings) --------------------------------------------
-    label_vector_epochs: int = 20
+    label_vector_epochs: int = 30
     label_vector_lr: float = 2e-3
-    label_vector_scale: float = 20.0  # logit = scale * <product, label vector>
+    label_vector_scale: float = 40.0  # logit = scale * (<product, label vector> + bias)
     # --- evaluation --------------------------------------------------------------------------------------------
     eval_ks: list[int] = field(default_factory=lambda: [1, 3, 5])
     psp_a: float = 0.55

@@ -7,8 +7,8 @@ Input directory (names as in the repository's "raw text" releases, e.g. LF-Amazo
   ``target_ind`` (0-based line numbers in the label file);
 - ``lbl.raw.json.gz``: one JSON object per line, ``uid``, ``title``.
 
-Output: ``train.parquet`` / ``test.parquet`` with ``id``, ``title``, ``description``,
-``labels`` (label uids); ``description`` is null where a row has no ``content``; ``labels.parquet`` with ``label`` (uid) and ``text`` (title).
+Output: ``train.parquet`` / ``test.parquet`` with ``id``, ``title``, ``description`` (null where a row has no
+``content``), ``labels`` (label uids); ``labels.parquet`` with ``label`` (uid) and ``text`` (title).
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ import time
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 console = Console(stderr=True)
+LOG_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 class Progress:
@@ -21,12 +22,15 @@ class Progress:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            console.print(message, highlight=False)
+            console.print(message, highlight=False, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: int | None, unit: str = "items"):
         if not self.enabled:
             yield lambda advance=1, **fields: None
+            return
+        if not console.is_terminal:  # a log file (cron): a plain line every LOG_EVERY seconds and at the end
+            yield from self._log_lines(description, total, unit)
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
@@ -44,3 +48,25 @@ class Progress:
                 bar.update(task_id, advance=advance, info=info)
 
             yield update
+
+    def _log_lines(self, description: str, total: int | None, unit: str):
+        start = last = time.perf_counter()
+        done = 0
+        fields_now: dict = {}
+
+        def line() -> str:
+            elapsed = time.perf_counter() - start
+            info = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in fields_now.items())
+            return (f"{description}: {done}/{total if total is not None else '?'} {unit}, {elapsed:.0f}s, "
+                    f"{done / max(elapsed, 1e-9):,.0f} {unit}/s  {info}").rstrip()
+
+        def update(advance: int = 1, **fields) -> None:
+            nonlocal done, last
+            done += advance
+            fields_now.update(fields)
+            if time.perf_counter() - last >= LOG_EVERY:
+                last = time.perf_counter()
+                self.log(line())
+
+        yield update
+        self.log(line())

@@ -115,7 +115,7 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         "pooling, L2 norm) trained with a triplet loss over hard in-batch negatives, plus per-label vectors fitted "
         "on frozen product embeddings. Scores are sigmoid(scale × (⟨product, w_label⟩ + b_label)).",
         "",
-        f"- Training rows: {len(train_set)}; labels seen in training: {len(np.unique(np.concatenate(train_set.labels)))}",
+        f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
         f"- Epochs: {config.epochs}, batch size {config.batch_size}, learning rate {config.lr}",
     ]

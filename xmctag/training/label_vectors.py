@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 CALIBRATION_STEPS = 200
 
 
@@ -76,7 +75,7 @@ def fit_label_vectors(
 
     steps_per_epoch = -(-len(products) // batch_size)
 
-    def run(params, steps, step_lr, penalty):
+    def run(params, steps, step_lr, penalty, report):
         optimizer = torch.optim.Adam(params, lr=step_lr)
         order = torch.randperm(len(products), generator=generator).to(device)
         for step in range(steps):
@@ -92,13 +91,13 @@ def fit_label_vectors(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if progress is not None and (step + 1) % steps_per_epoch == 0:
+            if report and progress is not None and (step + 1) % steps_per_epoch == 0:
                 progress(1)
 
     # Calibration of the text scores, shared by all labels: a 2-parameter logistic regression, so a fixed number
     # of steps with a large learning rate, whatever the data size.
-    run([a, c], CALIBRATION_STEPS, 0.05, penalty=False)
-    run([r, d], epochs * steps_per_epoch, lr, penalty=True)
+    run([a, c], CALIBRATION_STEPS, 0.05, penalty=False, report=False)
+    run([r, d], epochs * steps_per_epoch, lr, penalty=True, report=True)
 
     with torch.no_grad():
         a_, c_ = float(a), float(c)

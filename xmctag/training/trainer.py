@@ -36,6 +36,8 @@ from xmctag.progress import Progress
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
 
+CPU_CHUNK = 32  # sequences per forward pass when training on CPU (see _embed_with_grad)
+
 
 @dataclass
 class TrainResult:
@@ -178,20 +180,33 @@ def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: Label
     positives = np.array([rng.choice(train_set.labels[i]) for i in batch])
     batch_labels, positive_col = np.unique(positives, return_inverse=True)
     is_relevant = np.array([np.isin(batch_labels, train_set.labels[i]) for i in batch])
-    p_ids, p_mask = pad([product_ids[i] for i in batch], pad_id)
-    l_ids, l_mask = pad([label_ids[i] for i in batch_labels], pad_id)
-    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        products = encoder(t(p_ids), t(p_mask))["embedding"]
-        labels = encoder(t(l_ids), t(l_mask))["embedding"]
+        products = _embed_with_grad(encoder, [product_ids[i] for i in batch], pad_id, device)
+        labels = _embed_with_grad(encoder, [label_ids[i] for i in batch_labels], pad_id, device)
         scores = products.float() @ labels.float().T
-        loss = loss_fn(scores, t(positive_col), t(is_relevant))
+        loss = loss_fn(scores, torch.from_numpy(positive_col).to(device), torch.from_numpy(is_relevant).to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
     optimizer.step()
     scheduler.step()
     return float(loss.detach()), products.detach().float().cpu().numpy()
+
+
+def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Embeddings of ``ids`` in input order, keeping the graph for backward.
+
+    On CPU the sequences go through in length-sorted chunks of ``CPU_CHUNK``: each chunk is padded only to its own
+    longest sequence, which saves much of the work on short label texts and mixed-length titles. A GPU takes the
+    whole batch at once (padding is cheap there, kernel launches are not).
+    """
+    chunk = len(ids) if device.type == "cuda" else CPU_CHUNK
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    parts = []
+    for start in range(0, len(ids), chunk):
+        input_ids, mask = pad([ids[i] for i in order[start:start + chunk]], pad_id)
+        parts.append(encoder(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device))["embedding"])
+    return torch.cat(parts)[torch.from_numpy(np.argsort(order)).to(device)]
 
 
 def _warmup_linear_decay(optimizer, warmup_steps: int, total_steps: int):

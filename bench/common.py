@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmark scripts: the machine/date header and markdown tables."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int | None:
+    """Distinct (physical id, core id) pairs of /proc/cpuinfo; None where it does not say."""
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
+    except OSError:
+        return None
+    cores = set()
+    for block in blocks:
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            cores.add((fields.get("physical id"), fields["core id"]))
+    return len(cores) or None
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def print_header(title: str) -> None:
+    physical = physical_cores()
+    cores = f"{os.cpu_count()} logical cores" + (f" ({physical} physical)" if physical else "")
+    ram = ram_gib()
+    print(f"## {title}")
+    print()
+    print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    print(f"- machine: {cpu_model()}, {cores}, {f'{ram:.1f} GiB RAM' if ram else 'RAM unknown'}")
+    print(f"- python {platform.python_version()} on {platform.platform()}")
+    print()
+
+
+def markdown_table(header: list[str], rows: list[list[str]], right_align_from: int = 1) -> str:
+    align = ["---" if i < right_align_from else "---:" for i in range(len(header))]
+    lines = [header, align, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

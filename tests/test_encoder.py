@@ -1,0 +1,56 @@
+"""The encoder: pooling, batch/padding invariance, the extra-token seam, and chunked training embeddings."""
+
+import numpy as np
+import pytest
+import torch
+
+from xmctag.models.encoder import TextEncoder, mean_pool
+from xmctag.models.registry import load_pretrained
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.training.trainer import _embed_with_grad
+
+TEXTS = ["red shirt", "a rather long title of blue jeans for men with many words in it", "cap", "green bag"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_encoder_dir):
+    tokenizer, backbone = load_pretrained(tiny_encoder_dir)
+    return TextEncoder(backbone).eval(), tokenizer
+
+
+def embed(encoder, tokenizer, texts, **extra):
+    ids, mask = pad(token_ids(tokenizer, texts, 32), pad_id_of(tokenizer))
+    with torch.no_grad():
+        return encoder(torch.from_numpy(ids), torch.from_numpy(mask), **extra)["embedding"].numpy()
+
+
+def test_mean_pool_ignores_padding_and_normalises():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]]])
+    pooled = mean_pool(hidden, torch.tensor([[1, 1, 0]]))
+    np.testing.assert_allclose(pooled.numpy(), [[2 / np.hypot(2, 2), 2 / np.hypot(2, 2)]], atol=1e-6)
+
+
+def test_embedding_does_not_depend_on_batch_neighbours(model):
+    encoder, tokenizer = model
+    together = embed(encoder, tokenizer, TEXTS)
+    alone = np.vstack([embed(encoder, tokenizer, [t]) for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+
+
+def test_masked_extra_token_changes_nothing_and_unmasked_one_does(model):
+    encoder, tokenizer = model
+    extra = torch.randn(len(TEXTS), 1, encoder.dim)
+    text_only = embed(encoder, tokenizer, TEXTS)
+    masked = embed(encoder, tokenizer, TEXTS, extra_embeds=extra, extra_mask=torch.zeros(len(TEXTS), 1))
+    np.testing.assert_allclose(masked, text_only, atol=1e-5)
+    fused = embed(encoder, tokenizer, TEXTS, extra_embeds=extra, extra_mask=torch.ones(len(TEXTS), 1))
+    assert np.abs(fused - text_only).max() > 1e-3
+
+
+def test_chunked_training_embeddings_equal_whole_batch(model):
+    encoder, tokenizer = model
+    ids = token_ids(tokenizer, TEXTS * 20, 32)
+    chunked = _embed_with_grad(encoder, ids, pad_id_of(tokenizer), torch.device("cpu"))
+    assert chunked.requires_grad
+    np.testing.assert_allclose(chunked.detach().numpy(), embed(encoder, tokenizer, TEXTS * 20), atol=1e-5)

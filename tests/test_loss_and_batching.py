@@ -1,0 +1,45 @@
+"""Triplet loss with hard negatives and dynamic margin; hard-negative batching by balanced clusters."""
+
+import numpy as np
+import pytest
+import torch
+
+from xmctag.losses.triplet import TripletOHNMLoss
+from xmctag.training.batching import balanced_clusters, batches_from_clusters
+
+
+def test_triplet_loss_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.2, 0.95],    # positive col 0; col 3 also relevant (never a negative)
+                           [0.1, 0.5, 0.4, 0.0]])    # positive col 0
+    relevant = torch.tensor([[True, False, False, True], [True, False, False, False]])
+    loss = TripletOHNMLoss(num_negatives=2, margin_min=0.1, margin_max=0.3)(scores, torch.tensor([0, 0]), relevant)
+    # row 0: negatives 0.8 (gap 0.1 -> margin 0.1 -> relu(0.8-0.9+0.1)=0) and 0.2 (gap 0.7 -> margin 0.3 -> 0)
+    # row 1: negatives 0.5 (gap 0.4 -> margin 0.3 -> 0.5-0.1+0.3=0.7) and 0.4 (gap 0.3 -> 0.4-0.1+0.3=0.6)
+    assert loss.item() == pytest.approx((0.0 + 1.3) / 2)
+
+
+def test_triplet_loss_gradient_pulls_positive_and_pushes_negative():
+    scores = torch.tensor([[0.2, 0.6, 0.1]], requires_grad=True)
+    loss = TripletOHNMLoss(num_negatives=1)(scores, torch.tensor([0]), torch.tensor([[True, False, False]]))
+    loss.backward()
+    assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0 and scores.grad[0, 2] == 0  # only the hardest negative
+
+
+def test_triplet_loss_with_too_few_negatives():
+    scores = torch.tensor([[0.5, 0.1]])
+    loss = TripletOHNMLoss(num_negatives=10)(scores, torch.tensor([0]), torch.tensor([[True, False]]))
+    assert loss.item() == pytest.approx(0.0)  # 0.1 - 0.5 + margin 0.3 < 0; missing negatives add nothing
+
+
+def test_balanced_clusters_partition_and_group_similar_items():
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:2] * 10
+    x = np.vstack([centres[i % 2] + rng.normal(size=8) for i in range(200)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    clusters = balanced_clusters(x, cluster_size=16, rng=rng)
+    flat = np.concatenate(clusters)
+    assert sorted(flat.tolist()) == list(range(200))
+    assert all(8 <= len(c) <= 16 for c in clusters)
+    assert all(len({i % 2 for i in c}) == 1 for c in clusters)  # no cluster mixes the two groups
+    batches = batches_from_clusters(clusters, 32, rng)
+    assert sum(len(b) for b in batches) == 200 and max(len(b) for b in batches) == 32
