@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import tfidf_linear_svc, zero_shot  # noqa: E402
 from common import markdown_table, print_header  # noqa: E402

@@ -54,3 +54,14 @@ def test_chunked_training_embeddings_equal_whole_batch(model):
     chunked = _embed_with_grad(encoder, ids, pad_id_of(tokenizer), torch.device("cpu"))
     assert chunked.requires_grad
     np.testing.assert_allclose(chunked.detach().numpy(), embed(encoder, tokenizer, TEXTS * 20), atol=1e-5)
+
+
+def test_freeze_bottom_layers(tiny_encoder_dir):
+    _, backbone = load_pretrained(tiny_encoder_dir)
+    encoder = TextEncoder(backbone)
+    encoder.freeze_bottom(1)
+    blocks = encoder.transformer_blocks()
+    assert len(blocks) == 2
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())
+    assert not encoder.backbone.get_input_embeddings().weight.requires_grad

@@ -40,6 +40,7 @@ class Config:
     lr: float = 5e-5
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    freeze_layers: int = 0  # token embeddings + this many lowest transformer blocks stay fixed (faster on CPU)
     grad_clip: float = 1.0
     margin_min: float = 0.1  # dynamic triplet margin clamped to [margin_min, margin_max]
     margin_max: float = 0.3

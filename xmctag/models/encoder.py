@@ -39,6 +39,30 @@ class TextEncoder(nn.Module):
     def dim(self) -> int:
         return int(self.config.hidden_size)
 
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The backbone's stack of transformer layers, bottom first (BERT-like, DistilBERT, decoder LLMs)."""
+        for path in ("encoder.layer", "transformer.layer", "layers", "h"):
+            module = self.backbone
+            for name in path.split("."):
+                module = getattr(module, name, None)
+            if isinstance(module, nn.ModuleList):
+                return module
+        raise ValueError(f"cannot find the transformer layers of {type(self.backbone).__name__}")
+
+    def freeze_bottom(self, n_layers: int) -> None:
+        """Freezes the token embeddings and the lowest ``n_layers`` blocks (cheaper training: no backward there).
+
+        Gradients still flow *through* the frozen blocks to anything below that trains (e.g. an image projection).
+        """
+        if n_layers <= 0:
+            return
+        self.backbone.get_input_embeddings().requires_grad_(False)
+        embeddings = getattr(self.backbone, "embeddings", None)  # BERT-like: positions, token types, LayerNorm
+        if embeddings is not None:
+            embeddings.requires_grad_(False)
+        for block in self.transformer_blocks()[:n_layers]:
+            block.requires_grad_(False)
+
     def forward(
         self,
         input_ids: torch.Tensor,

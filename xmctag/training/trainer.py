@@ -99,7 +99,9 @@ def train(
         return evaluate_scores(products, vectors, dev_set.labels, config, inv_p)
 
     loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    encoder.freeze_bottom(config.freeze_layers)
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
     scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * config.epochs))
     seen_embeddings = np.zeros((len(train_set), encoder.dim), dtype=np.float32)  # for clustering
@@ -187,7 +189,7 @@ def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: Label
         loss = loss_fn(scores, torch.from_numpy(positive_col).to(device), torch.from_numpy(is_relevant).to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(encoder.parameters(), config.grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad], config.grad_clip)
     optimizer.step()
     scheduler.step()
     return float(loss.detach()), products.detach().float().cpu().numpy()
