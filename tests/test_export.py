@@ -21,7 +21,8 @@ def test_bundle_contents_and_manifest(bundle_dir):
     manifest = json.loads((bundle_dir / layout.MANIFEST).read_text())
     assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask"]
     assert manifest["graph"]["files"] == [layout.ONNX_FP32, layout.ONNX_FP16]
-    assert manifest["dims"] == {"embedding": 32, "index": 33, "labels": 19}
+    assert manifest["dims"] == {"embedding": 32, "index": 33, "labels": 19, "neighbours": 400}
+    assert (bundle_dir / layout.NEIGHBOUR_INDEX).exists() and manifest["scoring"]["knn_neighbours"] == 20
     assert manifest["parity_max_abs"][layout.ONNX_FP32] <= 1e-4
     assert manifest["parity_max_abs"][layout.ONNX_FP16] <= 5e-3
     for name in (layout.INDEX, "tokenizer/tokenizer.json", run_dir.LABELS, run_dir.CONFIG):

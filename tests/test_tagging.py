@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xmctag import Tagger, UserError, export, run_dir
-from xmctag.evaluation.evaluator import exact_top_k
+from xmctag.evaluation.evaluator import exact_top_k, predict_exact
 from xmctag.io.writers import read_parquet_metadata
 from xmctag.models.embedding import encode_texts
 
@@ -39,11 +39,28 @@ def test_tagger_matches_pytorch_model_and_exact_search(tagger, trained_run):
     with torch.no_grad():
         expected_emb = encode_texts(encoder, tokenizer, TITLES, run.config.max_length)
     np.testing.assert_allclose(tagger.embed(TITLES), expected_emb, atol=1e-5)
-    expected_top, expected_logits = exact_top_k(expected_emb, run.vectors, 5)
+    neighbours = run_dir.load_neighbours(trained_run)
+    assert neighbours is not None and tagger.knn_neighbours == run.config.knn_neighbours > 0
+    expected_top, expected_scores = predict_exact(expected_emb, run.vectors, 5, run.config, neighbours)
     indices, scores = tagger.predict(TITLES, top_k=5)
     np.testing.assert_array_equal(indices, expected_top)
-    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-run.vectors.scale * expected_logits)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-6)
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
+    assert np.all((scores >= 0) & (scores <= 1))
+
+
+def test_without_neighbour_votes_scores_are_label_vector_sigmoids(tagger, trained_run):
+    run = run_dir.load_run(trained_run)
+    embeddings = tagger.embed(TITLES)
+    expected_top, expected_logits = exact_top_k(embeddings, run.vectors, 5)
+    saved = tagger.knn_neighbours, tagger.knn_weight
+    tagger.knn_neighbours, tagger.knn_weight = 0, 0.0
+    try:
+        indices, scores = tagger.predict(TITLES, top_k=5)
+    finally:
+        tagger.knn_neighbours, tagger.knn_weight = saved
+    np.testing.assert_array_equal(indices, expected_top)
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-run.vectors.scale * expected_logits)), rtol=1e-4, atol=1e-6)
 
 
 def test_embedding_and_top_k_do_not_depend_on_batch_neighbours(tagger):

@@ -7,6 +7,8 @@
     label_embeddings.npy   (L, d) label-text embeddings
     label_vectors.npy      (L, d + 1) rows [w_l, b_l]
     labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])
+    neighbours.faiss       faiss inner-product index over the training products' embeddings (kNN votes; optional)
+    train_labels.npz       the training products' label indices (CSR), row i of neighbours.faiss -> its labels
     config.json            the training Config
     manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
     README.md              model card of the run
@@ -30,6 +32,7 @@ ONNX_FP32 = "encoder.onnx"
 ONNX_FP16 = "encoder.fp16.onnx"
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
+NEIGHBOUR_INDEX = "neighbours.faiss"
 MANIFEST = "manifest.json"
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
@@ -52,6 +55,15 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     faiss.write_index(index, str(target / INDEX))
+    neighbours = run_dir.load_neighbours(trained.path)
+    n_neighbours = 0
+    if neighbours is not None:
+        embeddings, labels = neighbours
+        neighbour_index = faiss.IndexFlatIP(embeddings.shape[1])
+        neighbour_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        faiss.write_index(neighbour_index, str(target / NEIGHBOUR_INDEX))
+        shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
+        n_neighbours = len(labels)
     files = sorted(p for p in target.rglob("*") if p.is_file())
     hashes = {str(p.relative_to(target)): _sha256(p) for p in files}
     config = trained.config
@@ -61,13 +73,19 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(trained.path.resolve()),
         "versions": _versions(),
-        "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors)},
+        "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
+                 "neighbours": n_neighbours},
         "graph": {"inputs": ["input_ids", "attention_mask"], "outputs": ["embedding"],
                   "files": [n for n in (ONNX_FP32, ONNX_FP16) if (target / n).exists()]},
         "tokenization": {"tokenizer": f"{TOKENIZER}/tokenizer.json", "max_length": config.max_length, "pad_id": pad_id,
                          "text_cols": config.text_cols, "separator": " ; ", "padding": "right", "truncation": True},
         "training": {"rows": trained.n_train, "encoder": config.encoder},
-        "scoring": {"score": "sigmoid(scale * <[embedding, 1], index row>)", "scale": trained.vectors.scale},
+        "scoring": {"score": "(1 - knn_weight) * sigmoid(scale * <[embedding, 1], label vector>) + knn_weight * "
+                             "neighbour vote (see xmctag/scoring.py)",
+                    "scale": trained.vectors.scale,
+                    "knn_neighbours": config.knn_neighbours if n_neighbours else 0,
+                    "knn_temperature": config.knn_temperature,
+                    "knn_weight": config.knn_weight if n_neighbours else 0.0},
         "parity_max_abs": parity,
         "files": hashes,
     }

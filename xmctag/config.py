@@ -52,6 +52,10 @@ class Config:
     label_vector_epochs: int = 30
     label_vector_lr: float = 2e-3
     label_vector_scale: float = 40.0  # logit = scale * (<product, label vector> + bias)
+    # --- neighbour votes (kNN over the training products, blended with the label vectors; see scoring.py) ----
+    knn_neighbours: int = 20  # training products that vote; 0 = label vectors alone (smaller bundle)
+    knn_temperature: float = 10.0  # vote weight exp(T * similarity), normalised over the neighbours
+    knn_weight: float = 0.5  # score = (1 - w) * sigmoid(label-vector logit) + w * neighbour vote
     # --- evaluation --------------------------------------------------------------------------------------------
     eval_ks: list[int] = field(default_factory=lambda: [1, 3, 5])
     psp_a: float = 0.55
@@ -88,6 +92,8 @@ class Config:
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
             (bool(self.text_cols), "text_cols must name at least one column"),
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
+            (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
+            (0.0 <= self.knn_weight <= 1.0, "knn_weight must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -5,6 +5,8 @@
     labels.parquet         label, text, encoder_text (what the encoder read), train_count
     label_embeddings.npy   (L, d) float32, encoder embedding of each label's text
     label_vectors.npy      (L, d + 1) float32 rows [w_l, b_l]: the vectors searched at tagging time
+    train_embeddings.npy   (n, d) float32 embeddings of the training products (kNN votes; absent if knn_neighbours=0)
+    train_labels.npz       their label indices, CSR (``scoring.NeighbourLabels``)
     metrics.json           per-epoch history, final dev metrics, number of training rows
     README.md              model card
     sample_texts.json      a few training product texts (real rows for the export parity check)
@@ -25,6 +27,7 @@ from xmctag.config import Config
 from xmctag.data import LabelledSet, LabelTable
 from xmctag.errors import UserError
 from xmctag.evaluation.metrics import inverse_propensity
+from xmctag.scoring import NeighbourLabels
 from xmctag.training.label_vectors import LabelVectors
 
 CONFIG = "config.json"
@@ -36,6 +39,8 @@ METRICS = "metrics.json"
 CARD = "README.md"
 CHECKPOINT = "checkpoint.pt"
 SAMPLE_TEXTS = "sample_texts.json"
+TRAIN_EMBEDDINGS = "train_embeddings.npy"
+TRAIN_LABELS = "train_labels.npz"
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:
@@ -56,6 +61,18 @@ def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vec
     labels.to_frame().with_columns(train_count=pl.Series(train_counts.astype(np.int64))).write_parquet(out / LABELS)
     np.save(out / LABEL_EMBEDDINGS, label_embeddings.astype(np.float32))
     np.save(out / LABEL_VECTORS, vectors.index_matrix())
+
+
+def save_neighbours(out: Path, embeddings: np.ndarray, labels: list[np.ndarray]) -> None:
+    np.save(out / TRAIN_EMBEDDINGS, embeddings.astype(np.float32))
+    NeighbourLabels.from_lists(labels).save(out / TRAIN_LABELS)
+
+
+def load_neighbours(out: Path) -> tuple[np.ndarray, NeighbourLabels] | None:
+    """Training product embeddings (memory-mapped) and labels, or None when the run has none."""
+    if not (out / TRAIN_EMBEDDINGS).exists():
+        return None
+    return np.load(out / TRAIN_EMBEDDINGS, mmap_mode="r"), NeighbourLabels.load(out / TRAIN_LABELS)
 
 
 def save_sample_texts(out: Path, texts: list[str], n: int = 96) -> None:
@@ -113,7 +130,8 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         "",
         f"Trained {datetime.date.today().isoformat()} with xmctag: a Siamese dual encoder (`{config.encoder}`, mean "
         "pooling, L2 norm) trained with a triplet loss over hard in-batch negatives, plus per-label vectors fitted "
-        "on frozen product embeddings. Scores are sigmoid(scale × (⟨product, w_label⟩ + b_label)).",
+        "on frozen product embeddings. Score = (1 − w) · sigmoid(scale × (⟨product, w_label⟩ + b_label)) + w · vote "
+        f"of the {config.knn_neighbours} most similar training products (w = {config.knn_weight}).",
         "",
         f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",

@@ -4,9 +4,10 @@
     frame = tagger.tag(pl.read_parquet("catalog.parquet"), top_k=5)
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
 
-Per product: text from the model's text columns -> tokens -> ONNX encoder -> [embedding, 1] -> faiss top-k over
-the label vectors -> score = sigmoid(scale * inner product). ``tag_file`` streams the catalog in batches, so memory
-stays bounded whatever its size, and writes the output atomically (``xmctag.io.writers``).
+Per product: text from the model's text columns -> tokens -> ONNX encoder -> embedding q -> faiss searches of the
+label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``)
+-> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its size (the bundle's
+indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from xmctag.data import check_columns, product_text_expr, table_schema
 from xmctag.errors import UserError
 from xmctag.io.writers import PredictionWriter
 from xmctag.progress import Progress
+from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
 
 SKIP_EMPTY_TEXT = "empty text"
 
@@ -44,10 +46,11 @@ class TagSummary:
 
 
 class Tagger:
-    """A bundle ready to tag: ONNX session, tokenizer, faiss index and label table."""
+    """A bundle ready to tag: ONNX session, tokenizer, faiss indexes (labels, training products), label table."""
 
     def __init__(self, path: Path, manifest: dict, config: Config, session, tokenizer, pad_id: int, index,
-                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = 64):
+                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = 64,
+                 neighbour_index=None, neighbour_labels: NeighbourLabels | None = None):
         self.path = path
         self.manifest = manifest
         self.config = config
@@ -58,7 +61,15 @@ class Tagger:
         self.label_ids = np.array(label_ids, dtype=object)
         self.label_texts = np.array(label_texts, dtype=object)
         self.device = device
-        self.scale = float(manifest["scoring"]["scale"])
+        scoring = manifest["scoring"]
+        self.scale = float(scoring["scale"])
+        self.knn_neighbours = int(scoring.get("knn_neighbours", 0)) if neighbour_index is not None else 0
+        self.knn_temperature = float(scoring.get("knn_temperature", 0.0))
+        self.knn_weight = float(scoring.get("knn_weight", 0.0)) if self.knn_neighbours else 0.0
+        self.neighbour_index = neighbour_index
+        self.neighbour_labels = neighbour_labels
+        # [w_l, b_l] rows, memory-mapped: only the rows of candidate labels are read (see scoring.blend_top_k)
+        self.label_vectors = np.load(path / run_dir.LABEL_VECTORS, mmap_mode="r")
         self.encode_batch_size = encode_batch_size
 
     @property
@@ -89,8 +100,16 @@ class Tagger:
         if index.d != dims["index"] or index.ntotal != dims["labels"] or len(labels) != dims["labels"]:
             raise UserError(f"{path}: index ({index.ntotal} x {index.d}) and label table ({len(labels)} rows) do not "
                             f"match the manifest ({dims['labels']} x {dims['index']})")
+        neighbour_index = neighbour_labels = None
+        if dims.get("neighbours"):
+            neighbour_index = runtime.faiss().read_index(str(path / layout.NEIGHBOUR_INDEX))
+            neighbour_labels = NeighbourLabels.load(path / run_dir.TRAIN_LABELS)
+            if neighbour_index.ntotal != dims["neighbours"] or len(neighbour_labels) != dims["neighbours"]:
+                raise UserError(f"{path}: neighbour index ({neighbour_index.ntotal}) and training labels "
+                                f"({len(neighbour_labels)}) do not match the manifest ({dims['neighbours']})")
         return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
-                   labels["label"].to_list(), labels["text"].to_list(), device)
+                   labels["label"].to_list(), labels["text"].to_list(), device,
+                   neighbour_index=neighbour_index, neighbour_labels=neighbour_labels)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -112,13 +131,18 @@ class Tagger:
         return out
 
     def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None):
-        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in (0, 1), best first."""
+        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first."""
         if top_k < 1:
             raise UserError("--top-k must be >= 1")
         embeddings = self.embed(texts)
         queries = np.hstack([embeddings, np.ones((len(embeddings), 1), np.float32)])
-        logits, indices = self.index.search(queries, min(top_k, self.index.ntotal))
-        scores = (1.0 / (1.0 + np.exp(-self.scale * logits.astype(np.float64)))).astype(np.float32)
+        logits, candidates = self.index.search(queries, min(label_vector_candidates(top_k), self.index.ntotal))
+        votes = None
+        if self.knn_neighbours:
+            sims, neighbours = self.neighbour_index.search(embeddings, self.knn_neighbours)
+            votes = self.neighbour_labels.votes(neighbours, sims, self.knn_temperature)
+        indices, scores = blend_top_k(embeddings, self.label_vectors, self.scale, candidates, logits, votes,
+                                      self.knn_weight, top_k)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
         return indices, scores

@@ -7,7 +7,8 @@
    (clustered on the embeddings seen during the previous epoch), so that in-batch negatives are hard.
 3. After each epoch: dev evaluation (when a dev set is given), best model kept, checkpoint for ``--resume``.
 4. Second stage: embed all training products with the best encoder, fit per-label vectors on them
-   (``label_vectors.py``), evaluate on dev again, and write the run directory (see ``xmctag.run_dir``).
+   (``label_vectors.py``), keep the embeddings for the neighbour votes (``xmctag.scoring``), evaluate on dev
+   again with the final scoring, and write the run directory (see ``xmctag.run_dir``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from xmctag.models.encoder import TextEncoder
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.progress import Progress
+from xmctag.scoring import NeighbourLabels
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
 
@@ -91,12 +93,12 @@ def train(
     label_ids = token_ids(tokenizer, label_table.texts, config.label_max_length)
     dev_ids = token_ids(tokenizer, dev_set.texts, config.max_length) if dev_set else None
 
-    def dev_metrics(vectors: LabelVectors | None = None) -> dict[str, float]:
+    def dev_metrics(vectors: LabelVectors | None = None, neighbours=None) -> dict[str, float]:
         products = encode_ids(encoder, dev_ids, pad_id, device=dev_)
         if vectors is None:
             vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_),
                                                         config.label_vector_scale)
-        return evaluate_scores(products, vectors, dev_set.labels, config, inv_p)
+        return evaluate_scores(products, vectors, dev_set.labels, config, inv_p, neighbours)
 
     loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
     encoder.freeze_bottom(config.freeze_layers)
@@ -160,16 +162,23 @@ def train(
                                     epochs=config.label_vector_epochs, lr=config.label_vector_lr, seed=config.seed,
                                     device=dev_, progress=update)
     final = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
+    neighbours = (products, NeighbourLabels.from_lists(train_set.labels)) if config.knn_neighbours > 0 else None
     dev_result = None
     if dev_set is not None:
-        dev_result = final["dev"] = dev_metrics(vectors)
-        show.log("label vectors: dev " + _short(dev_result))
+        # Both: the label vectors alone (for the record) and the final scoring that tagging uses.
+        final["dev_label_vectors"] = dev_metrics(vectors)
+        dev_result = final["dev"] = dev_metrics(vectors, neighbours)
+        show.log("label vectors: dev " + _short(final["dev_label_vectors"]))
+        if neighbours is not None:
+            show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + _short(dev_result))
     history.append(final)
 
     layout.save_labels(out, label_table, label_embeddings, vectors, train_set.label_counts(len(label_table)),
                        len(train_set))
     (out / layout.METRICS).write_text(json.dumps({"history": history, "dev": dev_result, "best_epoch": best["epoch"],
                                                   "n_train": len(train_set)}, indent=2) + "\n")
+    if neighbours is not None:
+        layout.save_neighbours(out, products, train_set.labels)
     layout.save_sample_texts(out, train_set.texts)
     layout.write_model_card(out, config, train_set, dev_set, dev_result)
     checkpoint.unlink(missing_ok=True)

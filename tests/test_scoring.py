@@ -1,0 +1,68 @@
+"""The blended scoring (label vectors + neighbour votes) against hand-computed cases and a brute-force version."""
+
+import numpy as np
+
+from xmctag.scoring import NeighbourLabels, blend_top_k
+
+
+def test_votes_are_normalised_softmax_weights_summed_per_label():
+    labels = NeighbourLabels.from_lists([np.array([0, 1]), np.array([1]), np.array([2, 3])])
+    neighbours = np.array([[0, 1, -1], [2, 0, 1]])
+    sims = np.array([[0.9, 0.5, 0.0], [0.8, 0.8, 0.1]])
+    rows, labs, votes = labels.votes(neighbours, sims, temperature=2.0)
+    w0 = np.exp(2 * np.array([0.0, -0.4]))
+    w0 /= w0.sum()
+    w1 = np.exp(2 * np.array([0.0, 0.0, -0.7]))
+    w1 /= w1.sum()
+    expected = {(0, 0): w0[0], (0, 1): w0[0] + w0[1], (1, 2): w1[0], (1, 3): w1[0], (1, 0): w1[1],
+                (1, 1): w1[1] + w1[2]}
+    got = {(int(r), int(lab)): v for r, lab, v in zip(rows, labs, votes)}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert abs(got[key] - value) < 1e-12
+
+
+def brute_force(queries, matrix, scale, labels, neighbour_emb, k_nn, temperature, weight, k):
+    logits = np.hstack([queries, np.ones((len(queries), 1))]) @ matrix.T
+    prob = 1 / (1 + np.exp(-scale * logits))
+    sims = queries @ neighbour_emb.T
+    out = []
+    for i in range(len(queries)):
+        nn = np.argsort(-sims[i])[:k_nn]
+        w = np.exp(temperature * (sims[i, nn] - sims[i, nn].max()))
+        w /= w.sum()
+        vote = np.zeros(len(matrix))
+        for j, wj in zip(nn, w):
+            vote[labels[j]] += wj
+        out.append((1 - weight) * prob[i] + weight * vote)
+    return np.array(out)
+
+
+def test_blend_matches_brute_force_over_all_labels():
+    rng = np.random.default_rng(0)
+    n_labels, dim, n_train = 300, 8, 200
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    matrix = np.hstack([rng.normal(size=(n_labels, dim)) * 0.3, rng.normal(size=(n_labels, 1)) * 0.1])
+    train = unit(rng.normal(size=(n_train, dim)))
+    train_labels = [rng.choice(n_labels, size=rng.integers(1, 6), replace=False) for _ in range(n_train)]
+    queries = unit(rng.normal(size=(20, dim)))
+    expected = brute_force(queries, matrix, 5.0, train_labels, train, 10, 10.0, 0.5, 5)
+
+    lv_logits = np.hstack([queries, np.ones((20, 1))]) @ matrix.T
+    candidates = np.argsort(-lv_logits, axis=1)[:, :32]
+    sims = queries @ train.T
+    nn = np.argsort(-sims, axis=1)[:, :10]
+    votes = NeighbourLabels.from_lists(train_labels).votes(nn, np.take_along_axis(sims, nn, 1), 10.0)
+    top, scores = blend_top_k(queries, matrix, 5.0, candidates, np.take_along_axis(lv_logits, candidates, 1), votes,
+                              0.5, 5)
+    np.testing.assert_allclose(scores, np.sort(expected, axis=1)[:, ::-1][:, :5], rtol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(expected, top, 1), scores, rtol=1e-6)
+
+
+def test_fewer_candidates_than_k_are_marked_missing():
+    matrix = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    queries = np.array([[1.0, 0.0]])
+    top, scores = blend_top_k(queries, matrix, 10.0, np.array([[0, 1]]), np.array([[1.0, 0.0]]), None, 0.5, 4)
+    assert top.tolist() == [[0, 1, -1, -1]]
+    np.testing.assert_allclose(scores[0, :2], [1 / (1 + np.exp(-10)), 0.5])
+    assert scores[0, 2:].tolist() == [0.0, 0.0]
