@@ -42,6 +42,15 @@ def user_errors(command):
     return wrapper
 
 
+def _epochs(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--epochs {value!r}: expected an integer or auto") from None
+
+
 def _split(value: Optional[str]) -> Optional[list[str]]:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
@@ -59,7 +68,10 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run directory to write, e.g. runs/NAME."),
     dev: Optional[Path] = typer.Option(None, "--dev", help="Dev catalog, evaluated after each epoch."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="builtin:minilm-l6, a HF id or a local dir."),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="Fine-tuning epochs, or auto (default: as many "
+                                         "as fit --time-budget, measured on this machine)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of fine-tuning that "
+                                                "--epochs auto may use (default 40; 0 = no limit)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Product-side tokens."),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -78,7 +90,7 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
-    overrides = dict(encoder=encoder, epochs=epochs, batch_size=batch_size, max_length=max_length, lr=lr,
+    overrides = dict(encoder=encoder, epochs=_epochs(epochs), time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
                      id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col, seed=seed)
     if resume and (out / CONFIG).exists():
         # A resumed run keeps its saved settings; flags given now must agree (the API checks).

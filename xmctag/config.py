@@ -35,7 +35,9 @@ class Config:
     label_text_col: str = "text"
     label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
     # --- dual-encoder training ---------------------------------------------------------------------------------
-    epochs: int = 2
+    epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
+    time_budget_minutes: float = 40.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
+    auto_max_epochs: int = 5
     batch_size: int = 128
     lr: float = 5e-5
     warmup_steps: int = 100
@@ -86,7 +88,10 @@ class Config:
 
     def validate(self, source: str = "config") -> None:
         checks = [
-            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.epochs == "auto" or (isinstance(self.epochs, int) and self.epochs >= 0),
+             "epochs must be \"auto\" or an integer >= 0"),
+            (self.auto_max_epochs >= 0 and self.time_budget_minutes >= 0,
+             "auto_max_epochs and time_budget_minutes must be >= 0"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.max_length >= 4 and self.label_max_length >= 4, "max lengths must be >= 4"),
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),

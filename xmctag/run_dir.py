@@ -124,7 +124,7 @@ def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config)
 
 
 def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
-                     dev_metrics: dict[str, float] | None) -> None:
+                     dev_metrics: dict[str, float] | None, epochs: int) -> None:
     lines = [
         f"# xmctag model `{out.name}`",
         "",
@@ -135,7 +135,7 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         "",
         f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
-        f"- Epochs: {config.epochs}, batch size {config.batch_size}, learning rate {config.lr}",
+        f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
     ]
     if dev_set is not None and dev_metrics:
         table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())

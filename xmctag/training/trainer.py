@@ -39,6 +39,7 @@ from xmctag.training.batching import balanced_clusters, batches_from_clusters, r
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
 
 CPU_CHUNK = 32  # sequences per forward pass when training on CPU (see _embed_with_grad)
+PROBE_STEPS = 3  # timed forward+backward passes that plan the number of epochs under epochs="auto"
 
 
 @dataclass
@@ -102,20 +103,26 @@ def train(
 
     loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
     encoder.freeze_bottom(config.freeze_layers)
+    checkpoint = out / layout.CHECKPOINT
+    if config.epochs != "auto":
+        epochs = config.epochs
+    elif resume and checkpoint.exists():
+        epochs = torch.load(checkpoint, map_location="cpu", weights_only=False)["epochs"]  # the plan of the run
+    else:
+        epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
-    scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * config.epochs))
+    scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * epochs))
     seen_embeddings = np.zeros((len(train_set), encoder.dim), dtype=np.float32)  # for clustering
     history: list[dict] = []
     best = {"score": -1.0, "epoch": -1}
     start_epoch = 0
-    checkpoint = out / layout.CHECKPOINT
     if resume and checkpoint.exists():
         start_epoch, history, best = _load_checkpoint(checkpoint, encoder, optimizer, scheduler, seen_embeddings)
-        show.log(f"resuming after epoch {start_epoch} of {config.epochs}")
+        show.log(f"resuming after epoch {start_epoch} of {epochs}")
 
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
         rng = np.random.default_rng(config.seed + epoch)
         if epoch >= config.cluster_start_epoch:
             clusters = balanced_clusters(seen_embeddings, config.cluster_size, rng)
@@ -124,7 +131,7 @@ def train(
             batches = random_batches(len(train_set), config.batch_size, rng)
         encoder.train()
         started, total_loss = time.perf_counter(), 0.0
-        with show.task(f"epoch {epoch + 1}/{config.epochs}", total=len(train_set), unit="pairs") as update:
+        with show.task(f"epoch {epoch + 1}/{epochs}", total=len(train_set), unit="pairs") as update:
             for batch in batches:
                 loss, embeddings = _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set, batch,
                                                product_ids, label_ids, pad_id, rng, dev_)
@@ -144,11 +151,12 @@ def train(
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1}
             layout.save_encoder(out, encoder, tokenizer)
-        _save_checkpoint(checkpoint, epoch + 1, encoder, optimizer, scheduler, seen_embeddings, history, best)
+        _save_checkpoint(checkpoint, epoch + 1, epochs, encoder, optimizer, scheduler, seen_embeddings, history,
+                         best)
 
-    if config.epochs == 0 or best["epoch"] < 0:
+    if epochs == 0 or best["epoch"] < 0:
         layout.save_encoder(out, encoder, tokenizer)  # zero epochs: the pretrained encoder as is
-    elif best["epoch"] != config.epochs:
+    elif best["epoch"] != epochs:
         show.log(f"keeping the encoder of epoch {best['epoch']} (best on dev)")
         encoder = layout.load_encoder(out).to(dev_)
 
@@ -176,11 +184,12 @@ def train(
     layout.save_labels(out, label_table, label_embeddings, vectors, train_set.label_counts(len(label_table)),
                        len(train_set))
     (out / layout.METRICS).write_text(json.dumps({"history": history, "dev": dev_result, "best_epoch": best["epoch"],
+                                                  "epochs": epochs,
                                                   "n_train": len(train_set)}, indent=2) + "\n")
     if neighbours is not None:
         layout.save_neighbours(out, products, train_set.labels)
     layout.save_sample_texts(out, train_set.texts)
-    layout.write_model_card(out, config, train_set, dev_set, dev_result)
+    layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs)
     checkpoint.unlink(missing_ok=True)
     return TrainResult(out, history, dev_result)
 
@@ -188,6 +197,17 @@ def train(
 def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: LabelledSet, batch, product_ids, label_ids,
                 pad_id, rng, device):
     """One optimisation step on the products ``batch``; returns (loss, their embeddings as numpy)."""
+    loss, products = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad], config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), products.detach().float().cpu().numpy()
+
+
+def _batch_loss(encoder, loss_fn, train_set: LabelledSet, batch, product_ids, label_ids, pad_id, rng, device):
+    """Triplet loss of the products ``batch`` (one sampled positive each, in-batch labels as negatives)."""
     positives = np.array([rng.choice(train_set.labels[i]) for i in batch])
     batch_labels, positive_col = np.unique(positives, return_inverse=True)
     is_relevant = np.array([np.isin(batch_labels, train_set.labels[i]) for i in batch])
@@ -196,12 +216,37 @@ def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: Label
         labels = _embed_with_grad(encoder, [label_ids[i] for i in batch_labels], pad_id, device)
         scores = products.float() @ labels.float().T
         loss = loss_fn(scores, torch.from_numpy(positive_col).to(device), torch.from_numpy(is_relevant).to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad], config.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach()), products.detach().float().cpu().numpy()
+    return loss, products
+
+
+def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, product_ids, label_ids, pad_id, device,
+                 show: Progress) -> int:
+    """``epochs = "auto"``: as many epochs (at most ``auto_max_epochs``) as fit in ``time_budget_minutes``.
+
+    The time of an epoch is projected from a few forward+backward passes on random batches (no optimiser step, so
+    the weights are untouched). An epoch that would not fit is not started: on 2 CPU cores a 45k-row catalog of
+    long titles gets 0 epochs (the pretrained encoder plus label vectors and neighbour votes), a short-title
+    catalog gets several, a GPU gets the maximum.
+    """
+    rng = np.random.default_rng(config.seed)
+    batches = random_batches(len(train_set), config.batch_size, rng)[:PROBE_STEPS + 1]
+    encoder.train()
+    for step, batch in enumerate(batches):
+        if step == 1:  # the first pass warms up (allocations, CUDA kernels); time the others
+            started = time.perf_counter()
+        loss, _ = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device)
+        loss.backward()
+        encoder.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timed = sum(len(b) for b in batches[1:])
+    pairs_per_second = timed / max(time.perf_counter() - started, 1e-9) if timed else float("inf")
+    epoch_minutes = len(train_set) / pairs_per_second / 60
+    budget = config.time_budget_minutes
+    epochs = config.auto_max_epochs if budget <= 0 else min(config.auto_max_epochs, int(budget // epoch_minutes))
+    show.log(f"epochs auto: ~{pairs_per_second:.0f} pairs/s, ~{epoch_minutes:.1f} min per epoch, budget "
+             f"{budget:g} min -> {epochs} epoch(s)" + ("; the pretrained encoder is kept as is" if not epochs else ""))
+    return epochs
 
 
 def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device) -> torch.Tensor:
@@ -255,8 +300,9 @@ def _check_resumed_config(out: Path, config: Config, resume: bool) -> None:
         raise UserError(f"--resume {out}: settings differ from the run being resumed: {'; '.join(changed)}")
 
 
-def _save_checkpoint(path: Path, epoch, encoder, optimizer, scheduler, seen_embeddings, history, best) -> None:
-    state = {"epoch": epoch, "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+def _save_checkpoint(path: Path, epoch, epochs, encoder, optimizer, scheduler, seen_embeddings, history,
+                     best) -> None:
+    state = {"epoch": epoch, "epochs": epochs, "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "seen_embeddings": seen_embeddings, "history": history,
              "best": best, "torch_rng": torch.get_rng_state()}
     tmp = path.with_suffix(".tmp")
