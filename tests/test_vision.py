@@ -147,6 +147,7 @@ def test_sources_of_every_value_kind(tmp_path):
     assert img.sources_of(None, tmp_path) == [] and img.sources_of("", tmp_path) == []
     assert len(img.sources_of(["a.png", "b.png", "c.png"], tmp_path, max_images=2)) == 2
     assert img.sources_of({"bytes": data, "path": "ignored.png"}, tmp_path)[0].data == data
+    assert [s.ref for s in img.sources_of(np.array(["a.png", None], dtype=object), "/x", 5)] == ["/x/a.png"]
 
 
 def test_load_local_images_and_report_bad_ones(tmp_path):
@@ -299,6 +300,19 @@ def test_embedding_cache_persists_and_keys_on_content_and_model(tmp_path):
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, "model-a@1", 4).lookup([sha(0)])[0], [[-1] * 4])
     with pytest.raises(UserError, match="expected"):
         EmbeddingCache(tmp_path, "model-a@1", dim=8)
+
+
+def test_cache_entries_written_by_another_process_appear_after_refresh(tmp_path):
+    import subprocess
+    import sys
+
+    cache = EmbeddingCache(tmp_path, "model-a@1", dim=2)
+    code = ("import numpy as np, sys; from xmctag.vision.cache import EmbeddingCache; "
+            "EmbeddingCache(sys.argv[1], 'model-a@1', 2).add([sys.argv[2]], np.ones((1, 2)))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), sha(42)], check=True, cwd=Path(__file__).parent.parent)
+    assert not cache.lookup([sha(42)])[1].any()
+    cache.refresh()
+    assert cache.lookup([sha(42)])[1].all()
 
 
 def test_source_index_remembers_latest_content(tmp_path):

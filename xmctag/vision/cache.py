@@ -110,15 +110,16 @@ class ShardedTable:
 
     def _rebuild(self) -> None:
         parts, where = [], []
-        for index, name in enumerate(self._shards):  # sorted by name = by write time: later shards are newer
-            keys = self._keys_cache[name]
+        by_time = sorted(range(len(self._shards)), key=lambda i: self._shards[i])  # names start with the write time
+        for index in by_time:
+            keys = self._keys_cache[self._shards[index]]
             parts.append(np.ascontiguousarray(keys).view(_KEY).ravel())
             where.append(np.stack([np.full(len(keys), index), np.arange(len(keys))], axis=1))
         if not parts:
             return
         keys = np.concatenate(parts)
         positions = np.concatenate(where).astype(np.int64)
-        order = np.argsort(keys, kind="stable")  # equal keys keep shard order ...
+        order = np.argsort(keys, kind="stable")  # equal keys keep write order ...
         keys, positions = keys[order], positions[order]
         last = np.ones(len(keys), dtype=bool)  # ... so the last of each run of equal keys is the newest
         last[:-1] = keys[1:] != keys[:-1]

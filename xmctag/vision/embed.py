@@ -71,7 +71,7 @@ def embed_images(
     max_images: int = 1,
     batch_size: int = 32,
     workers: int = 16,
-    rows_per_batch: int = 1024,
+    rows_per_batch: int = 512,
     fetch: img.FetchOptions | None = None,
     refetch: bool = False,
     progress: bool = False,
@@ -79,10 +79,11 @@ def embed_images(
     """Embeds the images of a Parquet catalog into the cache; returns what it saw.
 
     ``encoder``: a name for ``load_vision_encoder``, a loaded ``VisionEncoder`` or an ``OnnxVisionEncoder`` (anything
-    with ``model_id``, ``dim`` and ``embed(pictures, batch_size)``). ``batch_size``: pictures per
-    forward pass. ``workers``: threads that read, fetch and decode. ``refetch=False`` trusts the content recorded for
-    a URL or unchanged file on an earlier run when its embedding is cached (no download); ``True`` reads every source
-    again (pictures whose content changed behind the same URL are then re-embedded).
+    with ``model_id``, ``dim`` and ``embed(pictures, batch_size)``). ``batch_size``: pictures per forward pass.
+    ``workers``: threads that read, fetch and decode (``fetch``: timeout, retries, ...; its ``workers`` wins when
+    given). ``refetch=False`` trusts the content recorded for a URL or unchanged file on an earlier run when its
+    embedding is cached (no download); ``True`` reads every source again (pictures whose content changed behind the
+    same URL are then re-embedded).
     """
     import pyarrow.parquet as pq
 
@@ -134,7 +135,7 @@ def _embed_batch(values: list[Any], base_dir: Path, row0: int, encoder: VisionEn
     broken = {slot.sha256: slot.status for slot in to_embed if not slot.ok}
     newly = {slot.sha256 for slot in to_embed if slot.ok}
 
-    record_keys, record_shas = [], []
+    record: dict[str, str | None] = {}  # source key -> content sha256 (None: unusable)
     for row, slot in slots:
         if slot.ok and slot.sha256 in broken:  # another product's copy of the same bytes failed to decode
             slot.status = broken[slot.sha256]
@@ -147,13 +148,12 @@ def _embed_batch(values: list[Any], base_dir: Path, row0: int, encoder: VisionEn
         if slot.data is not None or not slot.ok:  # read in this run: remember what the source held
             key = slot.source.key()
             if key is not None:
-                record_keys.append(key)
-                record_shas.append(slot.sha256 if slot.ok else None)
+                record[key] = slot.sha256 if slot.ok else None
     summary.newly_embedded += len(newly)
     summary.products += len(products)
     summary.products_with_image += sum(any(s.ok for s in p.slots) for p in products)
-    if record_keys:
-        sources.record(record_keys, record_shas)
+    if record:
+        sources.record(list(record), list(record.values()))
 
 
 def _known_sources(values: list[Any], base_dir: Path, max_images: int, cache: EmbeddingCache,
@@ -181,23 +181,29 @@ def _known_sources(values: list[Any], base_dir: Path, max_images: int, cache: Em
 
 def _embed_new(slots: list[img.LoadedImage], encoder: VisionEncoder, cache: EmbeddingCache, batch_size: int,
                workers: int) -> None:
-    """Decodes and embeds ``slots`` (distinct contents), adds them to the cache; undecodable ones get that status."""
+    """Decodes and embeds ``slots`` (distinct contents), adds them to the cache; undecodable ones get that status.
+
+    Pictures are decoded a few forward passes' worth at a time (a decoded photo takes megabytes), and the batch's
+    embeddings go to the cache as one shard (an interrupted run loses at most this batch).
+    """
     if not slots:
         return
+    shas, vectors = [], []
+    chunk = batch_size * 4
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pictures = list(pool.map(lambda s: img.decode_image(s.data), slots))
-    good = []
-    for slot, picture in zip(slots, pictures):
-        if picture is None:
-            slot.status = img.UNDECODABLE
-        else:
-            good.append((slot, picture))
-    # Add to the cache every few forward passes, so an interrupted run keeps most of its work.
-    chunk = batch_size * 8
-    for start in range(0, len(good), chunk):
-        part = good[start:start + chunk]
-        vectors = encoder.embed([p for _, p in part], batch_size=batch_size)
-        cache.add([s.sha256 for s, _ in part], vectors)
+        for start in range(0, len(slots), chunk):
+            part = slots[start:start + chunk]
+            good = []
+            for slot, picture in zip(part, pool.map(lambda s: img.decode_image(s.data), part)):
+                if picture is None:
+                    slot.status = img.UNDECODABLE
+                else:
+                    good.append((slot, picture))
+            if good:
+                vectors.append(encoder.embed([p for _, p in good], batch_size=batch_size))
+                shas.extend(s.sha256 for s, _ in good)
+    if shas:
+        cache.add(shas, np.concatenate(vectors))
 
 
 class ImageFeatures:

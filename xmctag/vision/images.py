@@ -134,6 +134,8 @@ def sources_of(value: Any, base_dir: str | Path, max_images: int = 1) -> list[So
         return []
     if hasattr(value, "to_list"):  # a polars Series (list column read as Series)
         value = value.to_list()
+    elif hasattr(value, "tolist") and not isinstance(value, (bytes, bytearray, memoryview, str)):  # numpy array
+        value = value.tolist()
     if isinstance(value, dict) or not isinstance(value, (list, tuple)):
         value = [value]
     sources = []

@@ -112,6 +112,8 @@ def spec_from_hf_processor(processor, name: str) -> PreprocessSpec:
     if getattr(processor, "do_center_crop", False):
         crop_size = processor.crop_size
         crop = (int(crop_size["height"]), int(crop_size["width"]))
+    if crop is None and "shortest_edge" in resize:
+        raise UserError(f"{name}: a shortest-edge resize without a centre crop gives pictures of varying sizes")
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if getattr(processor, "do_normalize", True):
         mean, std = _three(processor.image_mean), _three(processor.image_std)
