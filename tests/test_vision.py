@@ -123,7 +123,9 @@ class ImageServer:
 
 
 @pytest.fixture()
-def server():
+def server(monkeypatch):
+    for name in ("NO_PROXY", "no_proxy"):  # a proxy configured on the machine must not see 127.0.0.1
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
     s = ImageServer()
     yield s
     s.close()
