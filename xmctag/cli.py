@@ -186,6 +186,27 @@ def eval_(
     err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
 
 
+@app.command("embed-images")
+@user_errors
+def embed_images(
+    catalog: Path = typer.Argument(..., help="Parquet catalog with an image column."),
+    image_col: str = typer.Option("image", "--image-col", help="Bytes, relative paths, file:// or http(s) URLs."),
+    vision: str = typer.Option("builtin:efficientnet-lite0", "--vision", help="Frozen vision encoder."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $XMCTAG_CACHE_DIR or "
+                                             "~/.cache/xmctag."),
+    max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),
+    workers: int = typer.Option(16, "--workers", help="Threads that read, fetch and decode images."),
+    quiet: bool = QuietOption,
+):
+    """Precompute the image-embedding cache of a catalog (only new or changed images are embedded)."""
+    from xmctag.vision.embed import embed_images as embed_api
+
+    summary = embed_api(catalog, image_col=image_col, encoder=vision, cache_dir=cache_dir, max_images=max_images,
+                        workers=workers, progress=not quiet)
+    for line in summary.lines():
+        err_console.print(line, highlight=False, soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def convert(
