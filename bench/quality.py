@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = tagger.tag_file(paths["dev"], preds, top_k=5)
         seconds["xmctag tag (dev)"] = summary.seconds
         report = xmctag.evaluate(preds, paths["dev"], train=paths["train"], psp_a=config.psp_a, psp_b=config.psp_b)
-        results[f"xmctag ({config.encoder}, {config.epochs} epochs)"] = report.metrics
+        trained_epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+        results[f"xmctag ({config.encoder}, epochs {config.epochs} -> {trained_epochs})"] = report.metrics
+        final = result.history[-1]
+        if "dev_label_vectors" in final:
+            results["  of which: label vectors alone (no neighbour votes)"] = final["dev_label_vectors"]
         encoder_only = [h["dev"] for h in result.history if "epoch" in h and "dev" in h]
         if encoder_only:
             results["  of which: dual encoder alone (label texts)"] = encoder_only[-1]

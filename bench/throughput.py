@@ -10,8 +10,9 @@ the output can be pasted into bench/RESULTS.md as is.
            [--rows 2000] [--text-col title] [--threads N]
 
    Both paths do the same work on the first ``--rows`` product texts of the catalog: tokenize, encode in
-   length-sorted batches of 64, faiss top-5 over the label vectors. Each is warmed up once on 64 rows and timed
-   over all rows (best of 2). The two paths must agree on the top-5 labels of >= 99% of rows (exit code 1 if not).
+   length-sorted batches of 64, then the same search and scoring (faiss label-vector and neighbour searches,
+   blend). Each is warmed up once on 64 rows and timed over all rows (best of 2). The two paths must agree on the
+   top-5 labels of >= 99% of rows (exit code 1 if not).
 
 2. ``memory``: peak RSS of the real ``xmctag tag`` CLI on synthetic catalogs of each size (it streams the
    catalog, so the peak should not grow with the row count)::
@@ -159,17 +160,16 @@ def read_texts(catalog: Path, text_cols: list[str], rows: int) -> list[str]:
     return texts
 
 
-def torch_predict(encoder, tokenizer, index, texts: list[str], max_length: int, k: int) -> np.ndarray:
-    """The PyTorch twin of ``Tagger.predict``: tokenize, encode in length-sorted batches, faiss top-k."""
+def torch_predict(encoder, tokenizer, tagger, texts: list[str], max_length: int, k: int) -> np.ndarray:
+    """The PyTorch twin of ``Tagger.predict``: tokenize, encode in length-sorted batches with PyTorch, then the
+    tagger's own search and scoring (faiss label and neighbour searches, blend)."""
     import torch
 
     from xmctag.models.embedding import encode_texts
 
     with torch.inference_mode():
         embeddings = encode_texts(encoder, tokenizer, texts, max_length, batch_size=TORCH_BATCH_SIZE)
-    queries = np.hstack([embeddings, np.ones((len(embeddings), 1), np.float32)])
-    _, indices = index.search(queries, k)
-    return indices
+    return tagger.rank(embeddings, k)[0]
 
 
 def top_k_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -206,7 +206,7 @@ def speed(args: argparse.Namespace) -> int:
         return tagger.predict(rows, top_k=k)[0]
 
     def run_torch(rows):
-        return torch_predict(encoder, tokenizer, tagger.index, rows, config.max_length, k)
+        return torch_predict(encoder, tokenizer, tagger, rows, config.max_length, k)
 
     run_ort(texts[:WARMUP_ROWS])
     run_torch(texts[:WARMUP_ROWS])

@@ -90,8 +90,9 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
-    overrides = dict(encoder=encoder, epochs=_epochs(epochs), time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
-                     id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col, seed=seed)
+    overrides = dict(encoder=encoder, epochs=_epochs(epochs), time_budget_minutes=time_budget, batch_size=batch_size,
+                     max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
+                     seed=seed)
     if resume and (out / CONFIG).exists():
         # A resumed run keeps its saved settings; flags given now must agree (the API checks).
         saved = Config.load(out / CONFIG).to_dict()

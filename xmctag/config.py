@@ -25,8 +25,8 @@ from xmctag.errors import UserError
 class Config:
     # --- model -------------------------------------------------------------------------------------------------
     encoder: str = "builtin:minilm-l6"  # builtin:NAME, a Hugging Face id or a local directory
-    max_length: int = 64  # product-side tokens (EURLEX titles: median 45, p95 73)
-    label_max_length: int = 32  # label-side tokens (label text plus synonyms)
+    max_length: int = 128  # product-side tokens (EURLEX titles: median 45, p95 73; Myntra: ~12)
+    label_max_length: int = 64  # label-side tokens (label text plus synonyms)
     # --- data columns ------------------------------------------------------------------------------------------
     id_col: str = "id"
     text_cols: list[str] = field(default_factory=lambda: ["title"])  # joined with " ; " in this order

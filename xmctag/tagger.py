@@ -134,7 +134,10 @@ class Tagger:
         """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first."""
         if top_k < 1:
             raise UserError("--top-k must be >= 1")
-        embeddings = self.embed(texts)
+        return self.rank(self.embed(texts), top_k, min_score)
+
+    def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None):
+        """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k."""
         queries = np.hstack([embeddings, np.ones((len(embeddings), 1), np.float32)])
         logits, candidates = self.index.search(queries, min(label_vector_candidates(top_k), self.index.ntotal))
         votes = None
