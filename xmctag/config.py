@@ -27,6 +27,17 @@ class Config:
     encoder: str = "builtin:minilm-l6"  # builtin:NAME, a Hugging Face id or a local directory
     max_length: int = 64  # product-side tokens (EURLEX titles: median 45, p95 73)
     label_max_length: int = 32  # label-side tokens (label text plus synonyms)
+    pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
+    # --- decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) -----------------------------
+    prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
+    image_prompt_prefix: str = "and its image"  # only for items that have an image
+    lora_rank: int = 16  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
+    lora_lr: float = 1e-4  # learning rate of LoRA training (`lr` applies to full fine-tuning)
+    gradient_checkpointing: bool = True  # decoders on CUDA: recompute activations in backward (less memory)
     # --- data columns ------------------------------------------------------------------------------------------
     id_col: str = "id"
     text_cols: list[str] = field(default_factory=lambda: ["title"])  # joined with " ; " in this order
@@ -88,6 +99,19 @@ class Config:
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
             (bool(self.text_cols), "text_cols must name at least one column"),
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{source}: {message}")
+        self._validate_decoder_settings(source)
+
+    def _validate_decoder_settings(self, source: str) -> None:
+        checks = [
+            (self.pooling in ("mean", "last"), f"pooling must be 'mean' or 'last', not {self.pooling!r}"),
+            (self.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
+            (self.lora_rank == 0 or bool(self.lora_target_modules), "lora_target_modules must name a module"),
+            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (self.lora_lr > 0 and self.lora_alpha > 0, "lora_lr and lora_alpha must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -39,7 +39,9 @@ SAMPLE_TEXTS = "sample_texts.json"
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:
-    encoder.backbone.save_pretrained(out / MODEL, safe_serialization=True)
+    from xmctag.models.decoder import save_backbone
+
+    save_backbone(encoder.backbone, out / MODEL)  # LoRA adapters (decoders) merged: a plain HF model
     tokenizer.save_pretrained(out / MODEL)
 
 
@@ -48,7 +50,8 @@ def load_encoder(out: Path):
 
     from xmctag.models.encoder import TextEncoder
 
-    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True))
+    pooling = Config.load(out / CONFIG).pooling
+    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True), pooling=pooling)
 
 
 def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
@@ -81,9 +84,16 @@ class TrainedRun:
     n_train: int
 
     def encoder_and_tokenizer(self):
+        """The encoder and its tokenizer; for a decoder, the ``PromptTokenizer`` that builds its prompt ids."""
         from transformers import AutoTokenizer
 
-        return load_encoder(self.path), AutoTokenizer.from_pretrained(self.path / MODEL, local_files_only=True)
+        from xmctag.models.prompt import prompt_tokenizer
+
+        encoder = load_encoder(self.path)
+        tokenizer = AutoTokenizer.from_pretrained(self.path / MODEL, local_files_only=True)
+        if encoder.is_decoder:
+            tokenizer = prompt_tokenizer(tokenizer, encoder.config, self.config)
+        return encoder, tokenizer
 
 
 def load_run(path: str | Path) -> TrainedRun:
@@ -117,10 +127,22 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         "",
         f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
-        f"- Epochs: {config.epochs}, batch size {config.batch_size}, learning rate {config.lr}",
+        f"- Epochs: {config.epochs}, batch size {config.batch_size}, {_training_kind(out, config)}",
     ]
     if dev_set is not None and dev_metrics:
         table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
         lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
     lines += ["", "All settings: `config.json`. Per-epoch history: `metrics.json`.", ""]
     (out / CARD).write_text("\n".join(lines))
+
+
+def _training_kind(out: Path, config: Config) -> str:
+    """What trained and at which rate: LoRA adapters (decoders, ``lora_lr``) or all weights (``lr``)."""
+    from transformers import AutoConfig
+
+    from xmctag.models.decoder import is_decoder_config
+
+    if is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True)) and config.lora_rank > 0:
+        return (f"decoder with LoRA rank {config.lora_rank} (alpha {config.lora_alpha}), learning rate "
+                f"{config.lora_lr}, {config.pooling} pooling")
+    return f"learning rate {config.lr}" + (f", {config.pooling} pooling" if config.pooling != "mean" else "")
