@@ -27,8 +27,15 @@ class Config:
     encoder: str = "builtin:minilm-l6"  # builtin:NAME, a Hugging Face id or a local directory
     max_length: int = 64  # product-side tokens (EURLEX titles: median 45, p95 73)
     label_max_length: int = 32  # label-side tokens (label text plus synonyms)
+    # --- data columns ------------------------------------------------------------------------------------------
+    id_col: str = "id"
+    text_cols: list[str] = field(default_factory=lambda: ["title"])  # joined with " ; " in this order
+    labels_col: str = "labels"
+    label_id_col: str = "label"
+    label_text_col: str = "text"
+    label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
     pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
-    # --- decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) -----------------------------
     prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
     image_prompt_prefix: str = "and its image"  # only for items that have an image
     lora_rank: int = 16  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`
@@ -38,13 +45,6 @@ class Config:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
     lora_lr: float = 1e-4  # learning rate of LoRA training (`lr` applies to full fine-tuning)
     gradient_checkpointing: bool = True  # decoders on CUDA: recompute activations in backward (less memory)
-    # --- data columns ------------------------------------------------------------------------------------------
-    id_col: str = "id"
-    text_cols: list[str] = field(default_factory=lambda: ["title"])  # joined with " ; " in this order
-    labels_col: str = "labels"
-    label_id_col: str = "label"
-    label_text_col: str = "text"
-    label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int = 2
     batch_size: int = 128

@@ -127,8 +127,9 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         "",
         f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
-        f"- Epochs: {config.epochs}, batch size {config.batch_size}, {_training_kind(out, config)}",
+        f"- Epochs: {config.epochs}, batch size {config.batch_size}, learning rate {config.lr}",
     ]
+    lines += _decoder_card_lines(out, config)
     if dev_set is not None and dev_metrics:
         table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
         lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
@@ -136,13 +137,16 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
     (out / CARD).write_text("\n".join(lines))
 
 
-def _training_kind(out: Path, config: Config) -> str:
-    """What trained and at which rate: LoRA adapters (decoders, ``lora_lr``) or all weights (``lr``)."""
+def _decoder_card_lines(out: Path, config: Config) -> list[str]:
+    """For a decoder backbone: how it was trained (LoRA adapters at ``lora_lr``, merged) and its prompt."""
     from transformers import AutoConfig
 
     from xmctag.models.decoder import is_decoder_config
 
-    if is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True)) and config.lora_rank > 0:
-        return (f"decoder with LoRA rank {config.lora_rank} (alpha {config.lora_alpha}), learning rate "
-                f"{config.lora_lr}, {config.pooling} pooling")
-    return f"learning rate {config.lr}" + (f", {config.pooling} pooling" if config.pooling != "mean" else "")
+    if not is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True)):
+        return []
+    training = (f"LoRA rank {config.lora_rank} (alpha {config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
+                f", learning rate {config.lora_lr}, merged into the saved weights" if config.lora_rank > 0
+                else f"all weights, learning rate {config.lr}")
+    return [f"- Decoder backbone: {training}; {config.pooling} pooling over the prompt \"{config.prompt_prefix} "
+            f"<title> <eos>\""]
