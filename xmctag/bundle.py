@@ -44,8 +44,13 @@ def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
     return (sample + labels)[:n]
 
 
-def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, pad_id: int) -> None:
-    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest."""
+def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, pad_id: int,
+                       prompt: dict | None = None) -> None:
+    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest.
+
+    ``prompt``: a decoder's ``PromptTemplate.to_dict()``, stored as ``tokenization.prompt`` (the tagger then builds
+    ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
+    """
     from xmctag.backend import runtime
 
     faiss = runtime.faiss()
@@ -89,6 +94,8 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
         "parity_max_abs": parity,
         "files": hashes,
     }
+    if prompt is not None:
+        manifest["tokenization"]["prompt"] = prompt
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

@@ -34,6 +34,17 @@ class Config:
     label_id_col: str = "label"
     label_text_col: str = "text"
     label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
+    pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
+    prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
+    image_prompt_prefix: str = "and its image"  # only for items that have an image
+    lora_rank: int = 16  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
+    lora_lr: float = 1e-4  # learning rate of LoRA training (`lr` applies to full fine-tuning)
+    gradient_checkpointing: bool = True  # decoders on CUDA: recompute activations in backward (less memory)
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
     time_budget_minutes: float = 40.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
@@ -99,6 +110,19 @@ class Config:
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
             (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
             (0.0 <= self.knn_weight <= 1.0, "knn_weight must be in [0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{source}: {message}")
+        self._validate_decoder_settings(source)
+
+    def _validate_decoder_settings(self, source: str) -> None:
+        checks = [
+            (self.pooling in ("mean", "last"), f"pooling must be 'mean' or 'last', not {self.pooling!r}"),
+            (self.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
+            (self.lora_rank == 0 or bool(self.lora_target_modules), "lora_target_modules must name a module"),
+            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (self.lora_lr > 0 and self.lora_alpha > 0, "lora_lr and lora_alpha must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

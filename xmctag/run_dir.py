@@ -44,7 +44,9 @@ TRAIN_LABELS = "train_labels.npz"
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:
-    encoder.backbone.save_pretrained(out / MODEL, safe_serialization=True)
+    from xmctag.models.decoder import save_backbone
+
+    save_backbone(encoder.backbone, out / MODEL)  # LoRA adapters (decoders) merged: a plain HF model
     tokenizer.save_pretrained(out / MODEL)
 
 
@@ -53,7 +55,8 @@ def load_encoder(out: Path):
 
     from xmctag.models.encoder import TextEncoder
 
-    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True))
+    pooling = Config.load(out / CONFIG).pooling
+    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True), pooling=pooling)
 
 
 def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
@@ -98,9 +101,16 @@ class TrainedRun:
     n_train: int
 
     def encoder_and_tokenizer(self):
+        """The encoder and its tokenizer; for a decoder, the ``PromptTokenizer`` that builds its prompt ids."""
         from transformers import AutoTokenizer
 
-        return load_encoder(self.path), AutoTokenizer.from_pretrained(self.path / MODEL, local_files_only=True)
+        from xmctag.models.prompt import prompt_tokenizer
+
+        encoder = load_encoder(self.path)
+        tokenizer = AutoTokenizer.from_pretrained(self.path / MODEL, local_files_only=True)
+        if encoder.is_decoder:
+            tokenizer = prompt_tokenizer(tokenizer, encoder.config, self.config)
+        return encoder, tokenizer
 
 
 def load_run(path: str | Path) -> TrainedRun:
@@ -137,8 +147,24 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
         f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
     ]
+    lines += _decoder_card_lines(out, config)
     if dev_set is not None and dev_metrics:
         table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
         lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
     lines += ["", "All settings: `config.json`. Per-epoch history: `metrics.json`.", ""]
     (out / CARD).write_text("\n".join(lines))
+
+
+def _decoder_card_lines(out: Path, config: Config) -> list[str]:
+    """For a decoder backbone: how it was trained (LoRA adapters at ``lora_lr``, merged) and its prompt."""
+    from transformers import AutoConfig
+
+    from xmctag.models.decoder import is_decoder_config
+
+    if not is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True)):
+        return []
+    training = (f"LoRA rank {config.lora_rank} (alpha {config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
+                f", learning rate {config.lora_lr}, merged into the saved weights" if config.lora_rank > 0
+                else f"all weights, learning rate {config.lr}")
+    return [f"- Decoder backbone: {training}; {config.pooling} pooling over the prompt \"{config.prompt_prefix} "
+            f"<title> <eos>\""]

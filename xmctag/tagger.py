@@ -12,6 +12,7 @@ indexes are the fixed cost), and writes the output atomically (``xmctag.io.write
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from xmctag.config import Config
 from xmctag.data import check_columns, product_text_expr, table_schema
 from xmctag.errors import UserError
 from xmctag.io.writers import PredictionWriter
+from xmctag.models.prompt import PromptTemplate
 from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
 
@@ -76,6 +78,12 @@ class Tagger:
     def bundle_id(self) -> str:
         return self.manifest["bundle_id"]
 
+    @functools.cached_property
+    def prompt(self) -> PromptTemplate | None:
+        """A decoder's prompt template (ids built as in training), None for encoders (the tokenizer's own)."""
+        prompt = self.manifest["tokenization"].get("prompt")
+        return PromptTemplate.from_dict(prompt) if prompt else None
+
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
              verify: bool = True) -> "Tagger":
@@ -114,8 +122,11 @@ class Tagger:
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:
         """``(n, d)`` float32 unit-norm embeddings; batches formed in length order, output in input order."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = [e.ids for e in encodings]
+        if self.prompt is not None:
+            # The tokenizer truncates at max_length, never below the title budget, so these are training's ids.
+            ids = self.prompt.ids(self.tokenizer, list(texts), self.manifest["tokenization"]["max_length"])
+        else:
+            ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         dim = self.manifest["dims"]["embedding"]
         out = np.zeros((len(ids), dim), dtype=np.float32)
         order = np.argsort([len(x) for x in ids], kind="stable")

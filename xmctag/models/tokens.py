@@ -6,7 +6,12 @@ import numpy as np
 
 
 def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Unpadded ids (with the model's special tokens), truncated to ``max_length``."""
+    """Unpadded ids (with the model's special tokens), truncated to ``max_length``.
+
+    A decoder's ``PromptTokenizer`` (``xmctag.models.prompt``) builds its prompt template's ids instead.
+    """
+    if hasattr(tokenizer, "prompt_ids"):
+        return tokenizer.prompt_ids(texts, max_length)
     return tokenizer(list(texts), max_length=max_length, truncation=True)["input_ids"]
 
 

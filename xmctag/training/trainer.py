@@ -29,8 +29,8 @@ from xmctag.data import LabelledSet, LabelTable, load_labelled_set
 from xmctag.errors import UserError
 from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.losses.triplet import TripletOHNMLoss
+from xmctag.models.decoder import learning_rate, prepare_model
 from xmctag.models.embedding import encode_ids
-from xmctag.models.encoder import TextEncoder
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.progress import Progress
@@ -88,7 +88,7 @@ def train(
     inv_p = layout.inverse_propensities(train_set.label_counts(len(label_table)), len(train_set), config)
 
     tokenizer, backbone = load_pretrained(config.encoder)
-    encoder = TextEncoder(backbone).to(dev_)
+    tokenizer, encoder = prepare_model(tokenizer, backbone, config, dev_)  # decoders: prompt tokenizer, LoRA
     pad_id = pad_id_of(tokenizer)
     product_ids = token_ids(tokenizer, train_set.texts, config.max_length)
     label_ids = token_ids(tokenizer, label_table.texts, config.label_max_length)
@@ -111,7 +111,7 @@ def train(
     else:
         epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate(encoder, config), weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
     scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * epochs))
     seen_embeddings = np.zeros((len(train_set), encoder.dim), dtype=np.float32)  # for clustering

@@ -1,0 +1,201 @@
+"""Decoder LLMs vs MiniLM as the dual encoder, and decoder training/encoding throughput.
+
+    python bench/decoder.py                       # SmolLM2-135M vs MiniLM on an 8k-row EURLEX-57K subset, full dev
+    python bench/decoder.py --epochs 3 --train-rows 8000 --set max_length=48
+    python bench/decoder.py --throughput          # Qwen2.5-0.5B-shaped random model: pairs/s, items/s (CUDA bf16)
+
+Quality mode: a fixed subset of the training split (``--train-rows`` rows sampled with ``--seed``, written to
+``--work``), the whole dev split, title only, the same number of epochs for every model; each model goes through
+the public API (``xmctag.train`` with ``dev=``), with xmctag's defaults for its kind (MiniLM: full fine-tuning at
+``lr``; SmolLM2: LoRA at ``lora_lr``) plus any ``--set`` overrides. It prints the machine, then P@1, P@5 and PSP@5
+on dev (after the label-vector stage, and of the dual encoder alone after its last epoch) and the wall time of each
+run. SmolLM2 is ~6x MiniLM's parameters and reads ~4 more prompt tokens per item: on CPU expect hours, not minutes;
+the comparison is meant for a GPU machine (training uses CUDA with bf16 autocast when torch sees one).
+
+Throughput mode builds a randomly initialised model shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads,
+2 KV heads, intermediate 4864, vocab 151936) with xmctag's decoder setup (LoRA on q/k/v/o, gradient checkpointing
+on CUDA) and measures training pairs/s (one pair = a product and its positive label, as in ``xmctag.train``) and
+encoding items/s (``encode_ids``, inference) on random token ids with EURLEX-like lengths. CUDA + bf16 autocast
+when available; on CPU it runs a few small steps only (use ``--layers`` to shrink the model for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, print_header  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"minilm": "builtin:minilm-l6", "smollm2": "builtin:smollm2-135m"}
+QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  tie_word_embeddings=True)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# -- quality ---------------------------------------------------------------------------------------------------------
+def quality(args) -> int:
+    import polars as pl
+
+    import xmctag
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    train_all = pl.read_parquet(args.dataset / "train.parquet")
+    subset = train_all.sample(n=min(args.train_rows, len(train_all)), seed=args.seed, shuffle=False)
+    subset_path = work / f"train.{len(subset)}.seed{args.seed}.parquet"
+    subset.write_parquet(subset_path)
+    dev_path = args.dataset / "dev.parquet"
+    if args.dev_rows:
+        dev_path = work / f"dev.{args.dev_rows}.parquet"
+        pl.read_parquet(args.dataset / "dev.parquet").head(args.dev_rows).write_parquet(dev_path)
+    labels_path = args.dataset / "labels.parquet"
+    overrides = parse_overrides(args.set)
+
+    print_header(f"decoder vs encoder on {args.dataset.name} (title only, {len(subset)} train rows, dev "
+                 f"{'all' if not args.dev_rows else args.dev_rows} rows, {args.epochs} epochs)")
+    print(f"- settings: xmctag defaults per model kind{' + ' + ' '.join(args.set) if args.set else ''}")
+    print()
+    rows, summary = [], {}
+    for name in args.models:
+        config = xmctag.Config(encoder=MODELS[name], epochs=args.epochs, text_cols=["title"], seed=args.seed,
+                               **overrides)
+        started = time.perf_counter()
+        result = xmctag.train(subset_path, labels_path, work / f"run-{name}", dev=dev_path, config=config,
+                              overwrite=True, progress=not args.quiet)
+        seconds = time.perf_counter() - started
+        encoder_only = [h["dev"] for h in result.history if "epoch" in h and "dev" in h]
+        final = result.dev_metrics or {}
+        summary[name] = {"encoder": config.encoder, "seconds": seconds, "dev": final,
+                         "dev_encoder_only": encoder_only[-1] if encoder_only else None}
+        for label, metrics in ((f"{name} ({config.encoder})", final),
+                               (f"  {name}: dual encoder alone", encoder_only[-1] if encoder_only else {})):
+            rows.append([label] + [f"{100 * metrics.get(k, float('nan')):.2f}" for k in ("P@1", "P@5", "PSP@5")]
+                        + [f"{seconds / 60:.1f}" if not label.startswith("  ") else ""])
+    print(markdown_table(["model", "P@1", "P@5", "PSP@5", "train min"], rows))
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+# -- throughput ------------------------------------------------------------------------------------------------------
+def throughput(args) -> int:
+    import numpy as np
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    from xmctag.config import Config
+    from xmctag.losses.triplet import TripletOHNMLoss
+    from xmctag.models.decoder import add_lora
+    from xmctag.models.embedding import encode_ids
+    from xmctag.models.encoder import TextEncoder
+    from xmctag.training.trainer import _embed_with_grad
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    shape = dict(QWEN25_05B, num_hidden_layers=args.layers or QWEN25_05B["num_hidden_layers"])
+    batch = args.batch_size or (128 if cuda else 8)
+    steps = args.steps or (10 if cuda else 2)
+    n_items = args.items or (8192 if cuda else 32)
+    config = Config(**parse_overrides(args.set))
+    torch.manual_seed(0)
+    backbone = Qwen2Model(Qwen2Config(**shape))
+    encoder = TextEncoder(backbone, pooling=config.pooling)
+    if config.lora_rank > 0:
+        add_lora(backbone, config)
+    if cuda and config.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder.to(device)
+    trainable = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lora_lr if config.lora_rank > 0 else config.lr)
+    loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    rng = np.random.default_rng(0)
+
+    def random_ids(n: int, low: int, high: int) -> list[list[int]]:
+        return [rng.integers(10, shape["vocab_size"], rng.integers(low, high + 1)).tolist() for _ in range(n)]
+
+    def step() -> None:
+        products, labels = random_ids(batch, 24, 64), random_ids(batch, 8, 32)  # prompt + title / label text
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            p = _embed_with_grad(encoder, products, 0, device)
+            q = _embed_with_grad(encoder, labels, 0, device)
+            loss = loss_fn(p.float() @ q.float().T, torch.arange(batch, device=device),
+                           torch.eye(batch, dtype=torch.bool, device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    n_params = sum(p.numel() for p in encoder.parameters())
+    print_header("decoder throughput (Qwen2.5-0.5B-shaped random model)")
+    print(f"- device: {torch.cuda.get_device_name() if cuda else 'CPU'}{', bf16 autocast' if cuda else ', fp32'}; "
+          f"{shape['num_hidden_layers']} layers, {n_params / 1e6:.0f}M parameters, "
+          f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable (LoRA rank {config.lora_rank}); "
+          f"gradient checkpointing {'on' if cuda and config.gradient_checkpointing else 'off'}")
+    print(f"- training: batches of {batch} products (24-64 tokens) + {batch} labels (8-32 tokens), {steps} timed steps "
+          f"after 2 warm-up steps; encoding: {n_items} items of 24-64 tokens, batches of 256 (length-sorted)")
+    print()
+    encoder.train()
+    for _ in range(2):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    train_seconds = time.perf_counter() - started
+    train_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    items = random_ids(n_items, 24, 64)
+    encode_ids(encoder, items[:256], 0, device=device)  # warm-up
+    sync()
+    started = time.perf_counter()
+    encode_ids(encoder, items, 0, device=device)
+    sync()
+    encode_seconds = time.perf_counter() - started
+    rows = [["training", f"{steps * batch / train_seconds:.1f} pairs/s", f"{train_peak:.1f}"],
+            ["encoding", f"{n_items / encode_seconds:.1f} items/s", ""]]
+    print(markdown_table(["phase", "throughput", "peak GPU GiB"], rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--throughput", action="store_true", help="measure decoder pairs/s and items/s instead")
+    parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "data" / "eurlex57k")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "decoder")
+    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=list(MODELS))
+    parser.add_argument("--train-rows", type=int, default=8000)
+    parser.add_argument("--dev-rows", type=int, default=0, help="first N dev rows (default: all)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Config overrides (all models)")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--layers", type=int, default=0, help="throughput: fewer layers (smoke runs)")
+    parser.add_argument("--batch-size", type=int, default=0, help="throughput: products per step")
+    parser.add_argument("--steps", type=int, default=0, help="throughput: timed training steps")
+    parser.add_argument("--items", type=int, default=0, help="throughput: items to encode")
+    args = parser.parse_args(argv)
+    return throughput(args) if args.throughput else quality(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
