@@ -71,7 +71,7 @@ def train(
     epochs: Optional[str] = typer.Option(None, "--epochs", help="Fine-tuning epochs, or auto (default: as many "
                                          "as fit --time-budget, measured on this machine)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of fine-tuning that "
-                                                "--epochs auto may use (default 40; 0 = no limit)."),
+                                                "--epochs auto may use (default 20; 0 = no limit)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Product-side tokens."),
     lr: Optional[float] = typer.Option(None, "--lr"),

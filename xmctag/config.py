@@ -47,7 +47,7 @@ class Config:
     gradient_checkpointing: bool = True  # decoders on CUDA: recompute activations in backward (less memory)
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
-    time_budget_minutes: float = 40.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
+    time_budget_minutes: float = 20.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
     auto_max_epochs: int = 5
     batch_size: int = 128
     lr: float = 5e-5
