@@ -447,3 +447,21 @@ def test_onnx_export_efficientnet_lite0(tmp_path, effnet):
     assert parity["vision.onnx"]["normalised"] <= 1e-4 and parity["vision.onnx"]["raw"] <= 1e-3
     assert parity["vision.fp16.onnx"]["normalised"] <= 0.02
     assert (tmp_path / "vision.onnx").stat().st_size > 10_000_000
+
+
+def test_embed_images_cli_counts_and_reuses_the_cache(tmp_path, tiny_models):
+    from typer.testing import CliRunner
+
+    from xmctag.cli import app
+
+    catalog = tmp_path / "cat.parquet"
+    pl.DataFrame({"id": ["a", "b", "c"], "image": [encoded(picture(1)), b"not an image", None]}).write_parquet(catalog)
+    args = ["embed-images", str(catalog), "--vision", str(tiny_models["clip"]), "--cache-dir", str(tmp_path / "c"),
+            "--quiet"]
+    first = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert "1 ok (0 cached, 1 newly embedded)" in first.output and "1 images undecodable" in first.output
+    second = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert "1 ok (1 cached, 0 newly embedded)" in second.output
+    missing = CliRunner().invoke(app, ["embed-images", str(tmp_path / "nope.parquet"), "--quiet"])
+    assert missing.exit_code == 2 and "nope.parquet" in missing.output
