@@ -205,6 +205,9 @@ def speed(args: argparse.Namespace) -> int:
     def run_ort(rows):
         return tagger.predict(rows, top_k=k)[0]
 
+    int8 = Tagger.load(args.bundle, device="cpu", threads=threads, precision="int8") \
+        if "encoder.int8.onnx" in tagger.manifest["graph"]["files"] else None
+
     def run_torch(rows):
         return torch_predict(encoder, tokenizer, tagger, rows, config.max_length, k)
 
@@ -213,6 +216,10 @@ def speed(args: argparse.Namespace) -> int:
     ort_seconds, ort_top = best_time(lambda: run_ort(texts))
     torch_seconds, torch_top = best_time(lambda: run_torch(texts))
     ordered, as_set = top_k_agreement(ort_top, torch_top)
+    if int8 is not None:
+        int8.predict(texts[:WARMUP_ROWS], top_k=k)
+        int8_seconds, int8_top = best_time(lambda: int8.predict(texts, top_k=k)[0])
+        int8_ordered, int8_set = top_k_agreement(int8_top, torch_top)
 
     hidden = encoder.config.hidden_size
     layers = encoder.config.num_hidden_layers
@@ -225,11 +232,17 @@ def speed(args: argparse.Namespace) -> int:
     print(f"- batches: ONNX Runtime {tagger.encode_batch_size}, PyTorch {TORCH_BATCH_SIZE} (both length-sorted)")
     print(f"- versions: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, faiss {faiss.__version__}")
     print(f"- top-{k} agreement: {100 * as_set:.2f}% of rows same label set, {100 * ordered:.2f}% same order")
+    if int8 is not None:
+        print(f"- int8 graph vs PyTorch fp32: {100 * int8_set:.2f}% of rows same top-{k} label set, "
+              f"{100 * int8_ordered:.2f}% same order")
     print()
     rows = [
         ["ONNX Runtime (fp32, CPU)", f"{len(texts) / ort_seconds:,.0f}", f"{torch_seconds / ort_seconds:.2f}x"],
         ["PyTorch eager (fp32, CPU)", f"{len(texts) / torch_seconds:,.0f}", "1.00x"],
     ]
+    if int8 is not None:
+        rows.insert(1, ["ONNX Runtime (int8 weights, CPU)", f"{len(texts) / int8_seconds:,.0f}",
+                        f"{torch_seconds / int8_seconds:.2f}x"])
     print(markdown_table(["path", "products/s", "speed-up vs PyTorch"], rows))
     if as_set < MIN_AGREEMENT:
         print(f"\nFAILED: the two paths agree on only {100 * as_set:.2f}% of rows (need "

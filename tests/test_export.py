@@ -20,7 +20,8 @@ def bundle_dir(trained_run, tmp_path_factory):
 def test_bundle_contents_and_manifest(bundle_dir):
     manifest = json.loads((bundle_dir / layout.MANIFEST).read_text())
     assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask"]
-    assert manifest["graph"]["files"] == [layout.ONNX_FP32, layout.ONNX_FP16]
+    assert manifest["graph"]["files"] == [layout.ONNX_FP32, layout.ONNX_FP16, layout.ONNX_INT8]
+    assert manifest["parity_max_abs"][f"{layout.ONNX_INT8} min cosine"] >= 0.95
     assert manifest["dims"] == {"embedding": 32, "index": 33, "labels": 19, "neighbours": 400}
     assert (bundle_dir / layout.NEIGHBOUR_INDEX).exists() and manifest["scoring"]["knn_neighbours"] == 20
     assert manifest["parity_max_abs"][layout.ONNX_FP32] <= 1e-4

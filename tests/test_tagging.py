@@ -63,6 +63,14 @@ def test_without_neighbour_votes_scores_are_label_vector_sigmoids(tagger, traine
     np.testing.assert_allclose(scores, 1 / (1 + np.exp(-run.vectors.scale * expected_logits)), rtol=1e-4, atol=1e-6)
 
 
+def test_int8_graph_is_close_to_fp32_and_precision_is_checked(bundle, tagger):
+    int8 = Tagger.load(bundle, device="cpu", precision="int8")
+    cosine = (int8.embed(TITLES) * tagger.embed(TITLES)).sum(axis=1)
+    assert cosine.min() > 0.95
+    with pytest.raises(UserError, match="precision"):
+        Tagger.load(bundle, device="cpu", precision="int4")
+
+
 def test_embedding_and_top_k_do_not_depend_on_batch_neighbours(tagger):
     alone = np.vstack([tagger.embed([t]) for t in TITLES])
     for batch_size in (1, 2, 3, 64):
@@ -87,10 +95,17 @@ def write_catalog(path, titles, ids=None):
     return path
 
 
-def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_path):
+def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from xmctag.io import writers
+
+    monkeypatch.setattr(writers, "ROW_GROUP_ROWS", 100)  # batches of 50 are grouped into row groups of >= 100 rows
     titles = TITLES * 30 + [None, ""]
     catalog = write_catalog(tmp_path / "cat.parquet", titles)
     summary = tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=4, batch_size=50, progress=False)
+    groups = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    assert [groups.row_group(i).num_rows for i in range(groups.num_row_groups)] == [100, 100, 10]
     assert summary.rows_read == len(titles) and summary.rows_tagged == len(titles) - 2
     assert summary.skipped == {"empty text": 2}
     out = pl.read_parquet(tmp_path / "out.parquet")

@@ -2,6 +2,7 @@
 
     encoder.onnx           fp32 graph for CPU: input_ids, attention_mask -> embedding (unit norm)
     encoder.fp16.onnx      the same graph with fp16 weights, for CUDA (optional)
+    encoder.int8.onnx      the fp32 graph with int8 weights (dynamic quantisation): faster on CPU, approximate
     tokenizer/             tokenizer files (tokenizer.json is what tagging uses)
     labels.parquet         label, text, encoder_text, train_count
     label_embeddings.npy   (L, d) label-text embeddings
@@ -30,6 +31,7 @@ from xmctag.errors import UserError
 FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
 ONNX_FP16 = "encoder.fp16.onnx"
+ONNX_INT8 = "encoder.int8.onnx"
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
@@ -81,7 +83,7 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
         "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
                  "neighbours": n_neighbours},
         "graph": {"inputs": ["input_ids", "attention_mask"], "outputs": ["embedding"],
-                  "files": [n for n in (ONNX_FP32, ONNX_FP16) if (target / n).exists()]},
+                  "files": [n for n in (ONNX_FP32, ONNX_FP16, ONNX_INT8) if (target / n).exists()]},
         "tokenization": {"tokenizer": f"{TOKENIZER}/tokenizer.json", "max_length": config.max_length, "pad_id": pad_id,
                          "text_cols": config.text_cols, "separator": " ; ", "padding": "right", "truncation": True},
         "training": {"rows": trained.n_train, "encoder": config.encoder},

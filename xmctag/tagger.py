@@ -86,7 +86,9 @@ class Tagger:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
-             verify: bool = True) -> "Tagger":
+             verify: bool = True, precision: str = "auto") -> "Tagger":
+        """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
+        1.8x faster, embeddings within a few degrees of fp32)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -95,8 +97,7 @@ class Tagger:
         manifest = layout.read_manifest(path, verify_hashes=verify)
         config = Config.load(path / run_dir.CONFIG)
         device = runtime.resolve_device(device)
-        graph = layout.ONNX_FP16 if device == "cuda" and layout.ONNX_FP16 in manifest["graph"]["files"] \
-            else layout.ONNX_FP32
+        graph = _choose_graph(manifest["graph"]["files"], device, precision)
         session = runtime.create_session(path / graph, device, threads)
         tokenization = manifest["tokenization"]
         tokenizer = Tokenizer.from_file(str(path / tokenization["tokenizer"]))
@@ -224,6 +225,17 @@ class Tagger:
         labels = [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)]
         texts = [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)]
         return batch["id"].to_list(), labels, texts, [s[k] for s, k in zip(scores, keep)]
+
+
+def _choose_graph(files: list[str], device: str, precision: str) -> str:
+    by_precision = {"fp32": layout.ONNX_FP32, "fp16": layout.ONNX_FP16, "int8": layout.ONNX_INT8}
+    if precision == "auto":
+        return layout.ONNX_FP16 if device == "cuda" and layout.ONNX_FP16 in files else layout.ONNX_FP32
+    if precision not in by_precision:
+        raise UserError(f"--precision must be auto, fp32, fp16 or int8, not {precision!r}")
+    if by_precision[precision] not in files:
+        raise UserError(f"--precision {precision}: this bundle has no {by_precision[precision]} (re-export it)")
+    return by_precision[precision]
 
 
 def default_output_path(catalog: Path, fmt: str) -> Path:

@@ -32,6 +32,7 @@ from xmctag.progress import Progress
 
 FP32_TOLERANCE = 1e-4
 FP16_TOLERANCE = 5e-3
+INT8_MIN_COSINE = 0.95  # below this the int8 graph is dropped from the bundle (optional: fp32 is the reference)
 OPSET = 17
 
 
@@ -82,6 +83,7 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
             _optimise(raw, staging / layout.ONNX_FP32, encoder.config, fp16=False)
             if fp16:
                 _optimise(raw, staging / layout.ONNX_FP16, encoder.config, fp16=True)
+            _quantise_int8(staging / layout.ONNX_FP32, staging / layout.ONNX_INT8, show)
             raw.unlink()
             for leftover in staging.glob("*.onnx.data"):
                 leftover.unlink()
@@ -151,6 +153,21 @@ def _convert_decoder(source: Path, target: Path, fp16: bool) -> None:
         onnx.save_model(model, str(target))
 
 
+def _quantise_int8(source: Path, target: Path, show: Progress) -> None:
+    """Dynamic int8 quantisation of the fp32 graph (MatMul weights per channel, activations quantised at run time):
+    about 1.8x faster on AVX2 CPUs, at a small cost in accuracy (checked by ``_check_parity`` as cosine)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: the fused ORT ops (Attention, SkipLayerNorm) defeat the quantiser's shape inference.
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    except Exception as e:  # noqa: BLE001 - optional graph: a model the quantiser cannot handle still exports
+        show.log(f"warning: no int8 graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        target.unlink(missing_ok=True)
+
+
 def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: Progress) -> dict:
     """Max abs difference between ONNX Runtime (CPU) and PyTorch embeddings on real rows, per graph."""
     from xmctag.backend.runtime import create_session
@@ -159,16 +176,31 @@ def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: 
     ids = token_ids(tokenizer, texts, trained.config.max_length)
     results = {"rows": len(texts)}
     graphs = [(layout.ONNX_FP32, FP32_TOLERANCE)] + ([(layout.ONNX_FP16, FP16_TOLERANCE)] if fp16 else [])
+    if (staging / layout.ONNX_INT8).exists():
+        graphs.append((layout.ONNX_INT8, None))
     import torch
 
     for name, tolerance in graphs:
         session = create_session(staging / name, "cpu")
-        worst = 0.0
+        worst, min_cosine = 0.0, 1.0
         for start in range(0, len(ids), 32):  # batches of mixed lengths: padding is exercised too
             input_ids, mask = pad(ids[start:start + 32], pad_id_of(tokenizer))
             expected = encoder(torch.from_numpy(input_ids), torch.from_numpy(mask))["embedding"].numpy()
-            got = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
-            worst = max(worst, float(np.abs(got.astype(np.float32) - expected).max()))
+            got = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0].astype(np.float32)
+            worst = max(worst, float(np.abs(got - expected).max()))
+            min_cosine = min(min_cosine, float((got * expected).sum(axis=1).min()))
+        if tolerance is None:  # int8 is approximate by design: judged by the angle it moves embeddings by
+            show.log(f"parity {name}: min cosine {min_cosine:.4f} (tolerance {INT8_MIN_COSINE}), max abs diff "
+                     f"{worst:.2e} on {len(texts)} rows")
+            if not min_cosine >= INT8_MIN_COSINE:
+                show.log(f"warning: {name} left out of the bundle (cosine {min_cosine:.3f} < {INT8_MIN_COSINE}); "
+                         "tagging uses the fp32 graph")
+                del session
+                (staging / name).unlink()
+                continue
+            results[name] = worst
+            results[f"{name} min cosine"] = min_cosine
+            continue
         show.log(f"parity {name}: max abs diff {worst:.2e} (tolerance {tolerance:.0e}) on {len(texts)} rows")
         if not worst <= tolerance:
             raise UserError(f"export failed the parity check: {name} differs from PyTorch by {worst:.3g} "
