@@ -7,7 +7,7 @@ scripts/setup.sh
 xmctag=.venv/bin/xmctag
 sample=catalogs/myntra-sample
 "$xmctag" train --train $sample/train.parquet --labels $sample/labels.parquet --dev $sample/dev.parquet \
-  --out runs/myntra-sample --overwrite
+  --out runs/myntra-sample --overwrite --time-budget 5  # fine-tuning capped at 5 min (default 20) for a quick demo
 "$xmctag" export runs/myntra-sample --out export/myntra-sample --overwrite
 "$xmctag" tag $sample/dev.parquet --model export/myntra-sample --top-k 5 \
   --output runs/myntra-sample-dev.predictions.parquet --show 5
