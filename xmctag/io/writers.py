@@ -24,8 +24,6 @@ import polars as pl
 from xmctag.errors import UserError
 
 FORMATS = ("parquet", "csv", "jsonl")
-ROW_GROUP_ROWS = 65536  # Parquet rows buffered per row group: few row groups, so the footer the writer keeps in
-# memory stays small however many products are tagged (one row group per tagging batch grew it with the catalog)
 
 
 class PredictionWriter:
@@ -58,8 +56,6 @@ class PredictionWriter:
                                metadata={f"xmctag.{k}": str(v) for k, v in self.metadata.items()})
             self._parquet = pq.ParquetWriter(self._tmp, schema, compression="zstd")
             self._schema = schema
-            self._pending: list = []  # tables not yet written, fewer than ROW_GROUP_ROWS rows in all
-            self._pending_rows = 0
         else:
             self._file = open(self._tmp, "wb")
             self._header = True
@@ -73,10 +69,7 @@ class PredictionWriter:
             table = pa.table({"id": pa.array(ids, pa.string()), "labels": pa.array(labels, pa.list_(pa.string())),
                               "scores": pa.array([s.tolist() for s in scores], pa.list_(pa.float32()))},
                              schema=self._schema)
-            self._pending.append(table)
-            self._pending_rows += len(table)
-            if self._pending_rows >= ROW_GROUP_ROWS:
-                self._flush_parquet()
+            self._parquet.write_table(table)
             return
         counts = [len(x) for x in labels]
         long = pl.DataFrame({
@@ -92,18 +85,9 @@ class PredictionWriter:
         else:
             long.write_ndjson(self._file)
 
-    def _flush_parquet(self) -> None:
-        import pyarrow as pa
-
-        if self._pending:
-            self._parquet.write_table(pa.concat_tables(self._pending), row_group_size=max(self._pending_rows, 1))
-        self._pending, self._pending_rows = [], 0
-
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self._parquet is not None:
-                if exc_type is None:
-                    self._flush_parquet()
                 self._parquet.close()
             if self._file is not None:
                 self._file.close()
