@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: the machine/date header and markdown tables."""
+"""Helpers shared by the benchmark scripts: the machine/date header, markdown tables, --set overrides."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -59,3 +60,15 @@ def markdown_table(header: list[str], rows: list[list[str]], right_align_from: i
     align = ["---" if i < right_align_from else "---:" for i in range(len(header))]
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``epochs=3 lr=1e-4`` -> Config keyword overrides, values parsed as JSON where possible."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

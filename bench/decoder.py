@@ -28,24 +28,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, print_header  # noqa: E402
+from common import markdown_table, parse_overrides, print_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"minilm": "builtin:minilm-l6", "smollm2": "builtin:smollm2-135m"}
 QWEN25_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                   intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
                   tie_word_embeddings=True)
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 # -- quality ---------------------------------------------------------------------------------------------------------

@@ -25,22 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import tfidf_linear_svc, zero_shot  # noqa: E402
-from common import markdown_table, print_header  # noqa: E402
+from common import markdown_table, parse_overrides, print_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@5"]
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``epochs=3 lr=1e-4`` -> Config keyword overrides, values parsed as JSON where possible."""
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

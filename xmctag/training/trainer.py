@@ -94,12 +94,12 @@ def train(
     label_ids = token_ids(tokenizer, label_table.texts, config.label_max_length)
     dev_ids = token_ids(tokenizer, dev_set.texts, config.max_length) if dev_set else None
 
-    def dev_metrics(vectors: LabelVectors | None = None, neighbours=None) -> dict[str, float]:
-        products = encode_ids(encoder, dev_ids, pad_id, device=dev_)
-        if vectors is None:
-            vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_),
-                                                        config.label_vector_scale)
-        return evaluate_scores(products, vectors, dev_set.labels, config, inv_p, neighbours)
+    def dev_metrics() -> dict[str, float]:
+        """The dual encoder alone: dev products scored against the label-text embeddings."""
+        vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_),
+                                                    config.label_vector_scale)
+        return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_), vectors, dev_set.labels, config,
+                               inv_p)
 
     loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
     encoder.freeze_bottom(config.freeze_layers)
@@ -173,9 +173,10 @@ def train(
     neighbours = (products, NeighbourLabels.from_lists(train_set.labels)) if config.knn_neighbours > 0 else None
     dev_result = None
     if dev_set is not None:
-        # Both: the label vectors alone (for the record) and the final scoring that tagging uses.
-        final["dev_label_vectors"] = dev_metrics(vectors)
-        dev_result = final["dev"] = dev_metrics(vectors, neighbours)
+        # Both, on one embedding of the dev set: the label vectors alone (for the record) and the final scoring.
+        dev_products = encode_ids(encoder, dev_ids, pad_id, device=dev_)
+        final["dev_label_vectors"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p)
+        dev_result = final["dev"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p, neighbours)
         show.log("label vectors: dev " + _short(final["dev_label_vectors"]))
         if neighbours is not None:
             show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + _short(dev_result))
