@@ -28,6 +28,7 @@ from xmctag.data import check_columns, product_text_expr, table_schema
 from xmctag.errors import UserError
 from xmctag.io.writers import PredictionWriter
 from xmctag.models.prompt import PromptTemplate
+from xmctag.models.tokens import pad
 from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
 
@@ -133,12 +134,7 @@ class Tagger:
         order = np.argsort([len(x) for x in ids], kind="stable")
         for start in range(0, len(ids), self.encode_batch_size):
             rows = order[start:start + self.encode_batch_size]
-            longest = max(len(ids[i]) for i in rows)
-            input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), longest), dtype=np.int64)
-            for r, i in enumerate(rows):
-                input_ids[r, : len(ids[i])] = ids[i]
-                mask[r, : len(ids[i])] = 1
+            input_ids, mask = pad([ids[i] for i in rows], self.pad_id)
             out[rows] = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
         return out
 
