@@ -81,3 +81,16 @@ def test_resume_continues_and_refuses_changed_settings(tmp_path, catalog_dir, ti
     result = train(config=config, resume=True, **files)
     assert [h.get("epoch") for h in result.history] == [1, 2, None]  # epoch 1 came from the checkpoint
     assert not (tmp_path / "run/checkpoint.pt").exists()
+
+
+def test_training_and_tagging_build_the_same_product_text():
+    # Training reads with pyarrow (product_text), tagging streams with polars (product_text_expr): same text.
+    import polars as pl
+
+    from xmctag.data import product_text, product_text_expr
+
+    frame = pl.DataFrame({"title": ["  a ", None, "", "b", "  ", 7], "desc": ["x", "y", None, " ", "", None]},
+                         schema={"title": pl.String, "desc": pl.String}, strict=False)
+    expected = frame.select(product_text_expr(["title", "desc"]).alias("t"))["t"].to_list()
+    assert expected == ["a ; x", "y", None, "b", None, "7"]
+    assert [product_text(list(row)) for row in frame.iter_rows()] == expected

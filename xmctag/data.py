@@ -7,57 +7,109 @@
 
 Column names come from the ``Config``. Every problem a user can fix raises ``UserError`` naming the file and
 column; rows that cannot be used are skipped and counted, never silently dropped.
+
+Training reads with pyarrow alone, so the training path runs where polars is not installed (a GPU box with only
+torch and pyarrow); tagging and evaluation use polars (``read_table``, ``product_text_expr``), imported when called.
+Both sides build a product's text the same way (``product_text`` / ``product_text_expr``; a test holds them equal).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
 
 from xmctag.config import Config
 from xmctag.errors import UserError
 
+if TYPE_CHECKING:
+    import polars as pl
+
 TEXT_SEPARATOR = " ; "
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
-    """A whole Parquet or CSV file (chosen by extension), checking that ``columns`` exist."""
+def _is_csv(path: Path) -> bool:
+    return path.suffix.lower() == ".csv"
+
+
+def table_columns(path: Path) -> list[str]:
+    """Column names of a Parquet or CSV file (chosen by extension), without reading its rows."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    try:
+        if _is_csv(path):
+            with pa_csv.open_csv(path) as reader:
+                return reader.schema.names
+        return pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable {'CSV' if _is_csv(path) else 'Parquet'} file "
+                        f"({_first_line(e)})") from None
+
+
+def check_columns(path: Path, names: list[str], columns: list[str]) -> None:
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(names)})")
+
+
+def read_arrow(path: str | Path, columns: list[str]) -> pa.Table:
+    """The given columns of a whole Parquet or CSV file as an Arrow table (the training side's reader)."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    check_columns(path, table_schema(path), columns or [])
+    check_columns(path, table_columns(path), columns)
     try:
-        if path.suffix.lower() == ".csv":
+        if _is_csv(path):
+            return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=columns))
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+
+
+def read_table(path: str | Path, columns: list[str] | None = None) -> "pl.DataFrame":
+    """A whole Parquet or CSV file as a polars frame (tagging and evaluation), checking that ``columns`` exist."""
+    import polars as pl
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    check_columns(path, table_columns(path), columns or [])
+    try:
+        if _is_csv(path):
             return pl.read_csv(path, columns=columns, infer_schema_length=10000)
         return pl.read_parquet(path, columns=columns)
     except (pl.exceptions.PolarsError, OSError) as e:
         raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
 
 
-def table_schema(path: Path) -> pl.Schema:
-    try:
-        if path.suffix.lower() == ".csv":
-            return pl.scan_csv(path, infer_schema_length=10000).collect_schema()
-        return pl.read_parquet_schema(path)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: not a readable {'CSV' if path.suffix.lower() == '.csv' else 'Parquet'} file "
-                        f"({_first_line(e)})") from None
+def product_text(values: list[Any]) -> str | None:
+    """The text a product is encoded from: its non-empty text columns (stripped) joined in order; None if none."""
+    parts = [str(v).strip() for v in values if v is not None]
+    return TEXT_SEPARATOR.join(p for p in parts if p) or None
 
 
-def check_columns(path: Path, schema: pl.Schema, columns: list[str]) -> None:
-    missing = [c for c in columns if c not in schema]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(schema.names())})")
+def product_text_expr(text_cols: list[str]) -> "pl.Expr":
+    """``product_text`` as a polars expression, for catalogs streamed through polars when tagging."""
+    import polars as pl
 
-
-def product_text_expr(text_cols: list[str]) -> pl.Expr:
-    """The text a product is encoded from: its non-empty text columns joined in order; null if none has text."""
     parts = [pl.col(c).cast(pl.String).str.strip_chars() for c in text_cols]
     parts = [pl.when(p.str.len_chars() > 0).then(p) for p in parts]
     return pl.concat_str(parts, separator=TEXT_SEPARATOR, ignore_nulls=True).replace("", None)
+
+
+def _strings(table: pa.Table, column: str) -> list[str | None]:
+    return table.column(column).cast(pa.string()).to_pylist()
+
+
+def _is_list(type_: pa.DataType) -> bool:
+    return pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_)
 
 
 @dataclass
@@ -78,31 +130,39 @@ class LabelTable:
     @classmethod
     def load(cls, path: str | Path, config: Config) -> "LabelTable":
         path = Path(path)
-        schema = table_schema(path)
-        extra = [c for c in config.label_extra_cols if c in schema]
-        frame = read_table(path, [config.label_id_col, config.label_text_col, *extra])
-        ids = frame[config.label_id_col].cast(pl.String)
-        if ids.null_count():
-            raise UserError(f"{path}: column {config.label_id_col} has {ids.null_count()} null label id(s)")
-        dupes = ids.filter(ids.is_duplicated()).unique().head(3).to_list()
+        extra = [c for c in config.label_extra_cols if Path(path).is_file() and c in table_columns(path)]
+        table = read_arrow(path, [config.label_id_col, config.label_text_col, *extra])
+        ids = _strings(table, config.label_id_col)
+        nulls = sum(x is None for x in ids)
+        if nulls:
+            raise UserError(f"{path}: column {config.label_id_col} has {nulls} null label id(s)")
+        seen: set[str] = set()
+        dupes = list(dict.fromkeys(x for x in ids if x in seen or seen.add(x)))[:3]
         if dupes:
             raise UserError(f"{path}: duplicate label id(s) in column {config.label_id_col}: {', '.join(dupes)}")
-        display = frame[config.label_text_col].cast(pl.String).fill_null("")
-        side = [pl.col(config.label_text_col).cast(pl.String)]
+        display = [x or "" for x in _strings(table, config.label_text_col)]
+        extras = []
         for c in extra:
-            col = pl.col(c).list.join(TEXT_SEPARATOR) if isinstance(schema[c], pl.List) else pl.col(c).cast(pl.String)
-            side.append(pl.when(col.str.len_chars() > 0).then(col))
-        texts = frame.select(pl.concat_str(side, separator=TEXT_SEPARATOR, ignore_nulls=True)).to_series()
-        # A label without any text is still a label: its id is the only text we have.
-        texts = pl.select(pl.when(texts.str.len_chars() > 0).then(texts).otherwise(ids)).to_series()
-        return cls(ids=ids.to_list(), texts=texts.to_list(), display=display.to_list())
+            if _is_list(table.column(c).type):
+                values = table.column(c).to_pylist()
+                extras.append([TEXT_SEPARATOR.join(str(x) for x in v if x is not None) if v else None
+                               for v in values])
+            else:
+                extras.append(_strings(table, c))
+        texts = []
+        for i, label in enumerate(ids):
+            parts = [display[i], *(e[i] for e in extras)]
+            # A label without any text is still a label: its id is the only text we have.
+            texts.append(TEXT_SEPARATOR.join(p for p in parts if p) or label)
+        return cls(ids=ids, texts=texts, display=display)
 
-    def to_frame(self) -> pl.DataFrame:
-        return pl.DataFrame({"label": self.ids, "text": self.display, "encoder_text": self.texts})
+    def to_arrow(self) -> pa.Table:
+        return pa.table({"label": self.ids, "text": self.display, "encoder_text": self.texts})
 
     @classmethod
-    def from_frame(cls, frame: pl.DataFrame) -> "LabelTable":
-        return cls(ids=frame["label"].to_list(), texts=frame["encoder_text"].to_list(), display=frame["text"].to_list())
+    def from_arrow(cls, table: pa.Table) -> "LabelTable":
+        return cls(ids=table.column("label").to_pylist(), texts=table.column("encoder_text").to_pylist(),
+                   display=table.column("text").to_pylist())
 
 
 @dataclass
@@ -125,25 +185,25 @@ class LabelledSet:
 def load_labelled_set(path: str | Path, config: Config, labels: LabelTable) -> LabelledSet:
     """Rows of a training/dev catalog with known labels. Rows without text or labels are skipped and counted."""
     path = Path(path)
-    frame = read_table(path, [config.id_col, *config.text_cols, config.labels_col])
-    label_col = frame[config.labels_col]
-    if not isinstance(label_col.dtype, pl.List):
-        raise UserError(f"{path}: column {config.labels_col} must be a list of label ids, got {label_col.dtype}")
-    frame = frame.select(
-        pl.col(config.id_col).cast(pl.String).alias("id"),
-        product_text_expr(config.text_cols).alias("text"),
-        pl.col(config.labels_col).list.eval(pl.element().cast(pl.String)).alias("labels"),
-    )
+    table = read_arrow(path, [config.id_col, *config.text_cols, config.labels_col])
+    label_type = table.column(config.labels_col).type
+    if not _is_list(label_type):
+        raise UserError(f"{path}: column {config.labels_col} must be a list of label ids, got {label_type}")
+    row_ids = _strings(table, config.id_col)
+    text_columns = [table.column(c).to_pylist() for c in config.text_cols]
+    label_column = table.column(config.labels_col).to_pylist()
     skipped = {"no text": 0, "no known label": 0}
     ids, texts, label_lists = [], [], []
     unknown = 0
     lookup = labels.index
-    for row_id, text, row_labels in frame.iter_rows():
+    for row, row_id in enumerate(row_ids):
+        text = product_text([column[row] for column in text_columns])
         if text is None:
             skipped["no text"] += 1
             continue
-        known = [lookup[x] for x in (row_labels or []) if x in lookup]
-        unknown += len(row_labels or []) - len(known)
+        row_labels = [str(x) for x in (label_column[row] or []) if x is not None]
+        known = [lookup[x] for x in row_labels if x in lookup]
+        unknown += len(row_labels) - len(known)
         if not known:
             skipped["no known label"] += 1
             continue

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from xmctag.config import Config
 from xmctag.data import LabelledSet, LabelTable
@@ -61,7 +62,8 @@ def load_encoder(out: Path):
 
 def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
                 train_counts: np.ndarray, n_train: int) -> None:
-    labels.to_frame().with_columns(train_count=pl.Series(train_counts.astype(np.int64))).write_parquet(out / LABELS)
+    table = labels.to_arrow().append_column("train_count", pa.array(train_counts.astype(np.int64)))
+    pq.write_table(table, out / LABELS)
     np.save(out / LABEL_EMBEDDINGS, label_embeddings.astype(np.float32))
     np.save(out / LABEL_VECTORS, vectors.index_matrix())
 
@@ -121,11 +123,11 @@ def load_run(path: str | Path) -> TrainedRun:
         hint = " (training did not finish; rerun with --resume)" if (path / CHECKPOINT).exists() else ""
         raise UserError(f"{path}: not a finished xmctag run, missing {', '.join(missing)}{hint}")
     config = Config.load(path / CONFIG)
-    frame = pl.read_parquet(path / LABELS)
+    table = pq.read_table(path / LABELS)
     index = np.load(path / LABEL_VECTORS)
     vectors = LabelVectors(index[:, :-1], index[:, -1], config.label_vector_scale)
     n_train = json.loads((path / METRICS).read_text())["n_train"]
-    return TrainedRun(path, config, LabelTable.from_frame(frame), frame["train_count"].to_numpy(),
+    return TrainedRun(path, config, LabelTable.from_arrow(table), table.column("train_count").to_numpy(),
                       np.load(path / LABEL_EMBEDDINGS), vectors, n_train)
 
 

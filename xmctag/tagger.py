@@ -24,7 +24,7 @@ from xmctag import bundle as layout
 from xmctag import run_dir
 from xmctag.backend import runtime
 from xmctag.config import Config
-from xmctag.data import check_columns, product_text_expr, table_schema
+from xmctag.data import check_columns, product_text_expr, table_columns
 from xmctag.errors import UserError
 from xmctag.io.writers import PredictionWriter
 from xmctag.models.prompt import PromptTemplate
@@ -200,12 +200,12 @@ class Tagger:
         if not catalog.is_file():
             raise UserError(f"{catalog}: no such file")
         columns = [self.config.id_col, *self.config.text_cols]
-        check_columns(catalog, table_schema(catalog), columns)
+        check_columns(catalog, table_columns(catalog), columns)
         return columns
 
     def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False) -> pl.DataFrame:
         """``id``, ``text`` of the rows that have text; under ``strict`` an empty row is an error."""
-        check_columns(Path(source), frame.schema, [self.config.id_col, *self.config.text_cols])
+        check_columns(Path(source), frame.columns, [self.config.id_col, *self.config.text_cols])
         prepared = frame.select(pl.col(self.config.id_col).cast(pl.String).alias("id"),
                                 product_text_expr(self.config.text_cols).alias("text"))
         empty = prepared["text"].is_null()
