@@ -270,3 +270,31 @@ def test_cache_falls_back_next_to_the_output_when_the_bundle_cache_is_not_writab
 def test_text_only_bundle_has_no_image_path(trained_run):
     assert run_dir.load_fusion(trained_run) is None
     assert json.loads((trained_run / run_dir.CONFIG).read_text())["vision"] == "none"
+
+
+def test_fused_decoder_puts_the_image_before_the_eos_and_is_batch_invariant(tmp_path_factory):
+    """Decoders: the image prefix only on rows with an image; embeddings independent of batch and padding."""
+    from test_decoder import SMALL, TEXTS, make_tokenizer
+    from transformers import Qwen2Config, Qwen2Model
+
+    from xmctag.models.decoder import prepare_model
+
+    tokenizer = make_tokenizer(bos=False)
+    torch.manual_seed(0)
+    backbone = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), **SMALL))
+    config = Config(pooling="last", lora_rank=0, max_images=2)
+    tokenizer, encoder = prepare_model(tokenizer, backbone, config, torch.device("cpu"), vision_dim=16)
+    assert isinstance(encoder, FusedEncoder) and tokenizer.template.image_tokens == 2
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 0], [0, 0], [1, 1], [0, 0], [1, 0], [0, 0], [1, 1]], np.float32)
+    images = ImageInputs(rng.normal(size=(len(TEXTS), 2, 16)).astype(np.float32), mask)
+    encoder.init_projection(images.features[images.mask > 0])
+    ids = token_ids(tokenizer, TEXTS, 24, images.has_image)
+    prefix = list(tokenizer.template.image_prefix_ids)
+    assert ids[0][-len(prefix) - 1:-1] == prefix and ids[1][-len(prefix) - 1:-1] != prefix
+    pad_id = pad_id_of(tokenizer)
+    alone = np.vstack([encode_ids(encoder, [ids[i]], pad_id, images=images.take([i])) for i in range(len(ids))])
+    np.testing.assert_allclose(encode_ids(encoder, ids, pad_id, batch_size=3, images=images), alone, atol=1e-5)
+    np.testing.assert_allclose(encode_ids(encoder, ids, pad_id, images=images), alone, atol=1e-5)
+    text_only = encode_ids(encoder, ids, pad_id)
+    np.testing.assert_allclose(alone[~images.has_image], text_only[~images.has_image], atol=1e-5)
