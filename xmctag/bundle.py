@@ -1,6 +1,6 @@
 """Layout of a model bundle (what ``xmctag export`` writes and ``xmctag tag`` reads).
 
-    encoder.onnx           fp32 graph for CPU: input_ids, attention_mask -> embedding (unit norm)
+    encoder.onnx           fp32 graph for CPU: input_ids, attention_mask [, image_embedding, image_mask] -> embedding
     encoder.fp16.onnx      the same graph with fp16 weights, for CUDA (optional)
     encoder.int8.onnx      the fp32 graph with int8 weights (dynamic quantisation): faster on CPU, approximate
     tokenizer/             tokenizer files (tokenizer.json is what tagging uses)
@@ -10,6 +10,8 @@
     labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])
     neighbours.faiss       faiss inner-product index over the training products' embeddings (kNN votes; optional)
     train_labels.npz       the training products' label indices (CSR), row i of neighbours.faiss -> its labels
+    vision.onnx            image fusion only: the frozen vision encoder, pixel_values -> image_embedding (fp32 only)
+    vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
     config.json            the training Config
     manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
     README.md              model card of the run
@@ -36,6 +38,9 @@ TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
 MANIFEST = "manifest.json"
+VISION_FP32 = "vision.onnx"
+VISION_META = "vision.json"
+IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
 
@@ -47,11 +52,13 @@ def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
 
 
 def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, pad_id: int,
-                       prompt: dict | None = None) -> None:
+                       prompt: dict | None = None, fusion: dict | None = None) -> None:
     """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest.
 
     ``prompt``: a decoder's ``PromptTemplate.to_dict()``, stored as ``tokenization.prompt`` (the tagger then builds
     ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
+    ``fusion``: the run's ``fusion.json`` (image fusion): stored as the manifest's ``fusion`` section, with the
+    vision graph's files; the text graph then has the ``image_embedding`` and ``image_mask`` inputs.
     """
     from xmctag.backend import runtime
 
@@ -82,7 +89,8 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
         "versions": _versions(),
         "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
                  "neighbours": n_neighbours},
-        "graph": {"inputs": ["input_ids", "attention_mask"], "outputs": ["embedding"],
+        "graph": {"inputs": ["input_ids", "attention_mask"] + (list(IMAGE_INPUTS) if fusion else []),
+                  "outputs": ["embedding"],
                   "files": [n for n in (ONNX_FP32, ONNX_FP16, ONNX_INT8) if (target / n).exists()]},
         "tokenization": {"tokenizer": f"{TOKENIZER}/tokenizer.json", "max_length": config.max_length, "pad_id": pad_id,
                          "text_cols": config.text_cols, "separator": " ; ", "padding": "right", "truncation": True},
@@ -98,7 +106,23 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, 
     }
     if prompt is not None:
         manifest["tokenization"]["prompt"] = prompt
+    if fusion is not None:
+        manifest["fusion"] = fusion_manifest(fusion, decoder=prompt is not None)
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def fusion_manifest(fusion: dict, decoder: bool) -> dict:
+    """The manifest's ``fusion`` section: what the tagger needs to build the image inputs (see ``xmctag.tagger``)."""
+    return {
+        "vision": fusion["vision"], "model_id": fusion["model_id"], "vision_dim": fusion["dim"],
+        "image_col": fusion["image_col"], "max_images": fusion["max_images"],
+        "cache_dir": fusion["cache_dir"],  # the training run's image cache: tagging's default
+        "image_token": "after the text, before the EOS" if decoder else "before the text",
+        "inputs": {"image_embedding": "float32 (batch, max_images, vision_dim): cached vision features",
+                   "image_mask": "int64 (batch, max_images): 1 = usable image in that slot"},
+        "vision_graph": {"files": [VISION_FP32], "meta": VISION_META,
+                         "precision": "fp32 only: EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar"},
+    }
 
 
 def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:

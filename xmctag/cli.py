@@ -58,6 +58,9 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
 # Shared options ----------------------------------------------------------------------------------------------------
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+ImageColOption = typer.Option(None, "--image-col", help="Image column: bytes, relative paths, file:// or http(s) "
+                              "URLs, or lists of them [default: image].")
+WorkersOption = typer.Option(16, "--workers", min=1, help="Threads that read, fetch and decode images.")
 
 
 @app.command()
@@ -79,6 +82,12 @@ def train(
     id_col: Optional[str] = typer.Option(None, "--id-col"),
     text_cols: Optional[str] = typer.Option(None, "--text-cols", help="Comma-separated, e.g. title,description."),
     labels_col: Optional[str] = typer.Option(None, "--labels-col"),
+    vision: Optional[str] = typer.Option(None, "--vision", help="Image fusion: auto (builtin:efficientnet-lite0 "
+                                         "when the catalog has the image column), none (text only) or a vision "
+                                         "model [default: auto]."),
+    image_col: Optional[str] = ImageColOption,
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
+                                            "runs [default: <out>/image_cache]."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
@@ -92,7 +101,8 @@ def train(
 
     overrides = dict(encoder=encoder, epochs=_epochs(epochs), time_budget_minutes=time_budget, batch_size=batch_size,
                      max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
-                     seed=seed)
+                     seed=seed, vision=vision, image_col=image_col,
+                     image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     if resume and (out / CONFIG).exists():
         # A resumed run keeps its saved settings; flags given now must agree (the API checks).
         saved = Config.load(out / CONFIG).to_dict()
@@ -138,6 +148,9 @@ def tag(
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
                                   "fp16 or int8 (CPU, ~1.8x faster, approximate)."),
     show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
+                                             "[default: the bundle's, else xmctag-image-cache beside the output]."),
+    workers: int = WorkersOption,
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
@@ -145,11 +158,16 @@ def tag(
 
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
-                              strict=strict, progress=not quiet)
+                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
                       f"wrote {summary.output}", highlight=False, soft_wrap=True)
+    if summary.images is not None:
+        i = summary.images
+        err_console.print(f"images: {i['used']} used ({i['cached']} cached, {i['newly_embedded']} newly embedded), "
+                          f"{i['missing']} missing, {i['broken']} broken; {i['products_with_image']} products with "
+                          f"an image; cache {summary.image_cache}", highlight=False, soft_wrap=True)
     if show:
         _print_examples(tagger, catalog, summary.output, show)
 
@@ -198,7 +216,7 @@ def embed_images(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $XMCTAG_CACHE_DIR or "
                                              "~/.cache/xmctag."),
     max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),
-    workers: int = typer.Option(16, "--workers", help="Threads that read, fetch and decode images."),
+    workers: int = WorkersOption,
     quiet: bool = QuietOption,
 ):
     """Precompute the image-embedding cache of a catalog (only new or changed images are embedded)."""

@@ -34,6 +34,12 @@ class Config:
     label_id_col: str = "label"
     label_text_col: str = "text"
     label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    # --- image fusion (ViXML: frozen vision features, projected into one extra token per image) -----------------
+    image_col: str = "image"  # products' (and labels') image column: bytes, paths, file:// or http(s) URLs, lists
+    vision: str = "auto"  # "auto": builtin:efficientnet-lite0 if the training catalog has image_col; "none"; a name
+    max_images: int = 1  # images per product, one token each (list columns: the first ones that are not null)
+    image_lr: float = 5e-4  # learning rate of the image projection (its own AdamW group)
+    image_cache_dir: str | None = None  # image-embedding cache; None: <run dir>/image_cache
     # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
     pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
     prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
@@ -110,6 +116,9 @@ class Config:
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
             (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
             (0.0 <= self.knn_weight <= 1.0, "knn_weight must be in [0, 1]"),
+            (self.max_images >= 1, "max_images must be >= 1"),
+            (self.image_lr > 0, "image_lr must be > 0"),
+            (bool(self.vision) and bool(self.image_col), "vision and image_col must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,6 +4,9 @@
 - Label table (Parquet or CSV): ``label`` (id), ``text``, optional extra text columns (synonyms; a list column
   or a string).
 - Catalog to tag (Parquet): ``id`` and the text columns the model was trained on.
+- With image fusion on (``Config.vision`` not ``"none"``), all three may have an image column (``Config.image_col``:
+  bytes, paths, URLs or lists of them; see ``xmctag.vision.images``); its raw values are kept per row, aligned with
+  the rows kept, for ``xmctag.vision.embed`` to resolve. A row's value may be None (no image).
 
 Column names come from the ``Config``. Every problem a user can fix raises ``UserError`` naming the file and
 column; rows that cannot be used are skipped and counted, never silently dropped.
@@ -112,13 +115,27 @@ def _is_list(type_: pa.DataType) -> bool:
     return pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_)
 
 
+def wants_images(config: Config) -> bool:
+    """Whether image columns are read at all (``vision`` is ``"auto"`` or a model; ``"none"``: text only)."""
+    return config.vision != "none"
+
+
+def _image_column(names: list[str], config: Config) -> list[str]:
+    """``[image_col]`` when images are wanted and the file has the column, else ``[]`` (read nothing extra)."""
+    return [config.image_col] if wants_images(config) and config.image_col in names else []
+
+
 @dataclass
 class LabelTable:
-    """The label set: ``ids[i]`` is label index i; ``texts[i]`` what the encoder reads for it (text + synonyms)."""
+    """The label set: ``ids[i]`` is label index i; ``texts[i]`` what the encoder reads for it (text + synonyms).
+
+    ``images``: the label's image-column value per label (None: no image), or None when the table has no images.
+    """
 
     ids: list[str]
     texts: list[str]
     display: list[str]  # the plain label text, for output files
+    images: list[Any] | None = None
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,8 +147,10 @@ class LabelTable:
     @classmethod
     def load(cls, path: str | Path, config: Config) -> "LabelTable":
         path = Path(path)
-        extra = [c for c in config.label_extra_cols if Path(path).is_file() and c in table_columns(path)]
-        table = read_arrow(path, [config.label_id_col, config.label_text_col, *extra])
+        names = table_columns(path) if path.is_file() else []
+        extra = [c for c in config.label_extra_cols if c in names]
+        image_col = _image_column(names, config)
+        table = read_arrow(path, [config.label_id_col, config.label_text_col, *extra, *image_col])
         ids = _strings(table, config.label_id_col)
         nulls = sum(x is None for x in ids)
         if nulls:
@@ -154,7 +173,8 @@ class LabelTable:
             parts = [display[i], *(e[i] for e in extras)]
             # A label without any text is still a label: its id is the only text we have.
             texts.append(TEXT_SEPARATOR.join(p for p in parts if p) or label)
-        return cls(ids=ids, texts=texts, display=display)
+        images = table.column(image_col[0]).to_pylist() if image_col else None
+        return cls(ids=ids, texts=texts, display=display, images=images)
 
     def to_arrow(self) -> pa.Table:
         return pa.table({"label": self.ids, "text": self.display, "encoder_text": self.texts})
@@ -167,13 +187,17 @@ class LabelTable:
 
 @dataclass
 class LabelledSet:
-    """Products with their true labels: ``texts[i]`` has label indices ``labels[i]`` (int64 array)."""
+    """Products with their true labels: ``texts[i]`` has label indices ``labels[i]`` (int64 array).
+
+    ``images[i]``: row i's image-column value (None: no image); ``images`` is None when images are not read.
+    """
 
     ids: list[str]
     texts: list[str]
     labels: list[np.ndarray]
     skipped: dict[str, int]  # reason -> rows left out
     unknown_labels: int = 0  # label mentions not in the label table (dropped from their rows)
+    images: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -183,17 +207,22 @@ class LabelledSet:
 
 
 def load_labelled_set(path: str | Path, config: Config, labels: LabelTable) -> LabelledSet:
-    """Rows of a training/dev catalog with known labels. Rows without text or labels are skipped and counted."""
+    """Rows of a training/dev catalog with known labels. Rows without text or labels are skipped and counted.
+
+    With images wanted (``wants_images``) and an image column in the file, each kept row's image value is kept too.
+    """
     path = Path(path)
-    table = read_arrow(path, [config.id_col, *config.text_cols, config.labels_col])
+    image_col = _image_column(table_columns(path) if path.is_file() else [], config)
+    table = read_arrow(path, [config.id_col, *config.text_cols, config.labels_col, *image_col])
     label_type = table.column(config.labels_col).type
     if not _is_list(label_type):
         raise UserError(f"{path}: column {config.labels_col} must be a list of label ids, got {label_type}")
     row_ids = _strings(table, config.id_col)
     text_columns = [table.column(c).to_pylist() for c in config.text_cols]
     label_column = table.column(config.labels_col).to_pylist()
+    image_column = table.column(image_col[0]).to_pylist() if image_col else None
     skipped = {"no text": 0, "no known label": 0}
-    ids, texts, label_lists = [], [], []
+    ids, texts, label_lists, images = [], [], [], []
     unknown = 0
     lookup = labels.index
     for row, row_id in enumerate(row_ids):
@@ -210,10 +239,13 @@ def load_labelled_set(path: str | Path, config: Config, labels: LabelTable) -> L
         ids.append(row_id)
         texts.append(text)
         label_lists.append(np.unique(np.array(known, dtype=np.int64)))
+        if image_column is not None:
+            images.append(image_column[row])
     if not texts:
         raise UserError(f"{path}: no usable rows (each needs text in {', '.join(config.text_cols)} and a label "
                         f"from the label table)")
-    return LabelledSet(ids, texts, label_lists, {k: v for k, v in skipped.items() if v}, unknown)
+    return LabelledSet(ids, texts, label_lists, {k: v for k, v in skipped.items() if v}, unknown,
+                       images if image_column is not None else None)
 
 
 def _first_line(e: Exception) -> str:

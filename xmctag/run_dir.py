@@ -10,6 +10,9 @@
     metrics.json           per-epoch history, final dev metrics, number of training rows
     README.md              model card
     sample_texts.json      a few training product texts (real rows for the export parity check)
+    fusion.json            image fusion only: vision model (name, id, dim), image column, max_images, cache dir
+    image_projection.safetensors  image fusion only: the trained projection (weight, bias)
+    sample_images.npz      image fusion only: image features + mask of the sample_texts rows (parity check)
     checkpoint.pt          only while training (for --resume)
 """
 
@@ -42,22 +45,47 @@ CHECKPOINT = "checkpoint.pt"
 SAMPLE_TEXTS = "sample_texts.json"
 TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
+FUSION = "fusion.json"
+PROJECTION = "image_projection.safetensors"
+SAMPLE_IMAGES = "sample_images.npz"
+SAMPLE_ROWS = 96
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:
     from xmctag.models.decoder import save_backbone
+    from xmctag.models.fusion import FusedEncoder, save_projection
 
     save_backbone(encoder.backbone, out / MODEL)  # LoRA adapters (decoders) merged: a plain HF model
     tokenizer.save_pretrained(out / MODEL)
+    if isinstance(encoder, FusedEncoder):
+        save_projection(encoder, out / PROJECTION)
 
 
 def load_encoder(out: Path):
+    """The run's encoder: a ``TextEncoder``, or a ``FusedEncoder`` with its trained projection (``fusion.json``)."""
     from transformers import AutoModel
 
     from xmctag.models.encoder import TextEncoder
+    from xmctag.models.fusion import FusedEncoder, load_projection
 
     pooling = Config.load(out / CONFIG).pooling
-    return TextEncoder(AutoModel.from_pretrained(out / MODEL, local_files_only=True), pooling=pooling)
+    backbone = AutoModel.from_pretrained(out / MODEL, local_files_only=True)
+    fusion = load_fusion(out)
+    if fusion is None:
+        return TextEncoder(backbone, pooling=pooling)
+    encoder = FusedEncoder(backbone, fusion["dim"], pooling=pooling)
+    load_projection(encoder, out / PROJECTION)
+    return encoder
+
+
+def save_fusion(out: Path, fusion: dict) -> None:
+    (out / FUSION).write_text(json.dumps(fusion, indent=2) + "\n")
+
+
+def load_fusion(out: Path) -> dict | None:
+    """What ``xmctag.training.images.Fusion.to_dict`` wrote, or None for a text-only run."""
+    path = out / FUSION
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
@@ -80,14 +108,30 @@ def load_neighbours(out: Path) -> tuple[np.ndarray, NeighbourLabels] | None:
     return np.load(out / TRAIN_EMBEDDINGS, mmap_mode="r"), NeighbourLabels.load(out / TRAIN_LABELS)
 
 
-def save_sample_texts(out: Path, texts: list[str], n: int = 96) -> None:
-    step = max(1, len(texts) // n)
-    (out / SAMPLE_TEXTS).write_text(json.dumps(texts[::step][:n], ensure_ascii=False, indent=0) + "\n")
+def _sample_rows(n_rows: int, n: int = SAMPLE_ROWS) -> np.ndarray:
+    return np.arange(0, n_rows, max(1, n_rows // n))[:n]
+
+
+def save_sample_texts(out: Path, texts: list[str], images=None) -> None:
+    """A spread of training rows for the export parity check; ``images`` (``ImageInputs``): their image inputs."""
+    rows = _sample_rows(len(texts))
+    (out / SAMPLE_TEXTS).write_text(json.dumps([texts[i] for i in rows], ensure_ascii=False, indent=0) + "\n")
+    if images is not None:
+        np.savez(out / SAMPLE_IMAGES, features=images.features[rows], mask=images.mask[rows])
 
 
 def load_sample_texts(out: Path) -> list[str]:
     path = out / SAMPLE_TEXTS
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def load_sample_images(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(features (n, M, V), mask (n, M))`` of the sample rows, or None (text-only run)."""
+    path = out / SAMPLE_IMAGES
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        return data["features"], data["mask"]
 
 
 @dataclass
@@ -150,11 +194,25 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
     ]
     lines += _decoder_card_lines(out, config)
+    fusion = load_fusion(out)
+    if fusion is not None:
+        lines += [f"- Image fusion: `{fusion['vision']}` features ({fusion['dim']}-d, frozen, cached) projected to one "
+                  f"token per image (up to {fusion['max_images']}, column `{fusion['image_col']}`), placed "
+                  f"{'after the text, before the EOS' if _is_decoder(out) else 'before the text'}; projection "
+                  f"learning rate {config.image_lr}"]
     if dev_set is not None and dev_metrics:
         table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
         lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
     lines += ["", "All settings: `config.json`. Per-epoch history: `metrics.json`.", ""]
     (out / CARD).write_text("\n".join(lines))
+
+
+def _is_decoder(out: Path) -> bool:
+    from transformers import AutoConfig
+
+    from xmctag.models.decoder import is_decoder_config
+
+    return is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True))
 
 
 def _decoder_card_lines(out: Path, config: Config) -> list[str]:

@@ -8,11 +8,19 @@ Per product: text from the model's text columns -> tokens -> ONNX encoder -> emb
 label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``)
 -> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its size (the bundle's
 indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``).
+
+Bundles with image fusion (manifest ``fusion``) also read the catalog's image column: cached image embeddings are
+looked up, new pictures decoded by a thread pool and embedded with the bundle's ``vision.onnx``
+(``xmctag.vision.tagging``), and the text graph gets them as ``image_embedding`` / ``image_mask``. In ``tag_file``
+that image work runs one batch ahead in a background thread, so decoding overlaps the text encoder. Text-only
+bundles never touch any of it.
 """
 
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +50,8 @@ class TagSummary:
     rows_tagged: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
+    image_cache: Path | None = None
 
     @property
     def products_per_second(self) -> float:
@@ -78,6 +88,18 @@ class Tagger:
     @property
     def bundle_id(self) -> str:
         return self.manifest["bundle_id"]
+
+    @property
+    def fusion(self) -> dict | None:
+        """The manifest's ``fusion`` section for a bundle with image fusion, else None (text only)."""
+        return self.manifest.get("fusion")
+
+    def images(self, cache_dir: str | Path | None = None, output: Path | None = None, workers: int = 8):
+        """A ``BundleImages`` reading the image cache (``xmctag.vision.tagging.resolve_cache_dir``)."""
+        from xmctag.vision.tagging import BundleImages, resolve_cache_dir
+
+        directory = resolve_cache_dir(cache_dir, self.fusion.get("cache_dir"), output)
+        return BundleImages(self.path, self.fusion, directory, self.device, workers)
 
     @functools.cached_property
     def prompt(self) -> PromptTemplate | None:
@@ -122,11 +144,19 @@ class Tagger:
                    neighbour_index=neighbour_index, neighbour_labels=neighbour_labels)
 
     # -- core ----------------------------------------------------------------------------------------------------
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """``(n, d)`` float32 unit-norm embeddings; batches formed in length order, output in input order."""
+    def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """``(n, d)`` float32 unit-norm embeddings; batches formed in length order, output in input order.
+
+        ``images``: fused bundles, ``(features (n, M, V), mask (n, M))`` from ``BundleImages.features``; None: no
+        product has an image.
+        """
+        if self.fusion is not None and images is None:
+            images = (np.zeros((len(texts), self.fusion["max_images"], self.fusion["vision_dim"]), np.float32),
+                      np.zeros((len(texts), self.fusion["max_images"]), np.int64))
         if self.prompt is not None:
             # The tokenizer truncates at max_length, never below the title budget, so these are training's ids.
-            ids = self.prompt.ids(self.tokenizer, list(texts), self.manifest["tokenization"]["max_length"])
+            has_image = (images[1].sum(axis=1) > 0).tolist() if images is not None else None
+            ids = self.prompt.ids(self.tokenizer, list(texts), self.manifest["tokenization"]["max_length"], has_image)
         else:
             ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         dim = self.manifest["dims"]["embedding"]
@@ -135,14 +165,18 @@ class Tagger:
         for start in range(0, len(ids), self.encode_batch_size):
             rows = order[start:start + self.encode_batch_size]
             input_ids, mask = pad([ids[i] for i in rows], self.pad_id)
-            out[rows] = self.session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
+            feeds = {"input_ids": input_ids, "attention_mask": mask}
+            if images is not None:
+                feeds.update(image_embedding=images[0][rows], image_mask=images[1][rows].astype(np.int64))
+            out[rows] = self.session.run(["embedding"], feeds)[0]
         return out
 
-    def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None):
+    def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None,
+                images: tuple[np.ndarray, np.ndarray] | None = None):
         """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first."""
         if top_k < 1:
             raise UserError("--top-k must be >= 1")
-        return self.rank(self.embed(texts), top_k, min_score)
+        return self.rank(self.embed(texts, images), top_k, min_score)
 
     def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None):
         """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k."""
@@ -158,18 +192,29 @@ class Tagger:
             indices = np.where(scores >= min_score, indices, -1)
         return indices, scores
 
-    def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None) -> pl.DataFrame:
-        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have text (others are left out)."""
+    def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None,
+            cache_dir: str | Path | None = None, base_dir: str | Path = ".") -> pl.DataFrame:
+        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have text (others are left out).
+
+        Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``).
+        """
         batch = self._prepare(frame, source="frame")
-        ids, labels, _, scores = self._tag_prepared(batch, top_k, min_score)
+        images = None
+        if self.fusion is not None and "image" in batch.columns:
+            images = self.images(cache_dir).features(batch["image"].to_list(), Path(base_dir))
+        ids, labels, _, scores = self._tag_prepared(batch, top_k, min_score, images)
         return pl.DataFrame({"id": ids, "labels": labels, "scores": [s.tolist() for s in scores]},
                             schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)})
 
     # -- whole files ---------------------------------------------------------------------------------------------
     def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5, fmt: str = "parquet",
                  min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
-                 progress: bool = True) -> TagSummary:
-        """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing."""
+                 progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8) -> TagSummary:
+        """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing.
+
+        Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
+        ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
+        """
         catalog = Path(catalog)
         columns = self._check_catalog(catalog)
         output = Path(output) if output is not None else default_output_path(catalog, fmt)
@@ -181,33 +226,59 @@ class Tagger:
                     "top_k": top_k, "min_score": min_score, "text_cols": ",".join(self.config.text_cols)}
         show = Progress(progress)
         started = time.perf_counter()
+        images = self.images(cache_dir, output, workers) if self.fusion is not None else None
+
+        def prepared():
+            """(rows read, rows with text, their image inputs or None) per catalog batch."""
+            rows = 0
+            for frame in _read_batches(catalog, columns, batch_size):
+                batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict)
+                features = None
+                if images is not None and len(batch):
+                    features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
+                rows += len(frame)
+                yield len(frame), batch, features
+
+        # Fused: the image work (cache lookups, decoding, vision graph) runs a batch ahead in a background thread.
+        batches = prepared() if images is None else _prefetch(prepared())
         with PredictionWriter(output, fmt, metadata) as writer, \
                 show.task("tagging", total=total, unit="products") as update:
-            for frame in _read_batches(catalog, columns, batch_size):
-                batch = self._prepare(frame, source=str(catalog), row_offset=summary.rows_read, strict=strict)
-                summary.rows_read += len(frame)
-                skipped = len(frame) - len(batch)
+            for n_read, batch, features in batches:
+                summary.rows_read += n_read
+                skipped = n_read - len(batch)
                 if skipped:
                     summary.skipped[SKIP_EMPTY_TEXT] = summary.skipped.get(SKIP_EMPTY_TEXT, 0) + skipped
                 if len(batch):
-                    writer.write(*self._tag_prepared(batch, top_k, min_score))
+                    writer.write(*self._tag_prepared(batch, top_k, min_score, features))
                     summary.rows_tagged += len(batch)
-                update(len(frame))
+                if images is None:
+                    update(n_read)
+                else:
+                    rate = images.slots_seen / max(time.perf_counter() - started, 1e-9)
+                    update(n_read, **{"images/s": f"{rate:,.0f}"})
         summary.seconds = time.perf_counter() - started
+        if images is not None:
+            summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
         return summary
 
     def _check_catalog(self, catalog: Path) -> list[str]:
         if not catalog.is_file():
             raise UserError(f"{catalog}: no such file")
         columns = [self.config.id_col, *self.config.text_cols]
-        check_columns(catalog, table_columns(catalog), columns)
+        names = table_columns(catalog)
+        check_columns(catalog, names, columns)
+        if self.fusion is not None and self.fusion["image_col"] in names:  # no image column: text only, still fine
+            columns.append(self.fusion["image_col"])
         return columns
 
     def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False) -> pl.DataFrame:
         """``id``, ``text`` of the rows that have text; under ``strict`` an empty row is an error."""
         check_columns(Path(source), frame.columns, [self.config.id_col, *self.config.text_cols])
-        prepared = frame.select(pl.col(self.config.id_col).cast(pl.String).alias("id"),
-                                product_text_expr(self.config.text_cols).alias("text"))
+        columns = [pl.col(self.config.id_col).cast(pl.String).alias("id"),
+                   product_text_expr(self.config.text_cols).alias("text")]
+        if self.fusion is not None and self.fusion["image_col"] in frame.columns:
+            columns.append(pl.col(self.fusion["image_col"]).alias("image"))
+        prepared = frame.select(columns)
         empty = prepared["text"].is_null()
         if strict and empty.any():
             row = int(empty.arg_true()[0])
@@ -215,8 +286,8 @@ class Tagger:
                             f"{', '.join(self.config.text_cols)} (--strict)")
         return prepared.filter(~empty)
 
-    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None):
-        indices, scores = self.predict(batch["text"].to_list(), top_k, min_score)
+    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None):
+        indices, scores = self.predict(batch["text"].to_list(), top_k, min_score, images)
         keep = indices >= 0
         labels = [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)]
         texts = [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)]
@@ -245,3 +316,46 @@ def _read_batches(catalog: Path, columns: list[str], batch_size: int):
         yield from pl.scan_parquet(catalog).select(columns).collect_batches(chunk_size=batch_size)
     except (pl.exceptions.PolarsError, OSError) as e:
         raise UserError(f"{catalog}: cannot read ({str(e).strip().splitlines()[0]})") from None
+
+
+def _prefetch(items, depth: int = 2):
+    """Iterates ``items`` in a background thread, up to ``depth`` items ahead; its exceptions are re-raised here.
+
+    ONNX Runtime and PIL release the GIL, so the producer's image decoding and vision graph run while the consumer
+    encodes text. Stopping early (an error downstream) tells the producer to stop at its next item.
+    """
+    done = object()
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((e, None))
+
+    thread = threading.Thread(target=produce, name="xmctag-images", daemon=True)
+    thread.start()
+    try:
+        while True:
+            error, item = buffer.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

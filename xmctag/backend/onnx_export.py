@@ -3,14 +3,19 @@
 Steps:
 1. Export the fused encoder (``TextEncoder``: backbone + mean pooling + L2 norm) with Optimum, through a custom
    ``OnnxConfig`` for our wrapper. Graph contract: inputs ``input_ids``, ``attention_mask`` (int64, dynamic batch and
-   sequence axes; image fusion adds ``image_embedding`` and ``image_mask`` later), output ``embedding`` (float32,
-   ``(batch, dim)``, unit norm).
+   sequence axes), output ``embedding`` (float32, ``(batch, dim)``, unit norm). A run with image fusion
+   (``FusedEncoder``) adds the inputs ``image_embedding`` (float32, ``(batch, max_images, vision_dim)``: the frozen
+   vision features, as cached) and ``image_mask`` (int64, ``(batch, max_images)``, 0 = no usable image in that slot);
+   the projection is inside the graph, the output is unchanged. Its vision encoder is exported too (``vision.onnx``
+   + ``vision.json``, ``xmctag.vision.onnx_export``) so that tagging embeds new pictures with ONNX Runtime alone:
+   fp32 only, because EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar (~7e-3 on normalised features).
 2. Optimise it with ONNX Runtime's transformer optimizer (fused LayerNorm/GELU/attention where patterns match):
    ``encoder.onnx`` (fp32, for CPU), and ``encoder.fp16.onnx`` (fp16 weights, fp32 inputs/outputs, for CUDA).
    Decoder LLMs (their LoRA adapters already merged into the run's weights) skip the optimizer and are only
    converted (``_convert_decoder``); their graph computes position ids from the attention mask.
 3. Parity check on real rows (the training products sampled into the run directory, and label texts) against
-   the PyTorch model; export fails, writing nothing, past max abs 1e-4 (fp32) or 5e-3 (fp16).
+   the PyTorch model; export fails, writing nothing, past max abs 1e-4 (fp32) or 5e-3 (fp16). With fusion the sampled
+   products go through with their images and again with every image masked out (both kinds of rows).
 4. Bundle: ONNX files, tokenizer, label table, label embeddings, label vectors, a faiss index over them, the
    config and a manifest (file hashes, versions, dims, tokenisation settings, parity results). Written to a
    temporary directory and renamed into place, so a failed export never leaves a half-written bundle.
@@ -36,21 +41,43 @@ INT8_MIN_COSINE = 0.95  # below this the int8 graph is dropped from the bundle (
 OPSET = 17
 
 
-def _onnx_config_class():
-    """Built lazily: importing Optimum is slow and only export needs it."""
+IMAGE_INPUTS = ["image_embedding", "image_mask"]
+
+
+def _onnx_config_class(fusion: dict | None = None):
+    """Built lazily: importing Optimum is slow and only export needs it. ``fusion``: the run's ``fusion.json``."""
     from optimum.exporters.onnx.config import TextEncoderOnnxConfig
-    from optimum.utils import NormalizedTextConfig
+    from optimum.utils import DummyInputGenerator, DummyTextInputGenerator, NormalizedTextConfig
+
+    class ImageEmbeddingInputGenerator(DummyInputGenerator):
+        """Dummy ``image_embedding`` ``(batch, max_images, vision_dim)`` and ``image_mask`` for tracing."""
+
+        SUPPORTED_INPUT_NAMES = tuple(IMAGE_INPUTS)
+
+        def __init__(self, task, normalized_config, batch_size: int = 2, **kwargs):
+            self.batch_size = batch_size
+
+        def generate(self, input_name: str, framework: str = "pt", int_dtype: str = "int64",
+                     float_dtype: str = "fp32"):
+            shape = [self.batch_size, fusion["max_images"]]
+            if input_name == "image_embedding":
+                return self.random_float_tensor(shape + [fusion["dim"]], framework=framework, dtype=float_dtype)
+            return self.random_int_tensor(shape, max_value=2, min_value=0, framework=framework, dtype=int_dtype)
 
     class XMCEncoderOnnxConfig(TextEncoderOnnxConfig):
-        """Optimum's description of our ``TextEncoder`` wrapper: ids and mask in, pooled embedding out."""
+        """Optimum's description of our ``TextEncoder`` wrapper: ids and mask (and image inputs) in, embedding out."""
 
         NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
         DEFAULT_ONNX_OPSET = OPSET
+        DUMMY_INPUT_GENERATOR_CLASSES = (DummyTextInputGenerator,) + ((ImageEmbeddingInputGenerator,) if fusion else ())
 
         @property
         def inputs(self) -> dict[str, dict[int, str]]:
             axes = {0: "batch_size", 1: "sequence_length"}
-            return {"input_ids": dict(axes), "attention_mask": dict(axes)}
+            inputs = {"input_ids": dict(axes), "attention_mask": dict(axes)}
+            if fusion:
+                inputs.update({name: {0: "batch_size", 1: "num_images"} for name in IMAGE_INPUTS})
+            return inputs
 
         @property
         def outputs(self) -> dict[str, dict[int, str]]:
@@ -70,6 +97,7 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
         raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
     trained = run_dir.load_run(run)
     encoder, tokenizer = trained.encoder_and_tokenizer()
+    fusion = run_dir.load_fusion(trained.path)
     if not tokenizer.is_fast:
         raise UserError(f"{run}: the model's tokenizer has no fast (tokenizer.json) version, which tagging needs")
     encoder.eval()
@@ -79,18 +107,20 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
         with torch.no_grad():
             show.log("exporting the encoder to ONNX (Optimum)")
             raw = staging / "raw.onnx"
-            _optimum_export(encoder, raw)
-            _optimise(raw, staging / layout.ONNX_FP32, encoder.config, fp16=False)
+            _optimum_export(encoder, raw, fusion)
+            _optimise(raw, staging / layout.ONNX_FP32, encoder.config, fp16=False, fused=fusion is not None)
             if fp16:
-                _optimise(raw, staging / layout.ONNX_FP16, encoder.config, fp16=True)
+                _optimise(raw, staging / layout.ONNX_FP16, encoder.config, fp16=True, fused=fusion is not None)
             _quantise_int8(staging / layout.ONNX_FP32, staging / layout.ONNX_INT8, show)
             raw.unlink()
             for leftover in staging.glob("*.onnx.data"):
                 leftover.unlink()
             parity = _check_parity(encoder, tokenizer, trained, staging, fp16, show)
+            if fusion is not None:
+                parity["vision"] = _export_vision(fusion, staging, show)
         tokenizer.save_pretrained(staging / layout.TOKENIZER)
         prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
-        layout.write_bundle_files(staging, trained, parity, pad_id_of(tokenizer), prompt=prompt)
+        layout.write_bundle_files(staging, trained, parity, pad_id_of(tokenizer), prompt=prompt, fusion=fusion)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -101,19 +131,36 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
     return out
 
 
-def _optimum_export(encoder, path: Path) -> None:
+def _export_vision(fusion: dict, staging: Path, show: Progress) -> dict:
+    """The run's frozen vision encoder as ``vision.onnx`` + ``vision.json`` (fp32 only, see the module docstring)."""
+    from xmctag.vision.encoders import load_vision_encoder
+    from xmctag.vision.onnx_export import export_vision_onnx
+
+    show.log(f"exporting the vision encoder {fusion['vision']} to ONNX (fp32)")
+    encoder = load_vision_encoder(fusion["vision"])
+    if encoder.model_id != fusion["model_id"]:  # the features the projection was trained on would not match
+        raise UserError(f"vision model {fusion['vision']} is now {encoder.model_id}, but the run was trained on "
+                        f"{fusion['model_id']}; retrain, or restore that model")
+    parity = export_vision_onnx(encoder, staging, fp16=False)
+    show.log(f"parity vision.onnx: max abs diff {parity['vision.onnx']['normalised']:.2e} (normalised features)")
+    return parity
+
+
+def _optimum_export(encoder, path: Path, fusion: dict | None = None) -> None:
     import warnings
 
     from optimum.exporters.onnx import export as optimum_export
 
-    onnx_config = _onnx_config_class()(encoder.config, task="feature-extraction")
+    onnx_config = _onnx_config_class(fusion)(encoder.config, task="feature-extraction")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers internals
         optimum_export(model=encoder, config=onnx_config, output=path, opset=OPSET)
 
 
-def _optimise(source: Path, target: Path, model_config, fp16: bool) -> None:
-    """ORT transformer optimizer (graph fusions); fp16: weights in fp16, inputs and outputs kept fp32."""
+def _optimise(source: Path, target: Path, model_config, fp16: bool, fused: bool = False) -> None:
+    """ORT transformer optimizer (graph fusions); fp16: weights in fp16, inputs and outputs kept fp32.
+
+    ``fused``: the graph has image inputs (its attention mask may have a hole where an image slot is empty)."""
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -124,8 +171,17 @@ def _optimise(source: Path, target: Path, model_config, fp16: bool) -> None:
         return
 
     model_type = "bert" if model_config.model_type in ("bert", "distilbert", "roberta", "xlm-roberta") else "gpt2"
+    options = None
+    if fused:
+        # The fused Attention op's default mask format is sequence lengths (a mask of 1s then 0s); an image slot
+        # masked out *before* the text breaks that. The raw 2D mask keeps the fusion and any mask pattern.
+        from onnxruntime.transformers.fusion_options import FusionOptions
+
+        options = FusionOptions(model_type)
+        options.use_raw_attention_mask(True)
     optimised = optimize_model(str(source), model_type=model_type, num_heads=model_config.num_attention_heads,
-                               hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16)
+                               hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16,
+                               optimization_options=options)
     if fp16:
         optimised.convert_float_to_float16(keep_io_types=True)
     onnx.save_model(optimised.model, str(target))
@@ -172,9 +228,8 @@ def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: 
     """Max abs difference between ONNX Runtime (CPU) and PyTorch embeddings on real rows, per graph."""
     from xmctag.backend.runtime import create_session
 
-    texts = layout.parity_texts(trained)
-    ids = token_ids(tokenizer, texts, trained.config.max_length)
-    results = {"rows": len(texts)}
+    batches = _parity_batches(tokenizer, trained)
+    results = {"rows": sum(len(b[0]) for b in batches)}
     graphs = [(layout.ONNX_FP32, FP32_TOLERANCE)] + ([(layout.ONNX_FP16, FP16_TOLERANCE)] if fp16 else [])
     if (staging / layout.ONNX_INT8).exists():
         graphs.append((layout.ONNX_INT8, None))
@@ -183,15 +238,19 @@ def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: 
     for name, tolerance in graphs:
         session = create_session(staging / name, "cpu")
         worst, min_cosine = 0.0, 1.0
-        for start in range(0, len(ids), 32):  # batches of mixed lengths: padding is exercised too
-            input_ids, mask = pad(ids[start:start + 32], pad_id_of(tokenizer))
-            expected = encoder(torch.from_numpy(input_ids), torch.from_numpy(mask))["embedding"].numpy()
-            got = session.run(["embedding"], {"input_ids": input_ids, "attention_mask": mask})[0].astype(np.float32)
+        for input_ids, mask, images in batches:
+            feeds = {"input_ids": input_ids, "attention_mask": mask}
+            extra = {}
+            if images is not None:
+                extra = {"image_embedding": torch.from_numpy(images[0]), "image_mask": torch.from_numpy(images[1])}
+                feeds.update(image_embedding=images[0], image_mask=images[1].astype(np.int64))
+            expected = encoder(torch.from_numpy(input_ids), torch.from_numpy(mask), **extra)["embedding"].numpy()
+            got = session.run(["embedding"], feeds)[0].astype(np.float32)
             worst = max(worst, float(np.abs(got - expected).max()))
             min_cosine = min(min_cosine, float((got * expected).sum(axis=1).min()))
         if tolerance is None:  # int8 is approximate by design: judged by the angle it moves embeddings by
             show.log(f"parity {name}: min cosine {min_cosine:.4f} (tolerance {INT8_MIN_COSINE}), max abs diff "
-                     f"{worst:.2e} on {len(texts)} rows")
+                     f"{worst:.2e} on {results['rows']} rows")
             if not min_cosine >= INT8_MIN_COSINE:
                 show.log(f"warning: {name} left out of the bundle (cosine {min_cosine:.3f} < {INT8_MIN_COSINE}); "
                          "tagging uses the fp32 graph")
@@ -201,9 +260,40 @@ def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: 
             results[name] = worst
             results[f"{name} min cosine"] = min_cosine
             continue
-        show.log(f"parity {name}: max abs diff {worst:.2e} (tolerance {tolerance:.0e}) on {len(texts)} rows")
+        show.log(f"parity {name}: max abs diff {worst:.2e} (tolerance {tolerance:.0e}) on {results['rows']} rows")
         if not worst <= tolerance:
             raise UserError(f"export failed the parity check: {name} differs from PyTorch by {worst:.3g} "
                             f"(max abs; tolerance {tolerance:g}); no bundle written")
         results[name] = worst
     return results
+
+
+def _parity_batches(tokenizer, trained) -> list[tuple[np.ndarray, np.ndarray, tuple | None]]:
+    """Padded ``(input_ids, attention_mask, images)`` batches of real rows; ``images`` = ``(features, mask)`` arrays
+    for a fused run (None for text only).
+
+    Text only: the sampled training products, then label texts, in batches of 32 of mixed lengths (padding is
+    exercised). Fused: the sampled products with their images, the same products with every image slot masked out
+    (and, for decoders, no image prefix), and label texts without images; batches mix rows with and without images.
+    """
+    texts = layout.parity_texts(trained)
+    max_length = trained.config.max_length
+    pad_id = pad_id_of(tokenizer)
+    samples = run_dir.load_sample_images(trained.path)
+    if samples is None:
+        ids = token_ids(tokenizer, texts, max_length)
+        return [(*pad(ids[s:s + 32], pad_id), None) for s in range(0, len(ids), 32)]
+    features, mask = samples
+    n = len(features)
+    sampled = run_dir.load_sample_texts(trained.path)[:n]
+    rows_texts = sampled + sampled + texts[len(sampled):]
+    rows_features = np.concatenate([features, features, np.zeros((len(rows_texts) - 2 * n, *features.shape[1:]),
+                                                                 np.float32)])
+    rows_mask = np.concatenate([mask, np.zeros((len(rows_texts) - n, mask.shape[1]), np.float32)])
+    order = np.random.default_rng(0).permutation(len(rows_texts))  # with and without images in each batch
+    batches = []
+    for s in range(0, len(order), 32):
+        rows = order[s:s + 32]
+        ids = token_ids(tokenizer, [rows_texts[i] for i in rows], max_length, rows_mask[rows].sum(axis=1) > 0)
+        batches.append((*pad(ids, pad_id), (rows_features[rows], rows_mask[rows])))
+    return batches

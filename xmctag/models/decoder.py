@@ -43,17 +43,24 @@ def learning_rate(encoder, config: Config) -> float:
     return config.lora_lr if uses_lora(encoder, config) else config.lr
 
 
-def prepare_model(tokenizer, backbone, config: Config, device: torch.device):
-    """``(tokenizer, encoder)`` on ``device``, set up for training as described in the module docstring."""
+def prepare_model(tokenizer, backbone, config: Config, device: torch.device, vision_dim: int | None = None):
+    """``(tokenizer, encoder)`` on ``device``, set up for training as described in the module docstring.
+
+    ``vision_dim``: image fusion on; the encoder is a ``FusedEncoder`` with a fresh projection from that width.
+    """
     from xmctag.models.encoder import TextEncoder
+    from xmctag.models.fusion import FusedEncoder
     from xmctag.models.prompt import prompt_tokenizer
 
-    encoder = TextEncoder(backbone, pooling=config.pooling)
+    if vision_dim:
+        encoder = FusedEncoder(backbone, vision_dim, pooling=config.pooling)
+    else:
+        encoder = TextEncoder(backbone, pooling=config.pooling)
     if not encoder.is_decoder:
         return tokenizer, encoder.to(device)
     tokenizer = prompt_tokenizer(tokenizer, backbone.config, config)
     if config.lora_rank > 0:
-        add_lora(backbone, config)
+        add_lora(backbone, config)  # touches the backbone only: an image projection stays trainable
     if device.type == "cuda" and config.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen embeddings (no inputs that require grad needed).
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

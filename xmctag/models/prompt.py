@@ -106,8 +106,9 @@ def prompt_tokenizer(hf_tokenizer, model_config, config) -> PromptTokenizer:
     if not getattr(hf_tokenizer, "is_fast", False):
         raise UserError("decoder models need a fast tokenizer (tokenizer.json): tagging tokenises with `tokenizers`")
     eos_id = eos_id_of(hf_tokenizer, model_config)
+    # One token per image slot (xmctag.models.fusion): all max_images slots count against max_length.
     template = PromptTemplate.build(hf_tokenizer.backend_tokenizer, config.prompt_prefix, config.image_prompt_prefix,
-                                    eos_id)
+                                    eos_id, image_tokens=config.max_images)
     return PromptTokenizer(hf_tokenizer, template)
 
 

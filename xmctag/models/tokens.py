@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+def token_ids(tokenizer, texts: list[str], max_length: int, has_image=None) -> list[list[int]]:
     """Unpadded ids (with the model's special tokens), truncated to ``max_length``.
 
-    A decoder's ``PromptTokenizer`` (``xmctag.models.prompt``) builds its prompt template's ids instead.
+    A decoder's ``PromptTokenizer`` (``xmctag.models.prompt``) builds its prompt template's ids instead; there
+    ``has_image`` (per text, optional) adds the image prefix to the rows that have an image. Encoders ignore it.
     """
     if hasattr(tokenizer, "prompt_ids"):
-        return tokenizer.prompt_ids(texts, max_length)
+        return tokenizer.prompt_ids(texts, max_length, None if has_image is None else [bool(x) for x in has_image])
     return tokenizer(list(texts), max_length=max_length, truncation=True)["input_ids"]
 
 

@@ -1,6 +1,9 @@
 """``xmctag.train``: the whole training run, top to bottom.
 
-1. Read the label table, the training catalog and (optionally) a dev catalog; tokenise everything once.
+1. Read the label table, the training catalog and (optionally) a dev catalog; tokenise everything once. With image
+   fusion (``Config.vision``, ``xmctag.training.images``), embed their images not cached yet with the frozen vision
+   model; products (and labels) then carry one projected token per usable image (``xmctag.models.fusion``), the
+   projection trained jointly with the encoder at its own learning rate ``image_lr``.
 2. Siamese dual-encoder training: each step takes a batch of products, samples one positive label for each,
    embeds products and the batch's labels with the same encoder, and applies the triplet loss with the hardest
    in-batch negatives. From ``cluster_start_epoch`` on, batches are made of clusters of similar products
@@ -31,11 +34,13 @@ from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.losses.triplet import TripletOHNMLoss
 from xmctag.models.decoder import learning_rate, prepare_model
 from xmctag.models.embedding import encode_ids
+from xmctag.models.fusion import FusedEncoder, ImageInputs
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
+from xmctag.training.images import prepare_images, resolve_vision
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
 
 CPU_CHUNK = 32  # sequences per forward pass when training on CPU (see _embed_with_grad)
@@ -71,6 +76,7 @@ def train(
     """Trains a model and writes a self-contained run directory to ``out``."""
     config = config or Config()
     config.validate()
+    config = resolve_vision(config, train)  # "auto" -> a vision model or "none", saved as such
     out = Path(out)
     show = Progress(progress)
     dev_ = resolve_device(device)
@@ -86,20 +92,31 @@ def train(
     if dev_set is not None:
         _report_data(show, "dev", dev, dev_set)
     inv_p = layout.inverse_propensities(train_set.label_counts(len(label_table)), len(train_set), config)
+    fusion, train_images, dev_images, label_images = None, None, None, None
+    if config.vision != "none":
+        fusion, images = prepare_images(config, out, {
+            "train": (Path(train), train_set.images), "dev": (Path(dev or train), dev_set.images if dev_set else None),
+            "labels": (Path(labels), label_table.images)}, dev_, show)
+        train_images, dev_images, label_images = images["train"], images["dev"], images["labels"]
+        layout.save_fusion(out, fusion)  # before any save_encoder: load_encoder reads it
 
     tokenizer, backbone = load_pretrained(config.encoder)
-    tokenizer, encoder = prepare_model(tokenizer, backbone, config, dev_)  # decoders: prompt tokenizer, LoRA
+    tokenizer, encoder = prepare_model(tokenizer, backbone, config, dev_,  # decoders: prompt tokenizer, LoRA
+                                       vision_dim=fusion["dim"] if fusion else None)
+    if isinstance(encoder, FusedEncoder):
+        usable = train_images.features[train_images.mask > 0]  # (images, V): the features it will project
+        encoder.init_projection(usable[:: max(1, len(usable) // 1024)])
     pad_id = pad_id_of(tokenizer)
-    product_ids = token_ids(tokenizer, train_set.texts, config.max_length)
-    label_ids = token_ids(tokenizer, label_table.texts, config.label_max_length)
-    dev_ids = token_ids(tokenizer, dev_set.texts, config.max_length) if dev_set else None
+    product_ids = _token_ids(tokenizer, train_set.texts, config.max_length, train_images)
+    label_ids = _token_ids(tokenizer, label_table.texts, config.label_max_length, label_images)
+    dev_ids = _token_ids(tokenizer, dev_set.texts, config.max_length, dev_images) if dev_set else None
 
     def dev_metrics() -> dict[str, float]:
         """The dual encoder alone: dev products scored against the label-text embeddings."""
-        vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_),
-                                                    config.label_vector_scale)
-        return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_), vectors, dev_set.labels, config,
-                               inv_p)
+        vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_,
+                                                               images=label_images), config.label_vector_scale)
+        return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images), vectors,
+                               dev_set.labels, config, inv_p)
 
     loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
     encoder.freeze_bottom(config.freeze_layers)
@@ -109,9 +126,10 @@ def train(
     elif resume and checkpoint.exists():
         epochs = torch.load(checkpoint, map_location="cpu", weights_only=False)["epochs"]  # the plan of the run
     else:
-        epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show)
-    trainable = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate(encoder, config), weight_decay=config.weight_decay)
+        epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show,
+                              (train_images, label_images))
+    optimizer = torch.optim.AdamW(_param_groups(encoder, config), lr=learning_rate(encoder, config),
+                                  weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
     scheduler = _warmup_linear_decay(optimizer, config.warmup_steps, max(1, steps_per_epoch * epochs))
     seen_embeddings = np.zeros((len(train_set), encoder.dim), dtype=np.float32)  # for clustering
@@ -134,7 +152,7 @@ def train(
         with show.task(f"epoch {epoch + 1}/{epochs}", total=len(train_set), unit="pairs") as update:
             for batch in batches:
                 loss, embeddings = _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set, batch,
-                                               product_ids, label_ids, pad_id, rng, dev_)
+                                               product_ids, label_ids, pad_id, rng, dev_, (train_images, label_images))
                 seen_embeddings[batch] = embeddings
                 total_loss += loss * len(batch)
                 update(len(batch), loss=loss)
@@ -163,8 +181,8 @@ def train(
     # Second stage: label vectors on frozen product embeddings of the kept encoder.
     started = time.perf_counter()
     with show.task("embedding labels and training products", total=len(label_ids) + len(product_ids)) as update:
-        label_embeddings = encode_ids(encoder, label_ids, pad_id, device=dev_, progress=update)
-        products = encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update)
+        label_embeddings = encode_ids(encoder, label_ids, pad_id, device=dev_, progress=update, images=label_images)
+        products = encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update, images=train_images)
     with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
         vectors = fit_label_vectors(products, train_set.labels, label_embeddings, scale=config.label_vector_scale,
                                     epochs=config.label_vector_epochs, lr=config.label_vector_lr, seed=config.seed,
@@ -174,7 +192,7 @@ def train(
     dev_result = None
     if dev_set is not None:
         # Both, on one embedding of the dev set: the label vectors alone (for the record) and the final scoring.
-        dev_products = encode_ids(encoder, dev_ids, pad_id, device=dev_)
+        dev_products = encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images)
         final["dev_label_vectors"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p)
         dev_result = final["dev"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p, neighbours)
         show.log("label vectors: dev " + _short(final["dev_label_vectors"]))
@@ -189,16 +207,33 @@ def train(
                                                   "n_train": len(train_set)}, indent=2) + "\n")
     if neighbours is not None:
         layout.save_neighbours(out, products, train_set.labels)
-    layout.save_sample_texts(out, train_set.texts)
+    layout.save_sample_texts(out, train_set.texts, train_images)
     layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs)
     checkpoint.unlink(missing_ok=True)
     return TrainResult(out, history, dev_result)
 
 
+def _token_ids(tokenizer, texts: list[str], max_length: int, images: ImageInputs | None) -> list[list[int]]:
+    """Token ids; a decoder's prompt gets the image prefix on the rows that have a usable image."""
+    return token_ids(tokenizer, texts, max_length, images.has_image if images is not None else None)
+
+
+def _param_groups(encoder, config: Config) -> list[dict]:
+    """AdamW groups: the encoder's trainable weights at its rate; the image projection at ``image_lr``."""
+    projection = list(encoder.image_projection.parameters()) if isinstance(encoder, FusedEncoder) else []
+    skip = {id(p) for p in projection}
+    groups = [{"params": [p for p in encoder.parameters() if p.requires_grad and id(p) not in skip],
+               "lr": learning_rate(encoder, config)}]
+    if projection:
+        groups.append({"params": projection, "lr": config.image_lr})
+    return groups
+
+
 def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: LabelledSet, batch, product_ids, label_ids,
-                pad_id, rng, device):
+                pad_id, rng, device, images=(None, None)):
     """One optimisation step on the products ``batch``; returns (loss, their embeddings as numpy)."""
-    loss, products = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device)
+    loss, products = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device,
+                                 images)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in encoder.parameters() if p.requires_grad], config.grad_clip)
@@ -207,21 +242,28 @@ def _train_step(encoder, loss_fn, optimizer, scheduler, config, train_set: Label
     return float(loss.detach()), products.detach().float().cpu().numpy()
 
 
-def _batch_loss(encoder, loss_fn, train_set: LabelledSet, batch, product_ids, label_ids, pad_id, rng, device):
-    """Triplet loss of the products ``batch`` (one sampled positive each, in-batch labels as negatives)."""
+def _batch_loss(encoder, loss_fn, train_set: LabelledSet, batch, product_ids, label_ids, pad_id, rng, device,
+                images=(None, None)):
+    """Triplet loss of the products ``batch`` (one sampled positive each, in-batch labels as negatives).
+
+    ``images``: ``(product ImageInputs, label ImageInputs)``, either None (text only).
+    """
+    product_images, label_images = images
     positives = np.array([rng.choice(train_set.labels[i]) for i in batch])
     batch_labels, positive_col = np.unique(positives, return_inverse=True)
     is_relevant = np.array([np.isin(batch_labels, train_set.labels[i]) for i in batch])
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        products = _embed_with_grad(encoder, [product_ids[i] for i in batch], pad_id, device)
-        labels = _embed_with_grad(encoder, [label_ids[i] for i in batch_labels], pad_id, device)
+        products = _embed_with_grad(encoder, [product_ids[i] for i in batch], pad_id, device,
+                                    product_images.take(batch) if product_images is not None else None)
+        labels = _embed_with_grad(encoder, [label_ids[i] for i in batch_labels], pad_id, device,
+                                  label_images.take(batch_labels) if label_images is not None else None)
         scores = products.float() @ labels.float().T
         loss = loss_fn(scores, torch.from_numpy(positive_col).to(device), torch.from_numpy(is_relevant).to(device))
     return loss, products
 
 
 def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, product_ids, label_ids, pad_id, device,
-                 show: Progress) -> int:
+                 show: Progress, images=(None, None)) -> int:
     """``epochs = "auto"``: as many epochs (at most ``auto_max_epochs``) as fit in ``time_budget_minutes``.
 
     The time of an epoch is projected from a few forward+backward passes on random batches (no optimiser step, so
@@ -235,7 +277,7 @@ def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, produ
     for step, batch in enumerate(batches):
         if step == 1:  # the first pass warms up (allocations, CUDA kernels); time the others
             started = time.perf_counter()
-        loss, _ = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device)
+        loss, _ = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device, images)
         loss.backward()
         encoder.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -250,7 +292,8 @@ def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, produ
     return epochs
 
 
-def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device) -> torch.Tensor:
+def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device,
+                     images: ImageInputs | None = None) -> torch.Tensor:
     """Embeddings of ``ids`` in input order, keeping the graph for backward.
 
     On CPU the sequences go through in length-sorted chunks of ``CPU_CHUNK``: each chunk is padded only to its own
@@ -261,8 +304,11 @@ def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device) -> torc
     order = np.argsort([len(x) for x in ids], kind="stable")
     parts = []
     for start in range(0, len(ids), chunk):
-        input_ids, mask = pad([ids[i] for i in order[start:start + chunk]], pad_id)
-        parts.append(encoder(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device))["embedding"])
+        rows = order[start:start + chunk]
+        input_ids, mask = pad([ids[i] for i in rows], pad_id)
+        extra = images.take(rows).tensors(device) if images is not None else {}
+        parts.append(encoder(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device),
+                             **extra)["embedding"])
     return torch.cat(parts)[torch.from_numpy(np.argsort(order)).to(device)]
 
 

@@ -221,6 +221,21 @@ class ImageFeatures:
         self.max_images = max_images
         self.dim = int(dim)
 
+    def embed_batch(self, values: Sequence[Any], encoder: VisionEncoder, summary: ImageEmbedSummary, row0: int = 0,
+                    batch_size: int = 32, options: img.FetchOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``batch(values)`` after embedding the images of ``values`` not cached yet (counted in ``summary``).
+
+        For training and tagging, which see each catalog batch once: reading, decoding (in ``options.workers``
+        threads) and embedding happen only for pictures whose embedding is missing; ``encoder`` must be the cache's
+        model (same ``model_id``). Row numbers in the summary's examples start at ``row0``.
+        """
+        if encoder.model_id != self.cache.model_id:
+            raise ValueError(f"encoder {encoder.model_id} does not match the cache's model {self.cache.model_id}")
+        values = list(values)
+        _embed_batch(values, self.base_dir, row0, encoder, self.cache, self.sources, self.max_images, batch_size,
+                     options or img.FetchOptions(), False, summary)
+        return self.batch(values)
+
     def batch(self, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         import hashlib
 

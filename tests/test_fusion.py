@@ -1,0 +1,300 @@
+"""Image fusion end to end: train -> export -> tag on a small synthetic catalog with images, parity of the fused ONNX
+graph, batch invariance, broken/missing images counted, the image cache reused.
+
+The vision model is the tiny random CLIP of test_vision.py; the text model the tiny BERT of conftest.py. Images are
+noisy solid squares in the product's colour, as inline bytes or relative paths; every tenth row has none, a missing
+file or bytes that are no picture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from conftest import make_catalog
+from test_vision import encoded, tiny_models  # noqa: F401 - tiny_models is a fixture used here
+from typer.testing import CliRunner
+
+from xmctag import Config, Tagger, UserError, export, run_dir, train
+from xmctag import bundle as layout
+from xmctag.backend.runtime import create_session
+from xmctag.models.embedding import encode_ids, encode_texts
+from xmctag.models.fusion import FusedEncoder, ImageInputs
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+
+RGB = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20), "black": (0, 0, 0),
+       "white": (255, 255, 255), "yellow": (240, 240, 0), "pink": (255, 150, 200), "grey": (128, 128, 128)}
+
+
+def square(colour: str, seed: int) -> bytes:
+    from PIL import Image
+
+    noise = np.random.default_rng(seed).integers(-20, 20, (20, 20, 3))
+    return encoded(Image.fromarray(np.clip(np.array(RGB[colour]) + noise, 0, 255).astype(np.uint8)))
+
+
+def with_images(frame: pl.DataFrame, seed: int, directory) -> pl.DataFrame:
+    """Adds a Binary ``image`` column (relative paths go in a second catalog, see ``catalog_with_paths``)."""
+    values = []
+    for i, labels in enumerate(frame["labels"].to_list()):
+        colour = labels[0].split(":")[1]
+        values.append({3: None, 7: b"\x89PNG not a picture"}.get(i % 10, square(colour, seed * 1000 + i)))
+    return frame.with_columns(pl.Series("image", values, dtype=pl.Binary))
+
+
+@pytest.fixture(scope="module")
+def image_catalog(tmp_path_factory):
+    out = tmp_path_factory.mktemp("image-catalog")
+    for name, n, seed in (("train", 120, 1), ("dev", 40, 2)):
+        with_images(make_catalog(n, seed), seed, out).write_parquet(out / f"{name}.parquet")
+    # A catalog to tag whose images are files named relative to it (one missing), plus inline bytes.
+    (out / "img").mkdir()
+    frame = make_catalog(30, 3)
+    paths = []
+    for i, labels in enumerate(frame["labels"].to_list()):
+        (out / "img" / f"{i}.png").write_bytes(square(labels[0].split(":")[1], 3000 + i))
+        paths.append("img/missing.png" if i % 10 == 5 else f"img/{i}.png")
+    frame.with_columns(pl.Series("image", paths)).write_parquet(out / "tag.parquet")
+    from conftest import make_labels
+
+    make_labels().write_parquet(out / "labels.parquet")
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_run(tmp_path_factory, image_catalog, tiny_encoder_dir, tiny_models):  # noqa: F811
+    out = tmp_path_factory.mktemp("fused-runs") / "run"
+    config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=1, batch_size=32, lr=1e-3,
+                    warmup_steps=2, max_length=16, label_max_length=12, cluster_size=8, label_vector_epochs=2)
+    train(image_catalog / "train.parquet", image_catalog / "labels.parquet", out, dev=image_catalog / "dev.parquet",
+          config=config, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_bundle(fused_run, tmp_path_factory):
+    return export(fused_run, tmp_path_factory.mktemp("fused-export") / "bundle", progress=False)
+
+
+def run_images(run, catalog) -> ImageInputs:
+    """The image inputs of a catalog's rows, read from the run's cache."""
+    from xmctag.vision.embed import ImageFeatures
+
+    fusion = run_dir.load_fusion(run)
+    reader = ImageFeatures(fusion["cache_dir"], fusion["model_id"], fusion["dim"], catalog.parent)
+    return ImageInputs(*reader.batch(pl.read_parquet(catalog)["image"].to_list()))
+
+
+# -- config and data ---------------------------------------------------------------------------------------------
+def test_vision_auto_none_and_explicit(image_catalog, catalog_dir):
+    from xmctag.training.images import resolve_vision
+
+    assert resolve_vision(Config(), image_catalog / "train.parquet").vision == "builtin:efficientnet-lite0"
+    assert resolve_vision(Config(), catalog_dir / "train.parquet").vision == "none"  # no image column: text only
+    assert resolve_vision(Config(vision="none"), image_catalog / "train.parquet").vision == "none"
+    with pytest.raises(UserError, match="needs the image column"):
+        resolve_vision(Config(vision="some/model"), catalog_dir / "train.parquet")
+    with pytest.raises(UserError, match="max_images"):
+        Config(max_images=0).validate()
+    assert Config().image_lr == 5e-4 and Config().image_cache_dir is None
+
+
+def test_labelled_set_keeps_image_values_aligned_with_rows(image_catalog):
+    from xmctag.data import LabelTable, load_labelled_set
+
+    config = Config()
+    labels = LabelTable.load(image_catalog / "labels.parquet", config)
+    data = load_labelled_set(image_catalog / "train.parquet", config, labels)
+    assert len(data.images) == len(data) == 120 and data.images[3] is None and isinstance(data.images[0], bytes)
+    assert load_labelled_set(image_catalog / "train.parquet", Config(vision="none"), labels).images is None
+    assert labels.images is None  # this label table has no image column
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+def test_fused_run_holds_projection_fusion_info_and_image_counts(fused_run, tiny_models):  # noqa: F811
+    from safetensors.torch import load_file
+
+    fusion = run_dir.load_fusion(fused_run)
+    assert fusion["dim"] == 16 and fusion["max_images"] == 1 and fusion["image_col"] == "image"
+    assert fusion["cache_dir"] == str((fused_run / "image_cache").resolve())  # default: inside the run
+    counts = fusion["images"]["train"]
+    assert counts["products"] == 120 and counts["failures"] == {"undecodable": 12}
+    assert counts["with_image"] == 96 and counts["newly_embedded"] == 96
+    weights = load_file(fused_run / run_dir.PROJECTION)
+    assert weights["weight"].shape == (32, 16) and weights["bias"].shape == (32,)
+    encoder, _ = run_dir.load_run(fused_run).encoder_and_tokenizer()
+    assert isinstance(encoder, FusedEncoder)
+    torch.testing.assert_close(encoder.image_projection.weight.detach(), weights["weight"])
+    assert json.loads((fused_run / run_dir.CONFIG).read_text())["vision"] == str(tiny_models["clip"])
+    assert "Image fusion" in (fused_run / run_dir.CARD).read_text()
+
+
+def test_projection_has_its_own_learning_rate(tiny_encoder_dir):
+    from xmctag.models.registry import load_pretrained
+    from xmctag.training.trainer import _param_groups
+
+    _, backbone = load_pretrained(tiny_encoder_dir)
+    encoder = FusedEncoder(backbone, vision_dim=16)
+    groups = _param_groups(encoder, Config(lr=1e-3, image_lr=7e-4))
+    assert [g["lr"] for g in groups] == [1e-3, 7e-4]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in encoder.image_projection.parameters()}
+    assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in groups[1]["params"]}
+
+
+def test_embedding_does_not_depend_on_batch_or_padding(fused_run, image_catalog):
+    encoder, tokenizer = run_dir.load_run(fused_run).encoder_and_tokenizer()
+    frame = pl.read_parquet(image_catalog / "dev.parquet").head(12)
+    images = run_images(fused_run, image_catalog / "dev.parquet").take(np.arange(12))
+    assert 0 < images.has_image.sum() < 12  # rows with and without an image
+    texts = frame["title"].to_list()
+    texts[1] = texts[1] + " with a much longer title than all the others in this batch"
+    ids = token_ids(tokenizer, texts, 16)
+    alone = np.vstack([encode_ids(encoder, [ids[i]], pad_id_of(tokenizer), images=images.take([i]))
+                       for i in range(len(ids))])
+    for batch_size in (3, 64):
+        together = encode_ids(encoder, ids, pad_id_of(tokenizer), batch_size=batch_size, images=images)
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+    # A product without an image is encoded exactly as text only; one with an image is not.
+    text_only = encode_ids(encoder, ids, pad_id_of(tokenizer))
+    np.testing.assert_allclose(alone[~images.has_image], text_only[~images.has_image], atol=1e-5)
+    assert np.abs(alone[images.has_image] - text_only[images.has_image]).max() > 1e-3
+
+
+def test_second_run_with_a_shared_cache_embeds_nothing_new(image_catalog, tiny_encoder_dir, tiny_models,  # noqa: F811
+                                                           tmp_path):
+    config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=0, max_length=16,
+                    label_max_length=12, label_vector_epochs=1, knn_neighbours=0,
+                    image_cache_dir=str(tmp_path / "cache"))
+    for name in ("first", "second"):
+        train(image_catalog / "dev.parquet", image_catalog / "labels.parquet", tmp_path / name, config=config,
+              progress=False)
+    first, second = (run_dir.load_fusion(tmp_path / n)["images"]["train"] for n in ("first", "second"))
+    assert first["newly_embedded"] == first["ok"] > 0 and first["cached"] == 0
+    assert second["newly_embedded"] == 0 and second["cached"] == second["ok"] == first["ok"]
+    assert not (tmp_path / "first" / "image_cache").exists()
+
+
+# -- export --------------------------------------------------------------------------------------------------------
+def test_fused_bundle_manifest_and_vision_graph(fused_bundle, fused_run):
+    manifest = json.loads((fused_bundle / layout.MANIFEST).read_text())
+    assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask", "image_embedding", "image_mask"]
+    fusion = manifest["fusion"]
+    assert (fusion["vision_dim"], fusion["max_images"], fusion["image_col"]) == (16, 1, "image")
+    assert fusion["model_id"] == run_dir.load_fusion(fused_run)["model_id"]
+    assert fusion["vision_graph"]["files"] == ["vision.onnx"] and "fp32 only" in fusion["vision_graph"]["precision"]
+    assert not (fused_bundle / "vision.fp16.onnx").exists()
+    parity = manifest["parity_max_abs"]
+    assert parity[layout.ONNX_FP32] <= 1e-4 and parity[layout.ONNX_FP16] <= 5e-3
+    assert parity["vision"]["vision.onnx"]["normalised"] <= 1e-4
+    assert "vision.onnx" in manifest["files"] and "vision.json" in manifest["files"]
+
+
+@pytest.mark.parametrize("graph,tolerance", [(layout.ONNX_FP32, 1e-4), (layout.ONNX_FP16, 5e-3)])
+def test_fused_onnx_matches_pytorch_with_and_without_images(fused_bundle, fused_run, image_catalog, graph,
+                                                            tolerance):
+    encoder, tokenizer = run_dir.load_run(fused_run).encoder_and_tokenizer()
+    encoder.eval()
+    session = create_session(fused_bundle / graph)
+    frame = pl.read_parquet(image_catalog / "dev.parquet").head(10)
+    images = run_images(fused_run, image_catalog / "dev.parquet").take(np.arange(10))
+    assert 0 < images.has_image.sum() < 10
+    ids, mask = pad(token_ids(tokenizer, frame["title"].to_list(), 16), pad_id_of(tokenizer))
+    for rows in (np.arange(1), np.arange(10)):
+        with torch.no_grad():
+            expected = encoder(torch.from_numpy(ids[rows]), torch.from_numpy(mask[rows]),
+                               **images.take(rows).tensors("cpu"))["embedding"].numpy()
+        got = session.run(["embedding"], {"input_ids": ids[rows], "attention_mask": mask[rows],
+                                          "image_embedding": images.features[rows],
+                                          "image_mask": images.mask[rows].astype(np.int64)})[0]
+        assert np.abs(got - expected).max() <= tolerance
+
+
+# -- tagging -------------------------------------------------------------------------------------------------------
+def test_tag_fused_bundle_counts_images_and_matches_pytorch(fused_bundle, fused_run, image_catalog, tmp_path):
+    tagger = Tagger.load(fused_bundle, device="cpu")
+    cache = tmp_path / "tag-cache"  # empty: every picture of the catalog is embedded with vision.onnx
+    first = tagger.tag_file(image_catalog / "tag.parquet", tmp_path / "p1.parquet", top_k=3, batch_size=8,
+                            progress=False, cache_dir=cache, workers=2)
+    assert first.rows_tagged == 30 and first.image_cache == cache
+    assert first.images == {"used": 27, "missing": 3, "broken": 0, "cached": 0, "newly_embedded": 27,
+                            "products_with_image": 27}
+    second = tagger.tag_file(image_catalog / "tag.parquet", tmp_path / "p2.parquet", top_k=3, batch_size=8,
+                             progress=False, cache_dir=cache)
+    assert (second.images["cached"], second.images["newly_embedded"]) == (27, 0)
+    assert pl.read_parquet(tmp_path / "p1.parquet").equals(pl.read_parquet(tmp_path / "p2.parquet"))
+    # The ONNX path (vision.onnx + fused graph) gives PyTorch's embeddings (features from the PyTorch CLIP).
+    from xmctag.vision.encoders import load_vision_encoder
+
+    encoder, tokenizer = run_dir.load_run(fused_run).encoder_and_tokenizer()
+    frame = pl.read_parquet(image_catalog / "tag.parquet")
+    clip = load_vision_encoder(run_dir.load_fusion(fused_run)["vision"])
+    from PIL import Image
+
+    features = np.zeros((30, 1, 16), np.float32)
+    mask = np.zeros((30, 1), np.float32)
+    for i, path in enumerate(frame["image"].to_list()):
+        if "missing" not in path:
+            features[i, 0] = clip.embed([Image.open(image_catalog / path).convert("RGB")])[0]
+            mask[i, 0] = 1
+    expected = encode_texts(encoder, tokenizer, frame["title"].to_list(), 16, images=ImageInputs(features, mask))
+    images = tagger.images(cache).features(frame["image"].to_list(), image_catalog)
+    np.testing.assert_allclose(tagger.embed(frame["title"].to_list(), images), expected, atol=1e-4)
+
+
+def test_tag_with_broken_images_and_the_cli(fused_bundle, image_catalog, tmp_path):
+    from xmctag.cli import app
+
+    result = CliRunner().invoke(app, ["tag", str(image_catalog / "dev.parquet"), "--model", str(fused_bundle),
+                                      "-o", str(tmp_path / "p.parquet"), "--quiet", "--workers", "2"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    # The bundle's cache (the run's) already holds the dev images: no new embedding, broken ones counted.
+    assert "images: 32 used (32 cached, 0 newly embedded), 0 missing, 4 broken" in result.output
+    assert pl.read_parquet(tmp_path / "p.parquet").height == 40
+
+
+def test_cache_falls_back_next_to_the_output_when_the_bundle_cache_is_not_writable(tmp_path):
+    from xmctag.vision.tagging import resolve_cache_dir
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    assert resolve_cache_dir(None, str(blocked / "cache"), tmp_path / "o" / "p.parquet") == \
+        tmp_path / "o" / "xmctag-image-cache"
+    assert resolve_cache_dir(None, str(tmp_path / "ok"), tmp_path / "p.parquet") == tmp_path / "ok"
+    assert resolve_cache_dir(tmp_path / "mine", str(tmp_path / "ok"), None) == tmp_path / "mine"
+
+
+def test_text_only_bundle_has_no_image_path(trained_run):
+    assert run_dir.load_fusion(trained_run) is None
+    assert json.loads((trained_run / run_dir.CONFIG).read_text())["vision"] == "none"
+
+
+def test_fused_decoder_puts_the_image_before_the_eos_and_is_batch_invariant(tmp_path_factory):
+    """Decoders: the image prefix only on rows with an image; embeddings independent of batch and padding."""
+    from test_decoder import SMALL, TEXTS, make_tokenizer
+    from transformers import Qwen2Config, Qwen2Model
+
+    from xmctag.models.decoder import prepare_model
+
+    tokenizer = make_tokenizer(bos=False)
+    torch.manual_seed(0)
+    backbone = Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), **SMALL))
+    config = Config(pooling="last", lora_rank=0, max_images=2)
+    tokenizer, encoder = prepare_model(tokenizer, backbone, config, torch.device("cpu"), vision_dim=16)
+    assert isinstance(encoder, FusedEncoder) and tokenizer.template.image_tokens == 2
+    rng = np.random.default_rng(0)
+    mask = np.array([[1, 0], [0, 0], [1, 1], [0, 0], [1, 0], [0, 0], [1, 1]], np.float32)
+    images = ImageInputs(rng.normal(size=(len(TEXTS), 2, 16)).astype(np.float32), mask)
+    encoder.init_projection(images.features[images.mask > 0])
+    ids = token_ids(tokenizer, TEXTS, 24, images.has_image)
+    prefix = list(tokenizer.template.image_prefix_ids)
+    assert ids[0][-len(prefix) - 1:-1] == prefix and ids[1][-len(prefix) - 1:-1] != prefix
+    pad_id = pad_id_of(tokenizer)
+    alone = np.vstack([encode_ids(encoder, [ids[i]], pad_id, images=images.take([i])) for i in range(len(ids))])
+    np.testing.assert_allclose(encode_ids(encoder, ids, pad_id, batch_size=3, images=images), alone, atol=1e-5)
+    np.testing.assert_allclose(encode_ids(encoder, ids, pad_id, images=images), alone, atol=1e-5)
+    text_only = encode_ids(encoder, ids, pad_id)
+    np.testing.assert_allclose(alone[~images.has_image], text_only[~images.has_image], atol=1e-5)
