@@ -298,3 +298,16 @@ def test_fused_decoder_puts_the_image_before_the_eos_and_is_batch_invariant(tmp_
     np.testing.assert_allclose(encode_ids(encoder, ids, pad_id, images=images), alone, atol=1e-5)
     text_only = encode_ids(encoder, ids, pad_id)
     np.testing.assert_allclose(alone[~images.has_image], text_only[~images.has_image], atol=1e-5)
+
+
+def test_catalog_without_the_image_column_is_tagged_text_only(fused_bundle, image_catalog, tmp_path):
+    tagger = Tagger.load(fused_bundle, device="cpu")
+    frame = pl.read_parquet(image_catalog / "tag.parquet")
+    frame.drop("image").write_parquet(tmp_path / "no-column.parquet")
+    frame.with_columns(pl.lit(None, dtype=pl.String).alias("image")).write_parquet(tmp_path / "null-images.parquet")
+    summary = tagger.tag_file(tmp_path / "no-column.parquet", tmp_path / "a.parquet", top_k=3, progress=False,
+                              cache_dir=tmp_path / "cache")
+    assert summary.rows_tagged == 30 and summary.images["used"] == 0
+    tagger.tag_file(tmp_path / "null-images.parquet", tmp_path / "b.parquet", top_k=3, progress=False,
+                    cache_dir=tmp_path / "cache")
+    assert pl.read_parquet(tmp_path / "a.parquet").equals(pl.read_parquet(tmp_path / "b.parquet"))

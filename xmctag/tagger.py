@@ -235,7 +235,9 @@ class Tagger:
                 batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict)
                 features = None
                 if images is not None and len(batch):
-                    features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
+                    # A catalog without the image column is tagged text only (every image slot masked out).
+                    features = (images.features(batch["image"].to_list(), catalog.parent, row0=rows)
+                                if "image" in batch.columns else images.empty(len(batch)))
                 rows += len(frame)
                 yield len(frame), batch, features
 

@@ -312,10 +312,15 @@ def load_images(
                 slot.status = UNDECODABLE
         return slot
 
-    done: list[LoadedImage] = []
-    if tasks:
-        with ThreadPoolExecutor(max_workers=max(1, min(options.workers, len(tasks)))) as pool:
-            done = list(pool.map(work, tasks))
+    # Inline bytes that need no decoding are only hashed: done here, since a thread hand-off costs more than a
+    # sha256 of a few kB (this is the whole image work of tagging with a warm cache).
+    inline = [not decode and t.kind in ("bytes", "invalid") for t in tasks]
+    done: list[LoadedImage | None] = [work(t) if quick else None for t, quick in zip(tasks, inline)]
+    pooled = [i for i, quick in enumerate(inline) if not quick]
+    if pooled:
+        with ThreadPoolExecutor(max_workers=max(1, min(options.workers, len(pooled)))) as pool:
+            for i, slot in zip(pooled, pool.map(work, [tasks[i] for i in pooled])):
+                done[i] = slot
     results = []
     for sources in products:
         slots = []
