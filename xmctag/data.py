@@ -59,15 +59,18 @@ def check_columns(path: Path, names: list[str], columns: list[str]) -> None:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(names)})")
 
 
-def read_arrow(path: str | Path, columns: list[str]) -> pa.Table:
-    """The given columns of a whole Parquet or CSV file as an Arrow table (the training side's reader)."""
+def read_arrow(path: str | Path, columns: list[str], optional: list[str] | tuple[str, ...] = ()) -> pa.Table:
+    """The given columns of a whole Parquet or CSV file as an Arrow table (the training side's reader), plus those
+    of ``optional`` that the file has."""
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    check_columns(path, table_columns(path), columns)
+    names = table_columns(path)
+    check_columns(path, names, columns)
+    columns = [*columns, *(c for c in optional if c in names and c not in columns)]
     try:
         if _is_csv(path):
             return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=columns))
@@ -76,20 +79,11 @@ def read_arrow(path: str | Path, columns: list[str]) -> pa.Table:
         raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> "pl.DataFrame":
-    """A whole Parquet or CSV file as a polars frame (tagging and evaluation), checking that ``columns`` exist."""
+def read_table(path: str | Path, columns: list[str]) -> "pl.DataFrame":
+    """``read_arrow`` as a polars frame (tagging and evaluation)."""
     import polars as pl
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    check_columns(path, table_columns(path), columns or [])
-    try:
-        if _is_csv(path):
-            return pl.read_csv(path, columns=columns, infer_schema_length=10000)
-        return pl.read_parquet(path, columns=columns)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+    return pl.from_arrow(read_arrow(path, columns))
 
 
 def product_text(values: list[Any]) -> str | None:
@@ -120,9 +114,9 @@ def wants_images(config: Config) -> bool:
     return config.vision != "none"
 
 
-def _image_column(names: list[str], config: Config) -> list[str]:
-    """``[image_col]`` when images are wanted and the file has the column, else ``[]`` (read nothing extra)."""
-    return [config.image_col] if wants_images(config) and config.image_col in names else []
+def _image_columns(config: Config) -> list[str]:
+    """``[image_col]`` when images are wanted (read if the file has it), else ``[]`` (read nothing extra)."""
+    return [config.image_col] if wants_images(config) else []
 
 
 @dataclass
@@ -147,10 +141,10 @@ class LabelTable:
     @classmethod
     def load(cls, path: str | Path, config: Config) -> "LabelTable":
         path = Path(path)
-        names = table_columns(path) if path.is_file() else []
-        extra = [c for c in config.label_extra_cols if c in names]
-        image_col = _image_column(names, config)
-        table = read_arrow(path, [config.label_id_col, config.label_text_col, *extra, *image_col])
+        table = read_arrow(path, [config.label_id_col, config.label_text_col],
+                           optional=[*config.label_extra_cols, *_image_columns(config)])
+        extra = [c for c in config.label_extra_cols if c in table.column_names]
+        image_col = [c for c in _image_columns(config) if c in table.column_names]
         ids = _strings(table, config.label_id_col)
         nulls = sum(x is None for x in ids)
         if nulls:
@@ -212,8 +206,8 @@ def load_labelled_set(path: str | Path, config: Config, labels: LabelTable) -> L
     With images wanted (``wants_images``) and an image column in the file, each kept row's image value is kept too.
     """
     path = Path(path)
-    image_col = _image_column(table_columns(path) if path.is_file() else [], config)
-    table = read_arrow(path, [config.id_col, *config.text_cols, config.labels_col, *image_col])
+    table = read_arrow(path, [config.id_col, *config.text_cols, config.labels_col], optional=_image_columns(config))
+    image_col = [c for c in _image_columns(config) if c in table.column_names]
     label_type = table.column(config.labels_col).type
     if not _is_list(label_type):
         raise UserError(f"{path}: column {config.labels_col} must be a list of label ids, got {label_type}")

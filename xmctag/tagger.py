@@ -234,10 +234,9 @@ class Tagger:
             for frame in _read_batches(catalog, columns, batch_size):
                 batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict)
                 features = None
-                if images is not None and len(batch):
-                    # A catalog without the image column is tagged text only (every image slot masked out).
-                    features = (images.features(batch["image"].to_list(), catalog.parent, row0=rows)
-                                if "image" in batch.columns else images.empty(len(batch)))
+                # A catalog without the image column is tagged text only (``embed`` masks every image slot).
+                if images is not None and len(batch) and "image" in batch.columns:
+                    features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
                 rows += len(frame)
                 yield len(frame), batch, features
 

@@ -90,10 +90,6 @@ class BundleImages:
         self.slots_seen += summary.images
         return features, mask.astype(np.int64)
 
-    def empty(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs of ``n`` products without images (all slots masked)."""
-        return (np.zeros((n, self.max_images, self.dim), np.float32), np.zeros((n, self.max_images), np.int64))
-
 
 def resolve_cache_dir(requested: str | Path | None, bundle_cache: str | None, output: Path | None) -> Path:
     """``requested`` as given, else the bundle's cache if writable, else ``<output dir>/xmctag-image-cache``."""
