@@ -175,6 +175,37 @@ def test_masked_image_token_changes_nothing_and_a_real_one_does(qwen2_dir):
     assert (fused - text_only).abs().max() > 1e-3  # the EOS (last pooling) sees the image token before it
 
 
+def test_centre_follows_the_running_mean_while_training_and_is_a_constant_in_eval(qwen2_dir, monkeypatch):
+    import xmctag.models.encoder as module
+
+    raw = []  # the pooled vectors before centring, as the encoder computed them
+    monkeypatch.setitem(module.POOLING, "mean", lambda h, m: raw.append(module.mean_pool(h, m)) or raw[-1])
+    assert load_decoder(qwen2_dir)[0].center is None  # off by default
+    encoder, tokenizer, _ = load_decoder(qwen2_dir, lora_dropout=0.0, centering="ema", center_momentum=0.9)
+    randomise_lora(encoder)
+    first, second = (tuple(map(torch.from_numpy, pad(token_ids(tokenizer, texts, 24), pad_id_of(tokenizer))))
+                     for texts in (TEXTS[:4], TEXTS[4:]))
+    with torch.no_grad():
+        encoder(*first)  # eval mode: no update
+        assert not encoder.center.any()
+        encoder.train()
+        encoder(*first)  # the first update takes the batch mean as is
+        torch.testing.assert_close(encoder.center, raw[-1].mean(0))
+        encoder(*second)  # then an exponential moving average
+        torch.testing.assert_close(encoder.center, 0.9 * raw[-2].mean(0) + 0.1 * raw[-1].mean(0))
+        encoder.eval()
+        centre = encoder.center.clone()
+        out = encoder(*first)["embedding"]
+        torch.testing.assert_close(out, torch.nn.functional.normalize(raw[-1] - centre, dim=-1))
+        torch.testing.assert_close(encoder.center, centre)
+        lengths = first[1].sum(dim=1).tolist()
+        alone = torch.cat([encoder(first[0][i:i + 1, :n], first[1][i:i + 1, :n])["embedding"]
+                           for i, n in enumerate(lengths)])
+    torch.testing.assert_close(alone, out, atol=1e-5, rtol=0)  # the centre is shared, the rows stay independent
+    # Centring is not a no-op on these models: pooled vectors share a common component.
+    assert (out - torch.nn.functional.normalize(raw[-1], dim=-1)).abs().max() > 1e-2
+
+
 # -- LoRA ----------------------------------------------------------------------------------------------------------
 def test_lora_trains_only_adapters_and_merged_weights_reproduce_the_model(qwen2_dir, tmp_path):
     encoder, tokenizer, _ = load_decoder(qwen2_dir, lora_rank=4, use_rslora=True)
@@ -206,8 +237,9 @@ def test_decoder_settings_are_validated(qwen2_dir):
 def decoder_run(tmp_path_factory, catalog_dir, qwen2_dir):
     work = tmp_path_factory.mktemp("decoder-runs")
     pl.read_parquet(catalog_dir / "train.parquet").head(160).write_parquet(work / "train.parquet")
+    # centering on: the run, the export and its parity checks then cover the saved centre too
     config = Config(encoder=qwen2_dir, epochs=1, batch_size=64, lora_lr=1e-3, warmup_steps=2, max_length=16,
-                    label_max_length=12, cluster_size=8, label_vector_epochs=3, lora_rank=4)
+                    label_max_length=12, cluster_size=8, label_vector_epochs=3, lora_rank=4, centering="ema")
     train(work / "train.parquet", catalog_dir / "labels.parquet", work / "qwen2", config=config, progress=False)
     return work / "qwen2"
 
@@ -223,6 +255,10 @@ def test_run_holds_merged_plain_weights(decoder_run):
     weights = load_file(next((decoder_run / run_dir.MODEL).glob("*.safetensors")))
     assert not any("lora" in k or "base_layer" in k for k in weights)
     assert "layers.0.self_attn.q_proj.weight" in weights
+    centre = np.load(decoder_run / run_dir.POOLING_CENTER)  # trained with centring ...
+    assert centre.shape == (32,) and np.abs(centre).max() > 0
+    encoder = run_dir.load_encoder(decoder_run)  # ... and loaded with it (the export's parity covers the graph)
+    np.testing.assert_array_equal(encoder.center.numpy(), centre)
     assert "LoRA rank 4" in (decoder_run / run_dir.CARD).read_text()
 
 

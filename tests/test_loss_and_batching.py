@@ -1,9 +1,13 @@
-"""Triplet loss with hard negatives and dynamic margin; hard-negative batching by balanced clusters."""
+"""Triplet loss with hard negatives and dynamic margin, the InfoNCE option, and which one a config picks;
+hard-negative batching by balanced clusters."""
 
 import numpy as np
 import pytest
 import torch
 
+from xmctag.config import Config
+from xmctag.losses import make_loss
+from xmctag.losses.infonce import InfoNCELoss
 from xmctag.losses.triplet import TripletOHNMLoss
 from xmctag.training.batching import balanced_clusters, batches_from_clusters
 
@@ -29,6 +33,31 @@ def test_triplet_loss_with_too_few_negatives():
     scores = torch.tensor([[0.5, 0.1]])
     loss = TripletOHNMLoss(num_negatives=10)(scores, torch.tensor([0]), torch.tensor([[True, False]]))
     assert loss.item() == pytest.approx(0.0)  # 0.1 - 0.5 + margin 0.3 < 0; missing negatives add nothing
+
+
+def test_infonce_by_hand_leaves_other_relevant_labels_out():
+    scores = torch.tensor([[0.9, 0.8, 0.2, 0.95],    # positive col 0; col 3 also relevant: not in the softmax
+                           [0.1, 0.5, 0.4, 0.0]])    # positive col 2
+    relevant = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    loss = InfoNCELoss(temperature=0.1)(scores, torch.tensor([0, 2]), relevant)
+    row0 = -torch.log_softmax(torch.tensor([9.0, 8.0, 2.0]), 0)[0]
+    row1 = -torch.log_softmax(torch.tensor([1.0, 5.0, 4.0, 0.0]), 0)[2]
+    assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-6)
+
+
+def test_identical_scores_cost_chance_level_for_infonce_and_the_margin_floor_for_the_triplet_loss():
+    """All scores alike (a collapsed encoder): log(#candidates) for the softmax loss, which any ranking of the
+    positive above the rest beats; num_negatives x margin_min for the triplet loss."""
+    scores = torch.full((1, 21), 0.7)
+    relevant = torch.zeros(1, 21, dtype=torch.bool)
+    relevant[0, 0] = True
+    assert InfoNCELoss(0.05)(scores, torch.tensor([0]), relevant).item() == pytest.approx(np.log(21))
+    assert TripletOHNMLoss(10, 0.1, 0.3)(scores, torch.tensor([0]), relevant).item() == pytest.approx(1.0)
+
+
+def test_the_config_picks_the_loss():
+    assert isinstance(make_loss(Config()), TripletOHNMLoss)  # the paper's loss is the default for every model
+    assert make_loss(Config(loss="infonce", temperature=0.2)).temperature == 0.2
 
 
 def test_balanced_clusters_partition_and_group_similar_items():

@@ -42,6 +42,8 @@ class Config:
     image_cache_dir: str | None = None  # image-embedding cache; None: <run dir>/image_cache
     # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
     pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
+    centering: str = "none"  # "ema": pooled minus a running mean before the L2 norm (experimental, see README)
+    center_momentum: float = 0.99  # of the running mean, per forward pass in training (fixed afterwards)
     prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
     image_prompt_prefix: str = "and its image"  # only for items that have an image
     lora_rank: int = 16  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`
@@ -61,6 +63,8 @@ class Config:
     weight_decay: float = 0.01
     freeze_layers: int = 0  # token embeddings + this many lowest transformer blocks stay fixed (faster on CPU)
     grad_clip: float = 1.0
+    loss: str = "triplet"  # "triplet" (hard negatives, dynamic margin) or "infonce" (softmax over the batch's labels)
+    temperature: float = 0.05  # softmax temperature of the infonce loss
     margin_min: float = 0.1  # dynamic triplet margin clamped to [margin_min, margin_max]
     margin_max: float = 0.3
     num_negatives: int = 10  # hardest in-batch negatives per product
@@ -112,6 +116,8 @@ class Config:
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.max_length >= 4 and self.label_max_length >= 4, "max lengths must be >= 4"),
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
+            (self.loss in ("triplet", "infonce"), f"loss must be triplet or infonce, not {self.loss!r}"),
+            (self.temperature > 0, "temperature must be > 0"),
             (bool(self.text_cols), "text_cols must name at least one column"),
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
             (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
@@ -128,6 +134,8 @@ class Config:
     def _validate_decoder_settings(self, source: str) -> None:
         checks = [
             (self.pooling in ("mean", "last"), f"pooling must be 'mean' or 'last', not {self.pooling!r}"),
+            (self.centering in ("none", "ema"), f"centering must be none or ema, not {self.centering!r}"),
+            (0.0 <= self.center_momentum < 1.0, "center_momentum must be in [0, 1)"),
             (self.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
             (self.lora_rank == 0 or bool(self.lora_target_modules), "lora_target_modules must name a module"),
             (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),

@@ -47,6 +47,7 @@ TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
 FUSION = "fusion.json"
 PROJECTION = "image_projection.safetensors"
+POOLING_CENTER = "pooling_center.npy"  # decoders: the mean subtracted before the L2 norm (TextEncoder centering)
 SAMPLE_IMAGES = "sample_images.npz"
 SAMPLE_ROWS = 96
 
@@ -59,22 +60,29 @@ def save_encoder(out: Path, encoder, tokenizer) -> None:
     tokenizer.save_pretrained(out / MODEL)
     if isinstance(encoder, FusedEncoder):
         save_projection(encoder, out / PROJECTION)
+    if encoder.center is not None:
+        np.save(out / POOLING_CENTER, encoder.center.detach().float().cpu().numpy())
 
 
 def load_encoder(out: Path):
     """The run's encoder: a ``TextEncoder``, or a ``FusedEncoder`` with its trained projection (``fusion.json``)."""
+    import torch
     from transformers import AutoModel
 
     from xmctag.models.encoder import TextEncoder
     from xmctag.models.fusion import FusedEncoder, load_projection
 
-    pooling = Config.load(out / CONFIG).pooling
+    options = {"pooling": Config.load(out / CONFIG).pooling, "centering": (out / POOLING_CENTER).exists()}
     backbone = AutoModel.from_pretrained(out / MODEL, local_files_only=True)
     fusion = load_fusion(out)
     if fusion is None:
-        return TextEncoder(backbone, pooling=pooling)
-    encoder = FusedEncoder(backbone, fusion["dim"], pooling=pooling)
-    load_projection(encoder, out / PROJECTION)
+        encoder = TextEncoder(backbone, **options)
+    else:
+        encoder = FusedEncoder(backbone, fusion["dim"], **options)
+        load_projection(encoder, out / PROJECTION)
+    if encoder.center is not None:
+        encoder.center.copy_(torch.from_numpy(np.load(out / POOLING_CENTER)))
+        encoder.center_updates.fill_(1)
     return encoder
 
 
@@ -181,11 +189,14 @@ def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config)
 
 def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
                      dev_metrics: dict[str, float] | None, epochs: int) -> None:
+    centred = ", minus the running mean of training (pooling_center.npy)" if (out / POOLING_CENTER).exists() else ""
+    loss = ("a triplet loss over hard in-batch negatives" if config.loss == "triplet"
+            else f"a softmax (InfoNCE) loss over the in-batch labels, temperature {config.temperature}")
     lines = [
         f"# xmctag model `{out.name}`",
         "",
-        f"Trained {datetime.date.today().isoformat()} with xmctag: a Siamese dual encoder (`{config.encoder}`, mean "
-        "pooling, L2 norm) trained with a triplet loss over hard in-batch negatives, plus per-label vectors fitted "
+        f"Trained {datetime.date.today().isoformat()} with xmctag: a Siamese dual encoder (`{config.encoder}`, "
+        f"{config.pooling} pooling{centred}, L2 norm) trained with {loss}, plus per-label vectors fitted "
         "on frozen product embeddings. Score = (1 − w) · sigmoid(scale × (⟨product, w_label⟩ + b_label)) + w · vote "
         f"of the {config.knn_neighbours} most similar training products (w = {config.knn_weight}).",
         "",
@@ -217,11 +228,7 @@ def _is_decoder(out: Path) -> bool:
 
 def _decoder_card_lines(out: Path, config: Config) -> list[str]:
     """For a decoder backbone: how it was trained (LoRA adapters at ``lora_lr``, merged) and its prompt."""
-    from transformers import AutoConfig
-
-    from xmctag.models.decoder import is_decoder_config
-
-    if not is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True)):
+    if not _is_decoder(out):
         return []
     training = (f"LoRA rank {config.lora_rank} (alpha {config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
                 f", learning rate {config.lora_lr}, merged into the saved weights" if config.lora_rank > 0

@@ -191,15 +191,18 @@ def _convert_decoder(source: Path, target: Path, fp16: bool) -> None:
     """Decoder LLMs skip the transformer optimizer: its fusions assume generation-shaped inputs (its fused rotary
     embedding rejects our per-row position ids) and gain little here; ONNX Runtime's own graph optimisations still
     run when a session loads the graph. fp16 keeps the RMSNorm subgraphs in fp32: squaring the residual stream of an
-    LLM overflows fp16 (its outlier channels reach the thousands)."""
+    LLM overflows fp16 (its outlier channels reach the thousands). So does everything after the backbone (pooling,
+    centring, L2 norm): the centre removes a component shared by all items, and what is left is a small difference
+    of large numbers that fp16 would round away."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(source))
     if fp16:
-        norms = [n.name for n in model.graph.node if "norm/" in n.name]
+        tail = [n.name for n in model.graph.node if n.name.startswith("/") and not n.name.startswith("/backbone/")]
+        keep_fp32 = [n.name for n in model.graph.node if "norm/" in n.name] + tail  # tail: pooling, centre, L2 norm
         wrapped = OnnxModel(model)
-        wrapped.convert_float_to_float16(keep_io_types=True, node_block_list=norms)
+        wrapped.convert_float_to_float16(keep_io_types=True, node_block_list=keep_fp32)
         model = wrapped.model
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     if weights > 1_800_000_000:  # protobuf files stop at 2 GiB: larger models keep their weights beside the graph

@@ -52,10 +52,9 @@ def prepare_model(tokenizer, backbone, config: Config, device: torch.device, vis
     from xmctag.models.fusion import FusedEncoder
     from xmctag.models.prompt import prompt_tokenizer
 
-    if vision_dim:
-        encoder = FusedEncoder(backbone, vision_dim, pooling=config.pooling)
-    else:
-        encoder = TextEncoder(backbone, pooling=config.pooling)
+    options = {"pooling": config.pooling, "centering": config.centering == "ema",
+               "center_momentum": config.center_momentum}
+    encoder = FusedEncoder(backbone, vision_dim, **options) if vision_dim else TextEncoder(backbone, **options)
     if not encoder.is_decoder:
         return tokenizer, encoder.to(device)
     tokenizer = prompt_tokenizer(tokenizer, backbone.config, config)

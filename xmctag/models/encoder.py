@@ -25,22 +25,20 @@ from xmctag.models.decoder import is_decoder_config
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T, H)`` hidden states, ``(B, T)`` 0/1 mask -> ``(B, H)`` L2-normalised mean over unmasked tokens."""
+    """``(B, T, H)`` hidden states, ``(B, T)`` 0/1 mask -> ``(B, H)`` mean over unmasked tokens (not normalised)."""
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     summed = (hidden * weights).sum(dim=1)
-    pooled = summed / weights.sum(dim=1).clamp(min=1.0)
-    return nn.functional.normalize(pooled, p=2, dim=-1)
+    return summed / weights.sum(dim=1).clamp(min=1.0)
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T, H)``, ``(B, T)`` 0/1 mask -> ``(B, H)`` L2-normalised hidden state of each row's last real token.
+    """``(B, T, H)``, ``(B, T)`` 0/1 mask -> ``(B, H)`` hidden state of each row's last real token (not normalised).
 
     "Last" is the highest unmasked position, so it also holds where masked extra tokens sit mid-sequence.
     """
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
     last = (positions * (mask > 0)).argmax(dim=1)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return nn.functional.normalize(pooled, p=2, dim=-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 POOLING = {"mean": mean_pool, "last": last_token_pool}
@@ -70,9 +68,19 @@ class TextEncoder(nn.Module):
 
     ``backbone`` is a ``transformers`` base model (``AutoModel``). ``self.config`` is the backbone's config: the
     ONNX exporter (Optimum) reads model dimensions from it. ``pooling``: ``"mean"`` or ``"last"``.
+
+    ``centering`` (opt-in, ``Config.centering = "ema"``): the pooled vector minus ``self.center`` is what gets
+    L2-normalised. A pretrained LLM's pooled embeddings share one large common component (SmolLM2: mean pairwise
+    cosine 0.95), and a triplet loss over hard negatives then heads for its trivial minimum, every embedding alike,
+    as the fastest way to shrink gaps it cannot yet rank. While training, ``center`` follows the running mean of
+    the pooled vectors of every forward pass, products and labels alike (an exponential moving average with
+    ``center_momentum``, started at the first batch's mean; DINO's remedy for collapse), so moving all embeddings
+    toward one point gains nothing after centring. In eval mode it is a constant: items stay independent of each
+    other, and the export bakes it in.
     """
 
-    def __init__(self, backbone: nn.Module, pooling: str = "mean"):
+    def __init__(self, backbone: nn.Module, pooling: str = "mean", centering: bool = False,
+                 center_momentum: float = 0.99):
         super().__init__()
         if pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)}, not {pooling!r}")
@@ -80,6 +88,25 @@ class TextEncoder(nn.Module):
         self.config = backbone.config
         self.pooling = pooling
         self.is_decoder = is_decoder_config(backbone.config)
+        self.center_momentum = center_momentum
+        if centering:
+            self.register_buffer("center", torch.zeros(self.dim))
+            self.register_buffer("center_updates", torch.zeros((), dtype=torch.long))
+        else:
+            self.center = None
+
+    def _embedding(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pools, centres (when on; updating the running centre in training mode) and L2-normalises."""
+        pooled = POOLING[self.pooling](hidden, mask)
+        if self.center is not None:
+            if self.training:
+                with torch.no_grad():
+                    batch_mean = pooled.detach().float().mean(dim=0)
+                    keep = self.center_momentum if int(self.center_updates) > 0 else 0.0
+                    self.center.mul_(keep).add_(batch_mean, alpha=1.0 - keep)
+                    self.center_updates += 1
+            pooled = pooled - self.center.to(pooled.dtype)
+        return {"embedding": nn.functional.normalize(pooled, p=2, dim=-1)}
 
     @property
     def dim(self) -> int:
@@ -116,21 +143,20 @@ class TextEncoder(nn.Module):
         extra_embeds: torch.Tensor | None = None,
         extra_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        pool = POOLING[self.pooling]
         if self.is_decoder:
-            return self._decoder_forward(input_ids, attention_mask, extra_embeds, extra_mask, pool)
+            return self._decoder_forward(input_ids, attention_mask, extra_embeds, extra_mask)
         if extra_embeds is None:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return {"embedding": pool(hidden, attention_mask)}
+            return self._embedding(hidden, attention_mask)
         token_embeds = self.backbone.get_input_embeddings()(input_ids)
         embeds = torch.cat([extra_embeds.to(token_embeds.dtype), token_embeds], dim=1)
         mask = torch.cat([extra_mask.to(attention_mask.dtype), attention_mask], dim=1)
         # Positions count only real tokens, so a masked extra token does not shift the text's positions.
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        return {"embedding": pool(hidden, mask)}
+        return self._embedding(hidden, mask)
 
-    def _decoder_forward(self, input_ids, attention_mask, extra_embeds, extra_mask, pool) -> dict[str, torch.Tensor]:
+    def _decoder_forward(self, input_ids, attention_mask, extra_embeds, extra_mask) -> dict[str, torch.Tensor]:
         """Causal attention over right-padded rows; extras (if any) just before each row's EOS; positions from mask."""
         inputs = {"input_ids": input_ids}
         mask = attention_mask
@@ -142,4 +168,4 @@ class TextEncoder(nn.Module):
         # tokens only, which makes a masked extra token invisible and keeps each row independent of padding.
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         hidden = self.backbone(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return {"embedding": pool(hidden.last_hidden_state, mask)}
+        return self._embedding(hidden.last_hidden_state, mask)

@@ -52,8 +52,8 @@ class ImageInputs:
 class FusedEncoder(TextEncoder):
     """``TextEncoder`` + ``image_projection``; without ``image_embedding`` it is the plain text encoder."""
 
-    def __init__(self, backbone: nn.Module, vision_dim: int, pooling: str = "mean"):
-        super().__init__(backbone, pooling=pooling)
+    def __init__(self, backbone: nn.Module, vision_dim: int, pooling: str = "mean", **kwargs):
+        super().__init__(backbone, pooling=pooling, **kwargs)
         self.vision_dim = int(vision_dim)
         self.image_projection = nn.Linear(self.vision_dim, self.dim)
 

@@ -31,7 +31,7 @@ from xmctag.config import Config
 from xmctag.data import LabelledSet, LabelTable, load_labelled_set
 from xmctag.errors import UserError
 from xmctag.evaluation.evaluator import evaluate_scores
-from xmctag.losses.triplet import TripletOHNMLoss
+from xmctag.losses import make_loss
 from xmctag.models.decoder import learning_rate, prepare_model
 from xmctag.models.embedding import encode_ids
 from xmctag.models.fusion import FusedEncoder, ImageInputs
@@ -118,7 +118,7 @@ def train(
         return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images), vectors,
                                dev_set.labels, config, inv_p)
 
-    loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    loss_fn = make_loss(config)
     encoder.freeze_bottom(config.freeze_layers)
     checkpoint = out / layout.CHECKPOINT
     if config.epochs != "auto":
