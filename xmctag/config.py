@@ -43,7 +43,7 @@ class Config:
     # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
     pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
     centering: str = "none"  # "ema": pooled minus a running mean before the L2 norm (experimental, see README)
-    center_momentum: float = 0.99  # of the running mean, per forward pass in training (fixed afterwards)
+    center_momentum: float = 0.9  # of the running mean, per forward pass in training (0.99 lagged: collapsed)
     prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
     image_prompt_prefix: str = "and its image"  # only for items that have an image
     lora_rank: int = 16  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`

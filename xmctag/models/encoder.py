@@ -80,7 +80,7 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean", centering: bool = False,
-                 center_momentum: float = 0.99):
+                 center_momentum: float = 0.9):
         super().__init__()
         if pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)}, not {pooling!r}")
