@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_overrides, print_header  # noqa: E402
+from common import parse_overrides, print_header, write_title_subsets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,21 +45,12 @@ def main() -> int:
     args = parser.parse_args()
 
     import numpy as np
-    import pyarrow.parquet as pq
 
     import xmctag
     import xmctag.training.trainer as trainer
 
     print_header(f"collapse check: {args.encoder}")
-    args.work.mkdir(parents=True, exist_ok=True)
-    columns = ["id", "title", "labels"]
-    train_all = pq.read_table(args.dataset / "train.parquet", columns=columns)
-    rows = np.sort(np.random.default_rng(args.seed).choice(train_all.num_rows, args.train_rows, replace=False))
-    train_path = args.work / f"train.{args.train_rows}.seed{args.seed}.parquet"
-    pq.write_table(train_all.take(rows), train_path)
-    dev_all = pq.read_table(args.dataset / "dev.parquet", columns=columns)
-    dev_path = args.work / f"dev.{args.dev_rows or dev_all.num_rows}.parquet"
-    pq.write_table(dev_all.slice(0, args.dev_rows) if args.dev_rows else dev_all, dev_path)
+    train_path, dev_path, _ = write_title_subsets(args.dataset, args.work, args.train_rows, args.dev_rows, args.seed)
     config = xmctag.Config.create(None, encoder=args.encoder, epochs=args.epochs, vision="none",
                                   **parse_overrides(args.set))
 

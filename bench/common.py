@@ -56,6 +56,26 @@ def print_header(title: str) -> None:
     print()
 
 
+def write_title_subsets(dataset: Path, work: Path, train_rows: int, dev_rows: int, seed: int) -> tuple[Path, Path, int]:
+    """``id``/``title``/``labels`` of ``train_rows`` training rows sampled with ``seed`` (0: all) and of the first
+    ``dev_rows`` dev rows (0: all), written under ``work``; returns (train path, dev path, training rows taken).
+    pyarrow only, so that it also runs on the GPU machine."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    work.mkdir(parents=True, exist_ok=True)
+    columns = ["id", "title", "labels"]
+    train_all = pq.read_table(dataset / "train.parquet", columns=columns)
+    n_rows = min(train_rows, train_all.num_rows) if train_rows else train_all.num_rows
+    taken = np.sort(np.random.default_rng(seed).choice(train_all.num_rows, n_rows, replace=False))
+    train_path = work / f"train.{n_rows}.seed{seed}.parquet"
+    pq.write_table(train_all.take(taken), train_path)
+    dev = pq.read_table(dataset / "dev.parquet", columns=columns)
+    dev_path = work / f"dev.{dev_rows or 'all'}.parquet"
+    pq.write_table(dev.slice(0, dev_rows) if dev_rows else dev, dev_path)
+    return train_path, dev_path, n_rows
+
+
 def markdown_table(header: list[str], rows: list[list[str]], right_align_from: int = 1) -> str:
     align = ["---" if i < right_align_from else "---:" for i in range(len(header))]
     lines = [header, align, *rows]

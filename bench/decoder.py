@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, parse_overrides, print_header  # noqa: E402
+from common import markdown_table, parse_overrides, print_header, write_title_subsets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"minilm": "builtin:minilm-l6", "smollm2": "builtin:smollm2-135m"}
@@ -44,23 +44,11 @@ SHAPES = {  # random models for the throughput mode, shaped like the real ones
 
 # -- quality ---------------------------------------------------------------------------------------------------------
 def quality(args) -> int:
-    import numpy as np
-    import pyarrow.parquet as pq
-
     import xmctag
 
     # pyarrow only (no polars): this mode also runs on a GPU box that has torch, transformers, peft and pyarrow.
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    columns = ["id", "title", "labels"]
-    train_all = pq.read_table(args.dataset / "train.parquet", columns=columns)
-    n_rows = min(args.train_rows, train_all.num_rows) if args.train_rows else train_all.num_rows
-    rows_taken = np.sort(np.random.default_rng(args.seed).choice(train_all.num_rows, n_rows, replace=False))
-    subset_path = work / f"train.{n_rows}.seed{args.seed}.parquet"
-    pq.write_table(train_all.take(rows_taken), subset_path)
-    dev = pq.read_table(args.dataset / "dev.parquet", columns=columns)
-    dev_path = work / f"dev.{args.dev_rows or 'all'}.parquet"
-    pq.write_table(dev.slice(0, args.dev_rows) if args.dev_rows else dev, dev_path)
+    subset_path, dev_path, n_rows = write_title_subsets(args.dataset, work, args.train_rows, args.dev_rows, args.seed)
     labels_path = args.dataset / "labels.parquet"
     overrides = parse_overrides(args.set)
     encoders = dict(MODELS, **dict(x.split("=", 1) for x in args.model_path))

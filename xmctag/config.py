@@ -118,6 +118,8 @@ class Config:
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
             (self.loss in ("triplet", "infonce"), f"loss must be triplet or infonce, not {self.loss!r}"),
             (self.temperature > 0, "temperature must be > 0"),
+            (self.centering in ("none", "ema"), f"centering must be none or ema, not {self.centering!r}"),
+            (0.0 <= self.center_momentum < 1.0, "center_momentum must be in [0, 1)"),
             (bool(self.text_cols), "text_cols must name at least one column"),
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
             (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
@@ -134,8 +136,6 @@ class Config:
     def _validate_decoder_settings(self, source: str) -> None:
         checks = [
             (self.pooling in ("mean", "last"), f"pooling must be 'mean' or 'last', not {self.pooling!r}"),
-            (self.centering in ("none", "ema"), f"centering must be none or ema, not {self.centering!r}"),
-            (0.0 <= self.center_momentum < 1.0, "center_momentum must be in [0, 1)"),
             (self.lora_rank >= 0, "lora_rank must be >= 0 (0: no LoRA)"),
             (self.lora_rank == 0 or bool(self.lora_target_modules), "lora_target_modules must name a module"),
             (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),

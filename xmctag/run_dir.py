@@ -47,7 +47,7 @@ TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
 FUSION = "fusion.json"
 PROJECTION = "image_projection.safetensors"
-POOLING_CENTER = "pooling_center.npy"  # decoders: the mean subtracted before the L2 norm (TextEncoder centering)
+POOLING_CENTER = "pooling_center.npy"  # centering = "ema": the mean subtracted before the L2 norm (TextEncoder)
 SAMPLE_IMAGES = "sample_images.npz"
 SAMPLE_ROWS = 96
 
@@ -69,16 +69,13 @@ def load_encoder(out: Path):
     import torch
     from transformers import AutoModel
 
-    from xmctag.models.encoder import TextEncoder
-    from xmctag.models.fusion import FusedEncoder, load_projection
+    from xmctag.models.fusion import load_projection, make_encoder
 
-    options = {"pooling": Config.load(out / CONFIG).pooling, "centering": (out / POOLING_CENTER).exists()}
     backbone = AutoModel.from_pretrained(out / MODEL, local_files_only=True)
     fusion = load_fusion(out)
-    if fusion is None:
-        encoder = TextEncoder(backbone, **options)
-    else:
-        encoder = FusedEncoder(backbone, fusion["dim"], **options)
+    encoder = make_encoder(backbone, fusion["dim"] if fusion else None, pooling=Config.load(out / CONFIG).pooling,
+                           centering=(out / POOLING_CENTER).exists())
+    if fusion is not None:
         load_projection(encoder, out / PROJECTION)
     if encoder.center is not None:
         encoder.center.copy_(torch.from_numpy(np.load(out / POOLING_CENTER)))

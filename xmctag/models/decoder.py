@@ -48,13 +48,11 @@ def prepare_model(tokenizer, backbone, config: Config, device: torch.device, vis
 
     ``vision_dim``: image fusion on; the encoder is a ``FusedEncoder`` with a fresh projection from that width.
     """
-    from xmctag.models.encoder import TextEncoder
-    from xmctag.models.fusion import FusedEncoder
+    from xmctag.models.fusion import make_encoder
     from xmctag.models.prompt import prompt_tokenizer
 
-    options = {"pooling": config.pooling, "centering": config.centering == "ema",
-               "center_momentum": config.center_momentum}
-    encoder = FusedEncoder(backbone, vision_dim, **options) if vision_dim else TextEncoder(backbone, **options)
+    encoder = make_encoder(backbone, vision_dim, pooling=config.pooling, centering=config.centering == "ema",
+                           center_momentum=config.center_momentum)
     if not encoder.is_decoder:
         return tokenizer, encoder.to(device)
     tokenizer = prompt_tokenizer(tokenizer, backbone.config, config)

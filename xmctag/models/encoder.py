@@ -102,8 +102,9 @@ class TextEncoder(nn.Module):
             if self.training:
                 with torch.no_grad():
                     batch_mean = pooled.detach().float().mean(dim=0)
-                    keep = self.center_momentum if int(self.center_updates) > 0 else 0.0
-                    self.center.mul_(keep).add_(batch_mean, alpha=1.0 - keep)
+                    # A tensor, not a Python branch: reading center_updates would sync a GPU on every pass.
+                    keep = (self.center_updates > 0).float() * self.center_momentum
+                    self.center.mul_(keep).add_(batch_mean * (1.0 - keep))
                     self.center_updates += 1
             pooled = pooled - self.center.to(pooled.dtype)
         return {"embedding": nn.functional.normalize(pooled, p=2, dim=-1)}

@@ -82,6 +82,12 @@ class FusedEncoder(TextEncoder):
         weight.mul_((token_norm / norm).to(weight.dtype))
 
 
+def make_encoder(backbone: nn.Module, vision_dim: int | None = None, **options) -> TextEncoder:
+    """A ``FusedEncoder`` when ``vision_dim`` is given (image fusion), else a ``TextEncoder``; ``options`` go to
+    ``TextEncoder`` (``pooling``, ``centering``, ``center_momentum``)."""
+    return FusedEncoder(backbone, vision_dim, **options) if vision_dim else TextEncoder(backbone, **options)
+
+
 PROJECTION_FILE = "image_projection.safetensors"
 
 
