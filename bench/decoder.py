@@ -13,9 +13,10 @@ run. SmolLM2 is ~6x MiniLM's parameters and reads ~4 more prompt tokens per item
 the comparison is meant for a GPU machine (training uses CUDA with bf16 autocast when torch sees one).
 
 Throughput mode builds a randomly initialised model shaped like Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads,
-2 KV heads, intermediate 4864, vocab 151936) with xmctag's decoder setup (LoRA on q/k/v/o, gradient checkpointing
-on CUDA) and measures training pairs/s (one pair = a product and its positive label, as in ``xmctag.train``) and
-encoding items/s (``encode_ids``, inference) on random token ids with EURLEX-like lengths. CUDA + bf16 autocast
+2 KV heads, intermediate 4864, vocab 151936) with xmctag's decoder setup (LoRA as configured: the defaults plus
+any ``--set``; gradient checkpointing on CUDA) and measures training pairs/s (one pair = a product and its positive
+label, as in ``xmctag.train``) and encoding items/s (``encode_ids``, inference) on random token ids with
+EURLEX-like lengths. CUDA + bf16 autocast
 when available; on CPU it runs a few small steps only (use ``--layers`` to shrink the model for a smoke run).
 """
 
@@ -87,8 +88,8 @@ def throughput(args) -> int:
     from transformers import AutoConfig, AutoModel
 
     from xmctag.config import Config
-    from xmctag.losses.triplet import TripletOHNMLoss
-    from xmctag.models.decoder import add_lora
+    from xmctag.losses import make_loss
+    from xmctag.models.decoder import add_lora, resolve_kind_defaults
     from xmctag.models.embedding import encode_ids
     from xmctag.models.encoder import TextEncoder
     from xmctag.training.trainer import _embed_with_grad
@@ -100,10 +101,11 @@ def throughput(args) -> int:
     batch = args.batch_size or (128 if cuda else 8)
     steps = args.steps or (10 if cuda else 2)
     n_items = args.items or (8192 if cuda else 32)
-    config = Config(**parse_overrides(args.set))
     torch.manual_seed(0)
     backbone = AutoModel.from_config(AutoConfig.for_model(model_type, **shape))
-    encoder = TextEncoder(backbone, pooling=config.pooling)
+    config = resolve_kind_defaults(Config(**parse_overrides(args.set)), backbone.config)  # decoder: InfoNCE, centring
+    encoder = TextEncoder(backbone, pooling=config.pooling, centering=config.centering == "ema",
+                          center_momentum=config.center_momentum)
     if config.lora_rank > 0:
         add_lora(backbone, config)
     if cuda and config.gradient_checkpointing:
@@ -111,7 +113,7 @@ def throughput(args) -> int:
     encoder.to(device)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lora_lr if config.lora_rank > 0 else config.lr)
-    loss_fn = TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    loss_fn = make_loss(config)
     rng = np.random.default_rng(0)
 
     def random_ids(n: int, low: int, high: int) -> list[list[int]]:
@@ -136,7 +138,8 @@ def throughput(args) -> int:
     print_header(f"decoder throughput ({args.shape}-shaped random model)")
     print(f"- device: {torch.cuda.get_device_name() if cuda else 'CPU'}{', bf16 autocast' if cuda else ', fp32'}; "
           f"{shape['num_hidden_layers']} layers, {n_params / 1e6:.0f}M parameters, "
-          f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable (LoRA rank {config.lora_rank}); "
+          f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable (LoRA rank {config.lora_rank}), "
+          f"{config.loss} loss; "
           f"gradient checkpointing {'on' if cuda and config.gradient_checkpointing else 'off'}")
     print(f"- training: batches of {batch} products (24-64 tokens) + {batch} labels (8-32 tokens), {steps} timed steps "
           f"after 2 warm-up steps; encoding: {n_items} items of {args.encode_tokens} tokens, batches of "

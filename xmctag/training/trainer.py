@@ -5,8 +5,9 @@
    model; products (and labels) then carry one projected token per usable image (``xmctag.models.fusion``), the
    projection trained jointly with the encoder at its own learning rate ``image_lr``.
 2. Siamese dual-encoder training: each step takes a batch of products, samples one positive label for each,
-   embeds products and the batch's labels with the same encoder, and applies the triplet loss with the hardest
-   in-batch negatives. From ``cluster_start_epoch`` on, batches are made of clusters of similar products
+   embeds products and the batch's labels with the same encoder, and applies the loss (encoders: the triplet
+   loss with the hardest in-batch negatives; decoders: InfoNCE over the batch's labels, see ``resolve_kind_defaults``
+   in ``xmctag.models.decoder``). From ``cluster_start_epoch`` on, batches are made of clusters of similar products
    (clustered on the embeddings seen during the previous epoch), so that in-batch negatives are hard.
 3. After each epoch: dev evaluation (when a dev set is given), best model kept, checkpoint for ``--resume``.
 4. Second stage: embed all training products with the best encoder, fit per-label vectors on them
@@ -32,7 +33,7 @@ from xmctag.data import LabelledSet, LabelTable, load_labelled_set
 from xmctag.errors import UserError
 from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.losses import make_loss
-from xmctag.models.decoder import learning_rate, prepare_model
+from xmctag.models.decoder import learning_rate, prepare_model, resolve_kind_defaults
 from xmctag.models.embedding import encode_ids
 from xmctag.models.fusion import FusedEncoder, ImageInputs
 from xmctag.models.registry import load_pretrained
@@ -77,6 +78,7 @@ def train(
     config = config or Config()
     config.validate()
     config = resolve_vision(config, train)  # "auto" -> a vision model or "none", saved as such
+    config = resolve_kind_defaults(config)  # loss / centering "auto" -> the encoder kind's, saved as such
     out = Path(out)
     show = Progress(progress)
     dev_ = resolve_device(device)
