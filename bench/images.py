@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: --work/image_cache); `xmctag embed-images` can fill it beforehand")
     parser.add_argument("--budget", type=float, default=8.0, help="fine-tuning minutes per model (epochs=auto)")
     parser.add_argument("--views", nargs="+", default=["full", "weak"], choices=["full", "weak"])
+    parser.add_argument("--modes", nargs="+", default=["title", "image"], choices=["title", "image"],
+                        help="title only and/or title + image")
     parser.add_argument("--throughput-rows", type=int, default=0, help="rows tagged for throughput (0: all train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Config overrides (all runs)")
     args = parser.parse_args(argv)
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             paths[split] = work / f"{split}.{view}.parquet"
             pq.write_table(weak_titles(table) if view == "weak" else table, paths[split])
         for mode, vision in (("title", "none"), ("title + image", "auto")):
+            if ("image" if vision == "auto" else "title") not in args.modes:
+                continue
             name = f"{view} titles, {mode}"
             tag = f"{view}-{'image' if vision == 'auto' else 'text'}"
             config = xmctag.Config(vision=vision, image_cache_dir=str(cache_dir), time_budget_minutes=args.budget,
