@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU-machine session behind the GPU rows of bench/RESULTS.md (decoder vs encoder on full EURLEX-57K titles,
 # decoder throughput). That machine has torch, pyarrow and an older/newer transformers, no internet and takes at
-# most 64 MiB per call, so what it needs travels in three git-ignored folders made here beforehand:
+# most 64 MiB per call, so what it needs travels in three git-ignored folders that `python bench/gpu_prepare.py`
+# makes here beforehand:
 #   .gpu/a: wheels (transformers 4.57, tokenizers, huggingface-hub, peft, gguf: the versions xmctag is tested with),
 #           EURLEX-57K id/title/labels Parquet files, the SmolLM2 tokenizer, the first part of the SmolLM2 GGUF file
 #   .gpu/b: the rest of the GGUF file and its sha256
 #   .gpu/c: all-MiniLM-L6-v2 (weights stored fp16 to fit; restored to fp32 there)
-# and one call per stage, back to back while the machine stays warm:
+# and one call per stage (carrying .gpu/a, .gpu/b, .gpu/c in turn), back to back while the machine stays warm
+# (it is handed back after about 30 idle seconds):
 #   bash bench/gpu_session.sh a [throughput]   # install, smoke-train a tiny decoder on CUDA (+ decoder throughput)
 #   bash bench/gpu_session.sh b EPOCHS [FILE]  # assemble the GGUF, start the SmolLM2 runs of FILE in the background
 #   bash bench/gpu_session.sh c EPOCHS         # MiniLM training (same epochs), wait for SmolLM2, collect results
