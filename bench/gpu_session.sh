@@ -55,7 +55,7 @@ EOF
         python3 bench/decoder.py --throughput --shape $shape "${layers[@]}" | tee -a "$OUT/throughput.md"
     done
     if [ "$smoke" != 1 ]; then
-        python3 bench/decoder.py --throughput --shape qwen2.5-0.5b --batch-size 512 --steps 4 \
+        python3 bench/decoder.py --throughput --shape qwen2.5-0.5b --batch-size 512 --steps 4 --compile \
             | tee -a "$OUT/throughput.md"
     fi
     ;;
