@@ -298,6 +298,17 @@ def test_run_holds_merged_plain_weights(decoder_run):
     assert "LoRA rank 4" in (decoder_run / run_dir.CARD).read_text()
 
 
+def test_saved_label_embeddings_come_from_the_saved_merged_weights(decoder_run):
+    # Stage two (label vectors, neighbour votes) runs on the encoder as saved, adapters merged, the weights that
+    # export and tagging load; the unmerged training model differs in the last bits.
+    run = run_dir.load_run(decoder_run)
+    encoder, tokenizer = run.encoder_and_tokenizer()
+    assert not has_lora(encoder.backbone)
+    again = encode_ids(encoder, token_ids(tokenizer, run.labels.texts, run.config.label_max_length),
+                       pad_id_of(tokenizer))
+    np.testing.assert_array_equal(again, run.label_embeddings)
+
+
 def test_decoder_bundle_parity_and_prompt_in_the_manifest(decoder_bundle, decoder_run):
     manifest = json.loads((decoder_bundle / layout.MANIFEST).read_text())
     assert manifest["parity_max_abs"][layout.ONNX_FP32] <= 1e-4

@@ -33,7 +33,7 @@ from xmctag.data import LabelledSet, LabelTable, load_labelled_set
 from xmctag.errors import UserError
 from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.losses import make_loss
-from xmctag.models.decoder import learning_rate, prepare_model, resolve_kind_defaults
+from xmctag.models.decoder import has_lora, learning_rate, prepare_model, resolve_kind_defaults
 from xmctag.models.embedding import encode_ids
 from xmctag.models.fusion import FusedEncoder, ImageInputs
 from xmctag.models.registry import load_pretrained
@@ -178,6 +178,11 @@ def train(
         layout.save_encoder(out, encoder, tokenizer)  # zero epochs: the pretrained encoder as is
     elif best["epoch"] != epochs:
         show.log(f"keeping the encoder of epoch {best['epoch']} (best on dev)")
+        encoder = layout.load_encoder(out).to(dev_)
+    if has_lora(encoder.backbone):
+        # The saved encoder has the adapters merged into plain weights: about 1.5x faster to run than base + A + B
+        # (SmolLM2 on CPU), and what export and tagging load, so the label and neighbour embeddings saved below
+        # come from the very weights the bundle will run.
         encoder = layout.load_encoder(out).to(dev_)
 
     # Second stage: label vectors on frozen product embeddings of the kept encoder.
