@@ -238,6 +238,8 @@ def test_decoder_settings_are_validated(qwen2_dir):
             Config.from_dict(bad)
     with pytest.raises(UserError, match="lora_target_modules"):
         load_decoder(qwen2_dir, lora_target_modules=["no_such_proj"])
+    with pytest.warns(UserWarning, match="no_such_proj match no module of this model; LoRA adapters on q_proj only"):
+        load_decoder(qwen2_dir, lora_target_modules=["q_proj", "no_such_proj"])
 
 
 # -- train -> export -> tag -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -103,6 +104,13 @@ def add_lora(backbone: torch.nn.Module, config: Config) -> None:
         raise UserError(f"lora_target_modules {','.join(config.lora_target_modules)}: {e}") from None
     for name, param in backbone.named_parameters():
         param.requires_grad_("lora_" in name)
+    # The default names are Llama/Qwen/Mistral's; another architecture may match only some (phi3: o_proj and
+    # down_proj, not its fused qkv_proj / gate_up_proj). Say so rather than train fewer adapters silently.
+    adapted = {name.rsplit(".", 1)[-1] for name, module in backbone.named_modules() if hasattr(module, "lora_A")}
+    unmatched = [m for m in config.lora_target_modules if m not in adapted]
+    if unmatched:
+        warnings.warn(f"lora_target_modules {','.join(unmatched)} match no module of this model; LoRA adapters on "
+                      f"{','.join(sorted(adapted))} only", stacklevel=2)
 
 
 def merged_state_dict(backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
