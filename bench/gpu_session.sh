@@ -11,7 +11,9 @@
 # (it is handed back after about 30 idle seconds):
 #   bash bench/gpu_session.sh a [throughput]   # install, smoke-train a tiny decoder on CUDA (+ decoder throughput)
 #   bash bench/gpu_session.sh b EPOCHS [FILE]  # assemble the GGUF, start the SmolLM2 runs of FILE in the background
-#   bash bench/gpu_session.sh c EPOCHS         # MiniLM training (same epochs), wait for SmolLM2, collect results
+#   bash bench/gpu_session.sh c EPOCHS [ARGS]  # MiniLM training (same epochs; ARGS go to bench/decoder.py), wait
+#                                              # for SmolLM2, collect results. SKIP_MINILM=1: no MiniLM (and no
+#                                              # .gpu/c needed); THROUGHPUT=1: then decoder throughput, GPU alone
 # FILE (default bench/gpu_runs.txt) has one SmolLM2 run per line: a name, then Config overrides (KEY=VALUE, values
 # JSON where possible); all runs share the GPU (each is bound by per-step overhead, not by the GPU's arithmetic).
 # Results land in $OUT (the device tool's output folder). SMOKE=1 shrinks everything for a dry run on a CPU.
@@ -84,29 +86,41 @@ b)
     ;;
 c)
     epochs=$2
-    mkdir -p "$G/minilm"
-    cp .gpu/c/minilm/* "$G/minilm/"
-    python3 - "$G/minilm" <<'EOF'
+    names=$(cut -d' ' -f1 "$G/runs")
+    if [ "${SKIP_MINILM:-0}" != 1 ]; then
+        names="minilm $names"
+        mkdir -p "$G/minilm"
+        cp .gpu/c/minilm/* "$G/minilm/"
+        python3 - "$G/minilm" <<'EOF'
 import sys
 from safetensors.torch import load_file, save_file
 d = sys.argv[1]
 save_file({k: v.float().contiguous() for k, v in load_file(f"{d}/model.fp16.safetensors").items()},
           f"{d}/model.safetensors")
 EOF
-    rm "$G/minilm/model.fp16.safetensors"
-    python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" --dataset "$G/data/eurlex57k" \
-        --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-minilm" "${@:3}" > "$G/minilm.log" 2>&1 \
-        || echo "MiniLM run failed"
+        rm "$G/minilm/model.fp16.safetensors"
+        python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" --dataset "$G/data/eurlex57k" \
+            --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-minilm" "${@:3}" \
+            > "$G/minilm.log" 2>&1 || echo "MiniLM run failed"
+    fi
     end=$((SECONDS + ${WAIT_S:-480}))  # bounded: what finished still comes back before the call's limit
     while read -r _ pid; do
         while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
     done < "$G/runs"
-    for name in minilm $(cut -d' ' -f1 "$G/runs"); do
+    for name in $names; do
         echo "== $name"
         grep -v "━" "$G/$name.log" > "$OUT/$name.log" || true
         cp "$G/work-$name/summary.json" "$OUT/$name.summary.json" 2>/dev/null || echo "no summary for $name"
         grep -i "epoch\|dev\|error\|P@1" "$OUT/$name.log" | tail -n 12
     done
+    # Throughput with the GPU to itself, once the runs are done: the rank-64 defaults, merged and compiled encoding.
+    if [ "${THROUGHPUT:-0}" = 1 ]; then
+        big=(--batch-size 512 --steps 4)
+        [ "$smoke" = 1 ] && big=("${layers[@]}")
+        for shape in qwen2.5-0.5b smollm2-135m; do
+            python3 bench/decoder.py --throughput --shape $shape "${big[@]}" --compile | tee -a "$OUT/throughput.md"
+        done
+    fi
     ;;
 *)
     echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS" >&2; exit 2;;
