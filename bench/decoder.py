@@ -2,6 +2,7 @@
 
     python bench/decoder.py                       # SmolLM2-135M vs MiniLM on an 8k-row EURLEX-57K subset, full dev
     python bench/decoder.py --epochs 3 --train-rows 8000 --set max_length=48
+    python bench/decoder.py --epochs 1 --equal-time   # then MiniLM for as long as SmolLM2's epoch took
     python bench/decoder.py --throughput          # Qwen2.5-0.5B-shaped random model: pairs/s, items/s (CUDA bf16)
 
 Quality mode: a fixed subset of the training split (``--train-rows`` rows sampled with ``--seed``, written to
@@ -59,25 +60,35 @@ def quality(args) -> int:
     print(f"- settings: xmctag defaults per model kind{' + ' + ' '.join(args.set) if args.set else ''}")
     print()
     rows, summary = [], {}
+    budget = None  # --equal-time: the first model's fine-tuning minutes
     for name in args.models:
-        config = xmctag.Config(encoder=encoders[name], epochs=args.epochs, text_cols=["title"], seed=args.seed,
-                               **overrides)
+        epochs = dict(epochs=args.epochs)
+        if budget is not None:  # as many epochs as fit the first model's fine-tuning time (xmctag's own planner)
+            epochs = dict(epochs="auto", time_budget_minutes=budget, auto_max_epochs=1000)
+        config = xmctag.Config(encoder=encoders[name], text_cols=["title"], seed=args.seed, **epochs, **overrides)
         started = time.perf_counter()
         result = xmctag.train(subset_path, labels_path, work / f"run-{name}", dev=dev_path, config=config,
                               overwrite=True, progress=not args.quiet)
         seconds = time.perf_counter() - started
+        fine_tuning_minutes = sum(h["seconds"] for h in result.history if "epoch" in h) / 60
+        if args.equal_time and budget is None:
+            budget = fine_tuning_minutes
         encoder_only = [h["dev"] for h in result.history if "epoch" in h and "dev" in h]
         final = result.dev_metrics or {}
-        summary[name] = {"encoder": config.encoder, "seconds": seconds, "dev": final,
+        summary[name] = {"encoder": config.encoder, "seconds": seconds, "fine_tuning_minutes": fine_tuning_minutes,
+                         "dev": final,
                          "dev_encoder_only": encoder_only[-1] if encoder_only else None,
                          "history": result.history}
-        for label, metrics in ((f"{name} ({config.encoder})", final),
+        n_epochs = sum(1 for h in result.history if "epoch" in h)
+        for label, metrics in ((f"{name} ({config.encoder}), {n_epochs} epoch(s)", final),
                                (f"  {name}: dual encoder alone", encoder_only[-1] if encoder_only else {})):
             rows.append([label] + [f"{100 * metrics.get(k, float('nan')):.2f}" for k in ("P@1", "P@5", "PSP@5")]
-                        + [f"{seconds / 60:.1f}" if not label.startswith("  ") else ""])
+                        + ([f"{fine_tuning_minutes:.1f}", f"{seconds / 60:.1f}"] if not label.startswith("  ")
+                           else ["", ""]))
         # Written after every model: a run cut short by a time limit still leaves what it finished.
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        print(markdown_table(["model", "P@1", "P@5", "PSP@5", "train min"], rows), flush=True)
+        print(markdown_table(["model", "P@1", "P@5", "PSP@5", "fine-tuning min", "train min (all stages)"], rows),
+              flush=True)
     return 0
 
 
@@ -196,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", type=int, default=8000, help="0 = the whole training split")
     parser.add_argument("--dev-rows", type=int, default=0, help="first N dev rows (default: all)")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--equal-time", action="store_true",
+                        help="the first model trains --epochs; the others as many epochs as fit its fine-tuning time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Config overrides (all models)")
     parser.add_argument("--quiet", action="store_true")
