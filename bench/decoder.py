@@ -3,6 +3,7 @@
     python bench/decoder.py                       # SmolLM2-135M vs MiniLM on an 8k-row EURLEX-57K subset, full dev
     python bench/decoder.py --epochs 3 --train-rows 8000 --set max_length=48
     python bench/decoder.py --epochs 1 --equal-time   # then MiniLM for as long as SmolLM2's epoch took
+    python bench/decoder.py --models minilm --time-budget 4.69   # MiniLM for a fine-tuning time measured earlier
     python bench/decoder.py --throughput          # Qwen2.5-0.5B-shaped random model: pairs/s, items/s (CUDA bf16)
 
 Quality mode: a fixed subset of the training split (``--train-rows`` rows sampled with ``--seed``, written to
@@ -55,12 +56,13 @@ def quality(args) -> int:
     overrides = parse_overrides(args.set)
     encoders = dict(MODELS, **dict(x.split("=", 1) for x in args.model_path))
 
+    epochs_text = f"as many epochs as fit {args.time_budget} min" if args.time_budget else f"{args.epochs} epochs"
     print_header(f"decoder vs encoder on {args.dataset.name} (title only, {n_rows} train rows, dev "
-                 f"{'all' if not args.dev_rows else args.dev_rows} rows, {args.epochs} epochs)")
+                 f"{'all' if not args.dev_rows else args.dev_rows} rows, {epochs_text})")
     print(f"- settings: xmctag defaults per model kind{' + ' + ' '.join(args.set) if args.set else ''}")
     print()
     rows, summary = [], {}
-    budget = None  # --equal-time: the first model's fine-tuning minutes
+    budget = args.time_budget  # --equal-time: the first model's fine-tuning minutes
     for name in args.models:
         epochs = dict(epochs=args.epochs)
         if budget is not None:  # as many epochs as fit the first model's fine-tuning time (xmctag's own planner)
@@ -119,7 +121,7 @@ def throughput(args) -> int:
                           center_momentum=config.center_momentum)
     if config.lora_rank > 0:
         add_lora(backbone, config)
-    if cuda and config.gradient_checkpointing:
+    if config.gradient_checkpointing:  # as xmctag.models.decoder.prepare_model does, on every device
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.to(device)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
@@ -151,7 +153,7 @@ def throughput(args) -> int:
           f"{shape['num_hidden_layers']} layers, {n_params / 1e6:.0f}M parameters, "
           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable (LoRA rank {config.lora_rank}), "
           f"{config.loss} loss; "
-          f"gradient checkpointing {'on' if cuda and config.gradient_checkpointing else 'off'}")
+          f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}")
     print(f"- training: batches of {batch} products (24-64 tokens) + {batch} labels (8-32 tokens), {steps} timed steps "
           f"after 2 warm-up steps; encoding: {n_items} items of {args.encode_tokens} tokens, batches of "
           f"{args.encode_batch}")
@@ -209,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--equal-time", action="store_true",
                         help="the first model trains --epochs; the others as many epochs as fit its fine-tuning time")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                        help="equal time against a run made elsewhere: every model trains as many epochs as fit MIN "
+                        "fine-tuning minutes (e.g. SmolLM2's 2 GPU epochs, 4.69)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Config overrides (all models)")
     parser.add_argument("--quiet", action="store_true")

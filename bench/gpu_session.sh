@@ -14,6 +14,9 @@
 #   bash bench/gpu_session.sh c EPOCHS [ARGS]  # MiniLM training (same epochs; ARGS go to bench/decoder.py), wait
 #                                              # for SmolLM2, collect results. SKIP_MINILM=1: no MiniLM (and no
 #                                              # .gpu/c needed); THROUGHPUT=1: then decoder throughput, GPU alone
+#   bash bench/gpu_session.sh e MIN [ARGS]     # MiniLM at equal wall-clock: as many epochs as fit MIN fine-tuning
+#                                              # minutes (SmolLM2's from an earlier session); needs the wheels and
+#                                              # data of .gpu/a installed (stage a, or its pip line) and .gpu/c
 # FILE (default bench/gpu_runs.txt) has one SmolLM2 run per line: a name, then Config overrides (KEY=VALUE, values
 # JSON where possible); all runs share the GPU (each is bound by per-step overhead, not by the GPU's arithmetic).
 # Results land in $OUT (the device tool's output folder). SMOKE=1 shrinks everything for a dry run on a CPU.
@@ -25,6 +28,19 @@ export PYTHONPATH="$G/site:$G/pkgs:$PWD" PYTHONUNBUFFERED=1 XMCTAG_CACHE_DIR="$G
 smoke=${SMOKE:-0}
 rows=0; dev_rows=0; layers=()
 if [ "$smoke" = 1 ]; then rows=300; dev_rows=100; layers=(--layers 1 --items 64 --steps 1 --batch-size 4); fi
+
+restore_minilm() {  # .gpu/c's MiniLM (stored fp16 to fit a call) back to fp32 in $G/minilm
+    mkdir -p "$G/minilm"
+    cp .gpu/c/minilm/* "$G/minilm/"
+    python3 - "$G/minilm" <<'EOF'
+import sys
+from safetensors.torch import load_file, save_file
+d = sys.argv[1]
+save_file({k: v.float().contiguous() for k, v in load_file(f"{d}/model.fp16.safetensors").items()},
+          f"{d}/model.safetensors")
+EOF
+    rm "$G/minilm/model.fp16.safetensors"
+}
 
 case "$1" in
 a)
@@ -89,16 +105,7 @@ c)
     names=$(cut -d' ' -f1 "$G/runs")
     if [ "${SKIP_MINILM:-0}" != 1 ]; then
         names="minilm $names"
-        mkdir -p "$G/minilm"
-        cp .gpu/c/minilm/* "$G/minilm/"
-        python3 - "$G/minilm" <<'EOF'
-import sys
-from safetensors.torch import load_file, save_file
-d = sys.argv[1]
-save_file({k: v.float().contiguous() for k, v in load_file(f"{d}/model.fp16.safetensors").items()},
-          f"{d}/model.safetensors")
-EOF
-        rm "$G/minilm/model.fp16.safetensors"
+        restore_minilm
         python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" --dataset "$G/data/eurlex57k" \
             --train-rows $rows --dev-rows $dev_rows --epochs "$epochs" --work "$G/work-minilm" "${@:3}" \
             > "$G/minilm.log" 2>&1 || echo "MiniLM run failed"
@@ -122,6 +129,15 @@ EOF
         done
     fi
     ;;
+e)
+    restore_minilm
+    # The log goes straight to $OUT, so that a run cut short by the call's limit still comes back.
+    timeout "${RUN_S:-520}" python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" \
+        --dataset "$G/data/eurlex57k" --train-rows $rows --dev-rows $dev_rows --time-budget "$2" \
+        --work "$G/work-minilm" "${@:3}" > "$OUT/minilm-equal-time.log" 2>&1 || echo "MiniLM run failed or cut short"
+    cp "$G/work-minilm/summary.json" "$OUT/minilm-equal-time.summary.json" 2>/dev/null || echo "no summary"
+    grep -v "━" "$OUT/minilm-equal-time.log" | grep -i "epoch\|dev\|P@1\|error" | tail -n 24
+    ;;
 *)
-    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS" >&2; exit 2;;
+    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS | e MIN" >&2; exit 2;;
 esac

@@ -66,3 +66,36 @@ def test_fewer_candidates_than_k_are_marked_missing():
     assert top.tolist() == [[0, 1, -1, -1]]
     np.testing.assert_allclose(scores[0, :2], [1 / (1 + np.exp(-10)), 0.5])
     assert scores[0, 2:].tolist() == [0.0, 0.0]
+
+
+def test_exclusive_groups_keep_the_best_label_of_each_group_and_fill_from_the_others():
+    rng = np.random.default_rng(1)
+    n_labels, dim = 60, 8
+    matrix = np.hstack([rng.normal(size=(n_labels, dim)), rng.normal(size=(n_labels, 1)) * 0.1])
+    queries = rng.normal(size=(30, dim))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    groups = rng.integers(-1, 4, size=n_labels)  # four exclusive groups and ungrouped labels (-1)
+    logits = np.hstack([queries, np.ones((30, 1))]) @ matrix.T
+    everything = np.tile(np.arange(n_labels), (30, 1))  # every label a candidate: the brute force is exact
+    top, scores = blend_top_k(queries, matrix, 3.0, everything, logits, None, 0.0, 8, groups)
+    for i in range(30):
+        expected, used = [], set()
+        for label in np.argsort(-logits[i], kind="stable"):
+            if groups[label] >= 0 and groups[label] in used:
+                continue
+            used.add(groups[label])
+            expected.append(label)
+        assert top[i].tolist() == expected[:8]
+        np.testing.assert_allclose(scores[i], 1 / (1 + np.exp(-3.0 * logits[i, expected[:8]])), rtol=1e-6)
+    # Without groups the same call ranks all labels freely, so some row has two labels of one group.
+    free, _ = blend_top_k(queries, matrix, 3.0, everything, logits, None, 0.0, 8)
+    assert any(np.bincount(groups[row][groups[row] >= 0]).max() > 1 for row in free)
+
+
+def test_with_only_exclusive_groups_top_k_stops_at_one_label_per_group():
+    matrix = np.array([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+    queries = np.array([[1.0, 0.0]])
+    logits = np.hstack([queries, [[1.0]]]) @ matrix.T
+    top, scores = blend_top_k(queries, matrix, 10.0, np.array([[0, 1, 2, 3]]), logits, None, 0.0, 4,
+                              np.array([0, 0, 1, 1]))
+    assert top.tolist() == [[0, 3, -1, -1]] and scores[0, 2:].tolist() == [0.0, 0.0]

@@ -148,6 +148,9 @@ def tag(
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
                                   "fp16 or int8 (CPU, ~1.8x faster, approximate)."),
     show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
+    exclusive_groups: bool = typer.Option(True, "--exclusive-groups/--no-exclusive-groups",
+                                          help="At most one label per product of each facet that training found "
+                                          "exclusive (e.g. one colour); off: rank all labels freely."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
                                              "[default: the bundle's, else xmctag-image-cache beside the output]."),
     workers: int = WorkersOption,
@@ -156,7 +159,8 @@ def tag(
     """Write the top-k labels of every product of a catalog."""
     from xmctag.tagger import Tagger
 
-    tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision)
+    tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
+                         exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
                               strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"

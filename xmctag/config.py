@@ -34,6 +34,11 @@ class Config:
     label_id_col: str = "label"
     label_text_col: str = "text"
     label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    label_group_col: str = "group"  # a label's facet (colour, size, ...); used when present (see label_groups)
+    # Facets that training shows to be exclusive (no product has two of their labels) give at most one label per
+    # product in the top-k: "auto" (label_group_col if present, else the "facet:" prefix when every label id has
+    # one), "column", "prefix" or "none" (xmctag/label_groups.py).
+    label_groups: str = "auto"
     # --- image fusion (ViXML: frozen vision features, projected into one extra token per image) -----------------
     image_col: str = "image"  # products' (and labels') image column: bytes, paths, file:// or http(s) URLs, lists
     vision: str = "auto"  # "auto": builtin:efficientnet-lite0 if the training catalog has image_col; "none"; a name
@@ -54,7 +59,7 @@ class Config:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # Llama/Qwen/Mistral names
     use_rslora: bool = True  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
     lora_lr: float = 2e-4  # learning rate of LoRA training (`lr` applies to full fine-tuning)
-    gradient_checkpointing: bool = True  # decoders on CUDA: recompute activations in backward (less memory)
+    gradient_checkpointing: bool = True  # decoders: recompute activations in backward (memory ~1/layers, ~1.3x time)
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
     time_budget_minutes: float = 20.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
@@ -130,6 +135,8 @@ class Config:
             (self.max_images >= 1, "max_images must be >= 1"),
             (self.image_lr > 0, "image_lr must be > 0"),
             (bool(self.vision) and bool(self.image_col), "vision and image_col must not be empty"),
+            (self.label_groups in ("auto", "column", "prefix", "none"),
+             f"label_groups must be auto, column, prefix or none, not {self.label_groups!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -124,12 +124,16 @@ class LabelTable:
     """The label set: ``ids[i]`` is label index i; ``texts[i]`` what the encoder reads for it (text + synonyms).
 
     ``images``: the label's image-column value per label (None: no image), or None when the table has no images.
+    ``groups``: the label table's group column (``label_group_col``), or None when it has none. ``exclusive``: each
+    label's exclusive group once training has resolved them (``xmctag.label_groups``), else None.
     """
 
     ids: list[str]
     texts: list[str]
     display: list[str]  # the plain label text, for output files
     images: list[Any] | None = None
+    groups: list[str | None] | None = None
+    exclusive: list[str | None] | None = None
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,7 +146,7 @@ class LabelTable:
     def load(cls, path: str | Path, config: Config) -> "LabelTable":
         path = Path(path)
         table = read_arrow(path, [config.label_id_col, config.label_text_col],
-                           optional=[*config.label_extra_cols, *_image_columns(config)])
+                           optional=[*config.label_extra_cols, *_image_columns(config), config.label_group_col])
         extra = [c for c in config.label_extra_cols if c in table.column_names]
         image_col = [c for c in _image_columns(config) if c in table.column_names]
         ids = _strings(table, config.label_id_col)
@@ -168,15 +172,20 @@ class LabelTable:
             # A label without any text is still a label: its id is the only text we have.
             texts.append(TEXT_SEPARATOR.join(p for p in parts if p) or label)
         images = table.column(image_col[0]).to_pylist() if image_col else None
-        return cls(ids=ids, texts=texts, display=display, images=images)
+        groups = _strings(table, config.label_group_col) if config.label_group_col in table.column_names else None
+        return cls(ids=ids, texts=texts, display=display, images=images, groups=groups)
 
     def to_arrow(self) -> pa.Table:
-        return pa.table({"label": self.ids, "text": self.display, "encoder_text": self.texts})
+        columns = {"label": self.ids, "text": self.display, "encoder_text": self.texts}
+        if self.exclusive is not None:
+            columns["exclusive_group"] = pa.array(self.exclusive, type=pa.string())
+        return pa.table(columns)
 
     @classmethod
     def from_arrow(cls, table: pa.Table) -> "LabelTable":
+        exclusive = table.column("exclusive_group").to_pylist() if "exclusive_group" in table.column_names else None
         return cls(ids=table.column("label").to_pylist(), texts=table.column("encoder_text").to_pylist(),
-                   display=table.column("text").to_pylist())
+                   display=table.column("text").to_pylist(), exclusive=exclusive)
 
 
 @dataclass

@@ -202,6 +202,11 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
     ]
     lines += _decoder_card_lines(out, config)
+    labels = pq.read_table(out / LABELS)
+    if "exclusive_group" in labels.column_names:
+        groups = sorted({g for g in labels.column("exclusive_group").to_pylist() if g is not None})
+        if groups:
+            lines += [f"- Exclusive facets (tagging keeps the best label of each per product): {', '.join(groups)}"]
     fusion = load_fusion(out)
     if fusion is not None:
         lines += [f"- Image fusion: `{fusion['vision']}` features ({fusion['dim']}-d, frozen, cached) projected to one "

@@ -9,7 +9,9 @@ Two signals, both over the same unit-norm product embedding q:
   normalised to sum to 1, so ``p_nn(l)`` is in [0, 1]. It recovers label combinations that a single vector per
   label misses (long-tail labels, co-occurring facets).
 
-The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in [0, 1]. Only candidates are
+The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in [0, 1]. Labels of an exclusive
+group (a facet no training product has two values of, ``label_groups.py``) then compete for one place: only the
+best of each such group stays in the ranking. Only candidates are
 scored: the top labels by label vector plus every label of a neighbour, so the cost does not grow with the
 number of labels. This module is numpy only: dev evaluation (exact search in torch) and tagging (faiss) share it.
 """
@@ -70,12 +72,13 @@ class NeighbourLabels:
 
 def blend_top_k(queries: np.ndarray, label_vectors: np.ndarray, scale: float, lv_top: np.ndarray,
                 lv_logits: np.ndarray, votes: tuple[np.ndarray, np.ndarray, np.ndarray] | None, knn_weight: float,
-                k: int) -> tuple[np.ndarray, np.ndarray]:
+                k: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Final top-``k`` labels ``(n, k)`` (-1 where fewer candidates) and scores ``(n, k)`` float32, best first.
 
     ``queries`` ``(n, d)`` unit-norm product embeddings; ``label_vectors`` ``(L, d + 1)`` rows [w_l, b_l] (may be
     a memory map); ``lv_top``/``lv_logits`` ``(n, C)``: the label-vector search's candidates and their pre-scale
-    logits (-1 = none); ``votes``: ``NeighbourLabels.votes`` output, or None for label vectors only.
+    logits (-1 = none); ``votes``: ``NeighbourLabels.votes`` output, or None for label vectors only;
+    ``groups``: ``(L,)`` exclusive-group id per label (-1: none), or None: at most one label per group and row.
     """
     n = len(queries)
     n_labels = len(label_vectors)
@@ -100,6 +103,8 @@ def blend_top_k(queries: np.ndarray, label_vectors: np.ndarray, scale: float, lv
     lv_prob = 1.0 / (1.0 + np.exp(-scale * logits))
     weight = knn_weight if votes is not None else 0.0  # without neighbours the label vectors score alone
     scores = (1.0 - weight) * lv_prob + weight * vote_of_candidate
+    if groups is not None:
+        rows, labels, scores = _best_of_each_group(rows, labels, scores, groups)
     # Per-row top-k over a variable number of candidates: sort by (row, -score), keep the first k of each row.
     order = np.lexsort((-scores, rows))
     rows, labels, scores = rows[order], labels[order], scores[order]
@@ -111,6 +116,17 @@ def blend_top_k(queries: np.ndarray, label_vectors: np.ndarray, scale: float, lv
     top[rows[keep], rank[keep]] = labels[keep]
     top_scores[rows[keep], rank[keep]] = scores[keep]
     return top, top_scores
+
+
+def _best_of_each_group(rows: np.ndarray, labels: np.ndarray, scores: np.ndarray, groups: np.ndarray):
+    """The candidates without those beaten by a better label of the same exclusive group in the same row."""
+    group = groups[labels]
+    order = np.lexsort((-scores, group, rows))  # by row, then group, best first
+    r, g = rows[order], group[order]
+    first_of_run = np.ones(len(order), dtype=bool)
+    first_of_run[1:] = (r[1:] != r[:-1]) | (g[1:] != g[:-1])
+    keep = order[first_of_run | (g < 0)]  # ungrouped labels (-1) are never dropped
+    return rows[keep], labels[keep], scores[keep]
 
 
 def _logits(queries: np.ndarray, label_vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ from xmctag.config import Config
 from xmctag.data import check_columns, product_text_expr, table_columns
 from xmctag.errors import UserError
 from xmctag.io.writers import PredictionWriter
+from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import pad
 from xmctag.progress import Progress
@@ -63,7 +64,8 @@ class Tagger:
 
     def __init__(self, path: Path, manifest: dict, config: Config, session, tokenizer, pad_id: int, index,
                  label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = 64,
-                 neighbour_index=None, neighbour_labels: NeighbourLabels | None = None):
+                 neighbour_index=None, neighbour_labels: NeighbourLabels | None = None,
+                 exclusive_groups: list[str | None] | None = None):
         self.path = path
         self.manifest = manifest
         self.config = config
@@ -84,6 +86,7 @@ class Tagger:
         # [w_l, b_l] rows, memory-mapped: only the rows of candidate labels are read (see scoring.blend_top_k)
         self.label_vectors = np.load(path / run_dir.LABEL_VECTORS, mmap_mode="r")
         self.encode_batch_size = encode_batch_size
+        self.groups = group_ids(exclusive_groups)  # at most one label of each exclusive facet per product
 
     @property
     def bundle_id(self) -> str:
@@ -109,9 +112,10 @@ class Tagger:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
-             verify: bool = True, precision: str = "auto") -> "Tagger":
+             verify: bool = True, precision: str = "auto", exclusive_groups: bool = True) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
-        1.8x faster, embeddings within a few degrees of fp32)."""
+        1.8x faster, embeddings within a few degrees of fp32). ``exclusive_groups``: at most one label of each
+        exclusive facet per product (``xmctag.label_groups``); False ranks all labels freely."""
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -127,7 +131,7 @@ class Tagger:
         tokenizer.no_padding()
         tokenizer.enable_truncation(tokenization["max_length"])
         index = runtime.faiss().read_index(str(path / layout.INDEX))
-        labels = pl.read_parquet(path / run_dir.LABELS, columns=["label", "text"])
+        labels = pl.read_parquet(path / run_dir.LABELS)
         dims = manifest["dims"]
         if index.d != dims["index"] or index.ntotal != dims["labels"] or len(labels) != dims["labels"]:
             raise UserError(f"{path}: index ({index.ntotal} x {index.d}) and label table ({len(labels)} rows) do not "
@@ -141,7 +145,9 @@ class Tagger:
                                 f"({len(neighbour_labels)}) do not match the manifest ({dims['neighbours']})")
         return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
                    labels["label"].to_list(), labels["text"].to_list(), device,
-                   neighbour_index=neighbour_index, neighbour_labels=neighbour_labels)
+                   neighbour_index=neighbour_index, neighbour_labels=neighbour_labels,
+                   exclusive_groups=labels["exclusive_group"].to_list()
+                   if exclusive_groups and "exclusive_group" in labels else None)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -187,7 +193,7 @@ class Tagger:
             sims, neighbours = self.neighbour_index.search(embeddings, self.knn_neighbours)
             votes = self.neighbour_labels.votes(neighbours, sims, self.knn_temperature)
         indices, scores = blend_top_k(embeddings, self.label_vectors, self.scale, candidates, logits, votes,
-                                      self.knn_weight, top_k)
+                                      self.knn_weight, top_k, self.groups)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
         return indices, scores

@@ -33,10 +33,11 @@ def exact_top_k(products: np.ndarray, vectors: LabelVectors, k: int):
 
 
 def predict_exact(products: np.ndarray, vectors: LabelVectors, k: int, config: Config,
-                  neighbours: tuple[np.ndarray, NeighbourLabels] | None = None):
+                  neighbours: tuple[np.ndarray, NeighbourLabels] | None = None, groups: np.ndarray | None = None):
     """What the tagger would predict (``xmctag.scoring``), with exact search: labels and scores ``(n, k)``.
 
-    ``neighbours``: the training products' embeddings and labels, for the kNN part (None: label vectors only).
+    ``neighbours``: the training products' embeddings and labels, for the kNN part (None: label vectors only);
+    ``groups``: exclusive-group id per label (``label_groups.group_ids``), or None.
     """
     queries = np.hstack([products, np.ones((len(products), 1), np.float32)])
     matrix = vectors.index_matrix()
@@ -46,11 +47,12 @@ def predict_exact(products: np.ndarray, vectors: LabelVectors, k: int, config: C
         embeddings, labels = neighbours
         sims, ids = exact_search(products, embeddings, config.knn_neighbours)
         votes = labels.votes(ids, sims, config.knn_temperature)
-    return blend_top_k(products, matrix, vectors.scale, top, logits, votes, config.knn_weight, k)
+    return blend_top_k(products, matrix, vectors.scale, top, logits, votes, config.knn_weight, k, groups)
 
 
 def evaluate_scores(products: np.ndarray, vectors: LabelVectors, truth: list[np.ndarray], config: Config,
                     inv_p: np.ndarray | None,
-                    neighbours: tuple[np.ndarray, NeighbourLabels] | None = None) -> dict[str, float]:
-    top, _ = predict_exact(products, vectors, max(config.eval_ks), config, neighbours)
+                    neighbours: tuple[np.ndarray, NeighbourLabels] | None = None,
+                    groups: np.ndarray | None = None) -> dict[str, float]:
+    top, _ = predict_exact(products, vectors, max(config.eval_ks), config, neighbours, groups)
     return evaluate_rankings(top, truth, tuple(config.eval_ks), inv_p)
