@@ -14,6 +14,9 @@ only the best-scoring label of that group for each product and fills the top-k f
   export and tagging need nothing else.
 - ``group_ids``: those names -> ``(L,)`` int64 ids, -1 for unconstrained labels (what ``scoring.blend_top_k`` takes),
   or None when no label is in an exclusive group.
+
+The choice is made among the scored candidates (the top labels by label vector plus the neighbours' labels), so a
+top-k can come out short only if the candidates hold fewer groups than k (none of Myntra's 4,417 dev products).
 """
 
 from __future__ import annotations

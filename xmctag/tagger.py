@@ -131,7 +131,9 @@ class Tagger:
         tokenizer.no_padding()
         tokenizer.enable_truncation(tokenization["max_length"])
         index = runtime.faiss().read_index(str(path / layout.INDEX))
-        labels = pl.read_parquet(path / run_dir.LABELS)
+        wanted = ["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"]
+        labels = pl.read_parquet(path / run_dir.LABELS,  # not encoder_text: synonyms can be large
+                                 columns=[c for c in wanted if c in pl.read_parquet_schema(path / run_dir.LABELS)])
         dims = manifest["dims"]
         if index.d != dims["index"] or index.ntotal != dims["labels"] or len(labels) != dims["labels"]:
             raise UserError(f"{path}: index ({index.ntotal} x {index.d}) and label table ({len(labels)} rows) do not "
@@ -146,8 +148,7 @@ class Tagger:
         return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
                    labels["label"].to_list(), labels["text"].to_list(), device,
                    neighbour_index=neighbour_index, neighbour_labels=neighbour_labels,
-                   exclusive_groups=labels["exclusive_group"].to_list()
-                   if exclusive_groups and "exclusive_group" in labels else None)
+                   exclusive_groups=labels["exclusive_group"].to_list() if "exclusive_group" in labels else None)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
