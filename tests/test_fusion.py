@@ -311,3 +311,47 @@ def test_catalog_without_the_image_column_is_tagged_text_only(fused_bundle, imag
     tagger.tag_file(tmp_path / "null-images.parquet", tmp_path / "b.parquet", top_k=3, progress=False,
                     cache_dir=tmp_path / "cache")
     assert pl.read_parquet(tmp_path / "a.parquet").equals(pl.read_parquet(tmp_path / "b.parquet"))
+
+
+def test_fused_decoder_trains_exports_with_parity_and_tags(image_catalog, tiny_models, tmp_path_factory):  # noqa: F811
+    """The decoder path with the image token, end to end: LoRA run -> merged export with the image inputs -> fp32
+    and fp16 parity with and without images -> tagging through ONNX Runtime."""
+    from test_decoder import SMALL, make_tokenizer
+    from transformers import Qwen2Config, Qwen2Model
+
+    work = tmp_path_factory.mktemp("fused-decoder")
+    tokenizer = make_tokenizer(bos=False)
+    torch.manual_seed(0)
+    Qwen2Model(Qwen2Config(vocab_size=len(tokenizer), **SMALL)).save_pretrained(work / "qwen2")
+    tokenizer.save_pretrained(work / "qwen2")
+    config = Config(encoder=str(work / "qwen2"), vision=str(tiny_models["clip"]), epochs=1, batch_size=32,
+                    lora_rank=4, lora_lr=1e-3, warmup_steps=2, max_length=16, label_max_length=12, cluster_size=8,
+                    label_vector_epochs=2)
+    run = work / "run"
+    train(image_catalog / "train.parquet", image_catalog / "labels.parquet", run, dev=image_catalog / "dev.parquet",
+          config=config, progress=False)
+    bundle = export(run, work / "bundle", progress=False)
+    manifest = json.loads((bundle / layout.MANIFEST).read_text())
+    assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask", "image_embedding", "image_mask"]
+    assert manifest["tokenization"]["prompt"] and manifest["fusion"]["vision_dim"] == 16
+
+    encoder, tokenizer = run_dir.load_run(run).encoder_and_tokenizer()
+    encoder.eval()
+    assert encoder.is_decoder and isinstance(encoder, FusedEncoder)
+    frame = pl.read_parquet(image_catalog / "dev.parquet").head(10)
+    images = run_images(run, image_catalog / "dev.parquet").take(np.arange(10))
+    assert 0 < images.has_image.sum() < 10
+    ids, mask = pad(token_ids(tokenizer, frame["title"].to_list(), 16, images.has_image), pad_id_of(tokenizer))
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(ids), torch.from_numpy(mask), **images.tensors("cpu"))["embedding"].numpy()
+    for graph, tolerance in ((layout.ONNX_FP32, 1e-4), (layout.ONNX_FP16, 5e-3)):
+        got = create_session(bundle / graph).run(["embedding"], {
+            "input_ids": ids, "attention_mask": mask, "image_embedding": images.features,
+            "image_mask": images.mask.astype(np.int64)})[0]
+        assert np.abs(got - expected).max() <= tolerance, graph
+
+    tagger = Tagger.load(bundle, device="cpu")
+    np.testing.assert_allclose(tagger.embed(frame["title"].to_list(), (images.features, images.mask)), expected,
+                               atol=1e-4)
+    summary = tagger.tag_file(image_catalog / "dev.parquet", work / "p.parquet", top_k=3, progress=False)
+    assert summary.rows_tagged == 40 and summary.images["broken"] == 4
