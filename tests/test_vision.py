@@ -429,6 +429,26 @@ def test_onnx_vision_encoder_runs_without_torch_and_shares_the_cache(tmp_path, c
         OnnxVisionEncoder(tmp_path)
 
 
+def test_exported_encoder_embeds_like_torch_exporting_lazily_and_falls_back(clip_encoder, monkeypatch):
+    import xmctag.vision.onnx_export as onnx_export
+
+    fast = onnx_export.ExportedVisionEncoder(clip_encoder)
+    assert (fast.model_id, fast.dim) == (clip_encoder.model_id, clip_encoder.dim)  # shares the cache
+    assert not fast._tried  # nothing exported until a picture needs embedding
+    pics = [picture(i, (40 + i, 30)) for i in range(5)]
+    np.testing.assert_allclose(fast.embed(pics, batch_size=2), clip_encoder.embed(pics), atol=1e-4)
+    assert fast._onnx is not None
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(onnx_export, "export_vision_onnx", broken_export)
+    fallback = onnx_export.ExportedVisionEncoder(clip_encoder)
+    with pytest.warns(UserWarning, match="embedding images with PyTorch, not ONNX Runtime .RuntimeError: no such op"):
+        features = fallback.embed(pics)
+    np.testing.assert_array_equal(features, clip_encoder.embed(pics))
+
+
 def test_onnx_export_parity_violation_raises_and_writes_nothing(tmp_path, clip_encoder):
     from xmctag.vision.onnx_export import ParityError, export_vision_onnx
 

@@ -53,8 +53,11 @@ def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[A
     Relative image paths resolve against each file's directory, as ``xmctag embed-images`` does.
     """
     from xmctag.vision.encoders import load_vision_encoder
+    from xmctag.vision.onnx_export import ExportedVisionEncoder
 
     encoder = load_vision_encoder(config.vision, device=str(device))
+    if device.type == "cpu":  # ONNX Runtime embeds EfficientNet-Lite0 about 5x faster than PyTorch eager there
+        encoder = ExportedVisionEncoder(encoder)
     cache_dir = image_cache_dir(config, out)
     fusion = {"vision": config.vision, "model_id": encoder.model_id, "dim": int(encoder.dim),
               "image_col": config.image_col, "max_images": config.max_images,
