@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         trained_epochs = json.loads((run / "metrics.json").read_text())["epochs"]
         results[f"xmctag ({config.encoder}, epochs {config.epochs} -> {trained_epochs})"] = report.metrics
         final = result.history[-1]
-        if "dev_without_groups" in final:  # exact search, all labels ranked freely (tag --no-exclusive-groups)
-            results["  same model without exclusive label groups"] = final["dev_without_groups"]
+        if "dev_exclusive_groups" in final:  # exact search, one label per exclusive facet (tag --exclusive-groups)
+            results["  same model, tag --exclusive-groups"] = final["dev_exclusive_groups"]
         if "dev_label_vectors" in final:
             results["  of which: label vectors alone (no neighbour votes)"] = final["dev_label_vectors"]
         encoder_only = [h["dev"] for h in result.history if "epoch" in h and "dev" in h]

@@ -43,15 +43,15 @@ def test_train_export_tag_eval(cli_run, catalog_dir, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "tagged 80 of 80 rows" in result.output
     preds = pl.read_parquet(cli_run / "preds.parquet")
-    # one colour and one article each: training found both facets exclusive (README, "Facets")
-    assert preds.height == 80 and (preds["labels"].list.len() == 2).all()
-    assert (preds["labels"].list.eval(pl.element().str.split(":").list.first()).list.sort()
+    assert preds.height == 80 and (preds["labels"].list.len() == 5).all()
+    # --exclusive-groups: one colour and one article each (training found both facets exclusive; README, "Facets")
+    result = invoke("tag", catalog_dir / "dev.parquet", "--top-k", 5, "--output", "facets.parquet", "--quiet",
+                    "--exclusive-groups")
+    facets = pl.read_parquet(cli_run / "facets.parquet")
+    assert result.exit_code == 0 and (facets["labels"].list.len() == 2).all()
+    assert (facets["labels"].list.eval(pl.element().str.split(":").list.first()).list.sort()
             .list.join(",") == "article,colour").all()
-    result = invoke("tag", catalog_dir / "dev.parquet", "--top-k", 5, "--output", "free.parquet", "--quiet",
-                    "--no-exclusive-groups")
-    free = pl.read_parquet(cli_run / "free.parquet")
-    assert result.exit_code == 0 and (free["labels"].list.len() == 5).all()
-    assert free["labels"].list.first().to_list() == preds["labels"].list.first().to_list()
+    assert facets["labels"].list.first().to_list() == preds["labels"].list.first().to_list()
 
     result = invoke("eval", "preds.parquet", "--truth", catalog_dir / "dev.parquet", "--json")
     assert result.exit_code == 0, result.output

@@ -24,9 +24,8 @@ def bundle(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tagger(bundle):
-    # All labels ranked freely, so that every one of the k slots is compared below; the synthetic catalog's two
-    # exclusive facets would leave three of five empty (test_one_label_per_exclusive_facet_unless_told_otherwise).
-    return Tagger.load(bundle, device="cpu", exclusive_groups=False)
+    # The default: all labels ranked freely (test_one_label_per_exclusive_facet_when_asked has the other way).
+    return Tagger.load(bundle, device="cpu")
 
 
 def test_tokenizers_library_matches_the_training_tokenizer(tagger, trained_run):
@@ -50,10 +49,10 @@ def test_tagger_matches_pytorch_model_and_exact_search(tagger, trained_run):
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-6)
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
     assert np.all((scores >= 0) & (scores <= 1))
-    # The default tagger keeps one label per exclusive facet, as training's dev evaluation does.
+    # With exclusive_groups, one label per exclusive facet, as the exact scoring with the run's groups.
     groups = group_ids(run.labels.exclusive)
     expected_top, expected_scores = predict_exact(expected_emb, run.vectors, 5, run.config, neighbours, groups)
-    indices, scores = Tagger.load(tagger.path, device="cpu").predict(TITLES, top_k=5)
+    indices, scores = Tagger.load(tagger.path, device="cpu", exclusive_groups=True).predict(TITLES, top_k=5)
     np.testing.assert_array_equal(indices, expected_top)
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-6)
 
@@ -183,16 +182,16 @@ def test_bundle_problems_are_clear_errors(trained_run, bundle, copy_of, tmp_path
     assert manifest["dims"]["labels"] == len(Tagger.load(bundle, verify=False).label_ids)
 
 
-def test_one_label_per_exclusive_facet_unless_told_otherwise(trained_run, bundle, tagger):
+def test_one_label_per_exclusive_facet_when_asked(trained_run, bundle, tagger):
     # The synthetic catalog's labels are "colour:..." and "article:...", one of each per training product.
     saved = pl.read_parquet(trained_run / run_dir.LABELS)
     assert set(saved["exclusive_group"].drop_nulls()) == {"colour", "article"}
-    assert "Exclusive facets (tagging keeps the best label of each per product): article, colour" in (
+    assert "Exclusive facets (`tag --exclusive-groups` keeps the best label of each): article, colour" in (
         trained_run / run_dir.CARD).read_text()
-    grouped = Tagger.load(bundle, device="cpu")
+    grouped = Tagger.load(bundle, device="cpu", exclusive_groups=True)
     indices, _ = grouped.predict(TITLES, top_k=5)
     for row in indices:
         assert sorted(grouped.label_ids[j].split(":")[0] for j in row if j >= 0) == ["article", "colour"]
-    free, _ = tagger.predict(TITLES, top_k=5)  # exclusive_groups=False
+    free, _ = tagger.predict(TITLES, top_k=5)  # the default
     assert (free >= 0).all()  # five labels each, so two colours or two articles among them
     np.testing.assert_array_equal(free[:, 0], indices[:, 0])  # the best label is the same either way

@@ -148,9 +148,9 @@ def tag(
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
                                   "fp16 or int8 (CPU, ~1.8x faster, approximate)."),
     show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
-    exclusive_groups: bool = typer.Option(True, "--exclusive-groups/--no-exclusive-groups",
+    exclusive_groups: bool = typer.Option(False, "--exclusive-groups/--no-exclusive-groups",
                                           help="At most one label per product of each facet that training found "
-                                          "exclusive (e.g. one colour); off: rank all labels freely."),
+                                          "exclusive (e.g. one colour) [default: all labels ranked freely]."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
                                              "[default: the bundle's, else xmctag-image-cache beside the output]."),
     workers: int = WorkersOption,

@@ -35,9 +35,9 @@ class Config:
     label_text_col: str = "text"
     label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
     label_group_col: str = "group"  # a label's facet (colour, size, ...); used when present (see label_groups)
-    # Facets that training shows to be exclusive (no product has two of their labels) give at most one label per
-    # product in the top-k: "auto" (label_group_col if present, else the "facet:" prefix when every label id has
-    # one), "column", "prefix" or "none" (xmctag/label_groups.py).
+    # Where label facets come from, for the exclusive ones (no training product has two of their labels) that
+    # `tag --exclusive-groups` keeps one label of: "auto" (label_group_col if present, else the "facet:" prefix
+    # when every label id has one), "column", "prefix" or "none" (xmctag/label_groups.py).
     label_groups: str = "auto"
     # --- image fusion (ViXML: frozen vision features, projected into one extra token per image) -----------------
     image_col: str = "image"  # products' (and labels') image column: bytes, paths, file:// or http(s) URLs, lists

@@ -206,7 +206,8 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
     if "exclusive_group" in labels.column_names:
         groups = sorted({g for g in labels.column("exclusive_group").to_pylist() if g is not None})
         if groups:
-            lines += [f"- Exclusive facets (tagging keeps the best label of each per product): {', '.join(groups)}"]
+            lines += ["- Exclusive facets (`tag --exclusive-groups` keeps the best label of each): "
+                      + ", ".join(groups)]
     fusion = load_fusion(out)
     if fusion is not None:
         lines += [f"- Image fusion: `{fusion['vision']}` features ({fusion['dim']}-d, frozen, cached) projected to one "

@@ -9,9 +9,9 @@ Two signals, both over the same unit-norm product embedding q:
   normalised to sum to 1, so ``p_nn(l)`` is in [0, 1]. It recovers label combinations that a single vector per
   label misses (long-tail labels, co-occurring facets).
 
-The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in [0, 1]. Labels of an exclusive
-group (a facet no training product has two values of, ``label_groups.py``) then compete for one place: only the
-best of each such group stays in the ranking. Only candidates are
+The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in [0, 1]. With ``groups`` (``tag
+--exclusive-groups``), labels of an exclusive group (a facet no training product has two values of,
+``label_groups.py``) compete for one place: only the best of each such group stays in the ranking. Only candidates are
 scored: the top labels by label vector plus every label of a neighbour, so the cost does not grow with the
 number of labels. This module is numpy only: dev evaluation (exact search in torch) and tagging (faiss) share it.
 """

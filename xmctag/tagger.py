@@ -112,10 +112,10 @@ class Tagger:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
-             verify: bool = True, precision: str = "auto", exclusive_groups: bool = True) -> "Tagger":
+             verify: bool = True, precision: str = "auto", exclusive_groups: bool = False) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
         1.8x faster, embeddings within a few degrees of fp32). ``exclusive_groups``: at most one label of each
-        exclusive facet per product (``xmctag.label_groups``); False ranks all labels freely."""
+        exclusive facet per product (``xmctag.label_groups``); False (default) ranks all labels freely."""
         from tokenizers import Tokenizer
 
         path = Path(path)

@@ -99,7 +99,7 @@ def train(
     groups = group_ids(label_table.exclusive)
     if groups is not None:
         names = Counter(g for g in label_table.exclusive if g is not None)
-        show.log("exclusive label groups (at most one label of each per product): "
+        show.log("exclusive label groups (tag --exclusive-groups keeps one label of each): "
                  + ", ".join(f"{g} ({n} labels)" for g, n in names.items()))
     inv_p = layout.inverse_propensities(train_set.label_counts(len(label_table)), len(train_set), config)
     fusion, train_images, dev_images, label_images = None, None, None, None
@@ -126,7 +126,7 @@ def train(
         vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_,
                                                                images=label_images), config.label_vector_scale)
         return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images), vectors,
-                               dev_set.labels, config, inv_p, groups=groups)
+                               dev_set.labels, config, inv_p)
 
     loss_fn = make_loss(config)
     encoder.freeze_bottom(config.freeze_layers)
@@ -208,14 +208,12 @@ def train(
     if dev_set is not None:
         # Both, on one embedding of the dev set: the label vectors alone (for the record) and the final scoring.
         dev_products = encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images)
-        final["dev_label_vectors"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p,
-                                                     groups=groups)
-        dev_result = final["dev"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p, neighbours,
-                                                    groups)
-        if groups is not None:  # for the record: what the exclusive groups change
-            final["dev_without_groups"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p,
-                                                          neighbours)
-            show.log("without exclusive groups: dev " + _short(final["dev_without_groups"]))
+        final["dev_label_vectors"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p)
+        dev_result = final["dev"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p, neighbours)
+        if groups is not None:  # for the record: what `tag --exclusive-groups` would give
+            final["dev_exclusive_groups"] = evaluate_scores(dev_products, vectors, dev_set.labels, config, inv_p,
+                                                            neighbours, groups)
+            show.log("with exclusive groups: dev " + _short(final["dev_exclusive_groups"]))
         show.log("label vectors: dev " + _short(final["dev_label_vectors"]))
         if neighbours is not None:
             show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + _short(dev_result))
