@@ -30,7 +30,6 @@ from xmctag.config import Config
 from xmctag.errors import UserError
 
 SEPARATOR = ":"
-MODES = ("auto", "column", "prefix", "none")
 
 
 def group_names(labels, config: Config) -> list[str | None]:

@@ -185,7 +185,8 @@ def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config)
 
 
 def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
-                     dev_metrics: dict[str, float] | None, epochs: int) -> None:
+                     dev_metrics: dict[str, float] | None, epochs: int,
+                     exclusive_groups: list[str | None] | None = None) -> None:
     centred = ", minus the running mean of training (pooling_center.npy)" if (out / POOLING_CENTER).exists() else ""
     loss = ("a triplet loss over hard in-batch negatives" if config.loss == "triplet"
             else f"a softmax (InfoNCE) loss over the in-batch labels, temperature {config.temperature}")
@@ -202,12 +203,9 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
     ]
     lines += _decoder_card_lines(out, config)
-    labels = pq.read_table(out / LABELS)
-    if "exclusive_group" in labels.column_names:
-        groups = sorted({g for g in labels.column("exclusive_group").to_pylist() if g is not None})
-        if groups:
-            lines += ["- Exclusive facets (`tag --exclusive-groups` keeps the best label of each): "
-                      + ", ".join(groups)]
+    groups = sorted({g for g in exclusive_groups or [] if g is not None})
+    if groups:
+        lines += ["- Exclusive facets (`tag --exclusive-groups` keeps the best label of each): " + ", ".join(groups)]
     fusion = load_fusion(out)
     if fusion is not None:
         lines += [f"- Image fusion: `{fusion['vision']}` features ({fusion['dim']}-d, frozen, cached) projected to one "

@@ -227,7 +227,7 @@ def train(
     if neighbours is not None:
         layout.save_neighbours(out, products, train_set.labels)
     layout.save_sample_texts(out, train_set.texts, train_images)
-    layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs)
+    layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs, label_table.exclusive)
     checkpoint.unlink(missing_ok=True)
     return TrainResult(out, history, dev_result)
 
