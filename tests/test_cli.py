@@ -87,6 +87,8 @@ def test_tag_csv_evaluates_like_parquet(cli_run, catalog_dir, monkeypatch):
     (["train", "--train", "{dev}", "--labels", "{dev}", "--out", "runs/x"], "missing column(s) label, text"),
     (["train", "--train", "{dev}", "--labels", "{labels}", "--out", "runs/tiny"], "not empty"),
     (["export", "runs/nothing"], "not a finished xmctag run"),
+    # printed as written: rich would take "[gpu]" for markup and drop it
+    (["tag", "{dev}", "--model", "export/tiny", "--device", "cuda"], "install 'xmctag[gpu]' on a CUDA machine"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(cli_run, catalog_dir, monkeypatch, args, message):
     monkeypatch.chdir(cli_run)

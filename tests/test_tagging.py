@@ -79,6 +79,21 @@ def test_int8_graph_is_close_to_fp32_and_precision_is_checked(bundle, tagger):
         Tagger.load(bundle, device="cpu", precision="int4")
 
 
+def test_a_cuda_provider_that_cannot_start_is_never_a_silent_cpu_run(bundle, tagger, monkeypatch):
+    # What onnxruntime-gpu does on a machine without a GPU (or without its CUDA libraries): it lists the CUDA
+    # provider as available, then starts the session on the CPU with a log line. The CPU build behaves the same way
+    # when asked for CUDA, so this runs the real fallback.
+    from xmctag.backend import runtime
+
+    monkeypatch.setattr(runtime, "cuda_available", lambda: True)
+    with pytest.raises(UserError, match="could not start its CUDA provider"):
+        Tagger.load(bundle, device="cuda")
+    with pytest.warns(UserWarning, match="tagging on the CPU"):
+        fallback = Tagger.load(bundle, device="auto")
+    assert fallback.device == "cpu" and fallback.session.get_providers() == ["CPUExecutionProvider"]
+    np.testing.assert_array_equal(fallback.embed(TITLES), tagger.embed(TITLES))  # the fp32 graph, not the fp16 one
+
+
 def test_embedding_and_top_k_do_not_depend_on_batch_neighbours(tagger):
     alone = np.vstack([tagger.embed([t]) for t in TITLES])
     for batch_size in (1, 2, 3, 64):
@@ -195,3 +210,12 @@ def test_one_label_per_exclusive_facet_when_asked(trained_run, bundle, tagger):
     free, _ = tagger.predict(TITLES, top_k=5)  # the default
     assert (free >= 0).all()  # five labels each, so two colours or two articles among them
     np.testing.assert_array_equal(free[:, 0], indices[:, 0])  # the best label is the same either way
+
+
+def test_exclusive_groups_on_a_bundle_without_any_say_so(bundle, tagger, copy_of):
+    plain = copy_of(bundle)
+    labels = pl.read_parquet(plain / run_dir.LABELS)
+    labels.with_columns(pl.lit(None, pl.String).alias("exclusive_group")).write_parquet(plain / run_dir.LABELS)
+    with pytest.warns(UserWarning, match="no exclusive label groups"):
+        grouped = Tagger.load(plain, device="cpu", verify=False, exclusive_groups=True)
+    np.testing.assert_array_equal(grouped.predict(TITLES)[0], tagger.predict(TITLES)[0])

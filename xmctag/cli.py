@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from xmctag.errors import UserError
@@ -33,7 +35,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -296,7 +298,13 @@ def tagger_top(preds) -> int:
     return max((len(x) for x in preds["labels"]), default=0)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings (a fallback taken, an option with nothing to do) are for the user: one yellow line, no source line.
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     app()
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CHUNK = 16384  # label-vector rows gathered at once when scoring neighbour candidates (bounded memory)
+DENSE_PAIRS_FACTOR = 16  # score a chunk as (its rows x its labels) when that is at most this many times its pairs
 
 
 @dataclass
@@ -136,9 +137,15 @@ def _logits(queries: np.ndarray, label_vectors: np.ndarray, rows: np.ndarray, la
     for start in range(0, len(rows), CHUNK):
         r, lab = rows[start:start + CHUNK], labels[start:start + CHUNK]
         needed = np.unique(lab)  # sorted: a memory-mapped table is read in order, each row once
-        w = np.asarray(label_vectors[needed], dtype=np.float64)
+        w = np.asarray(label_vectors[needed], dtype=np.float32)
         pos = np.searchsorted(needed, lab)
-        out[start:start + CHUNK] = np.einsum("nd,nd->n", queries[r], w[pos, :d]) + w[pos, d]
+        row_ids, row_pos = np.unique(r, return_inverse=True)
+        if len(row_ids) * len(needed) <= DENSE_PAIRS_FACTOR * len(r):
+            # Few distinct labels (facets, small label sets): one matrix product beats gathering a vector per pair.
+            logits = queries[row_ids] @ w[:, :d].T + w[:, d]
+            out[start:start + CHUNK] = logits[row_pos, pos]
+        else:
+            out[start:start + CHUNK] = np.einsum("nd,nd->n", queries[r], w[pos, :d]) + w[pos, d]
     return out
 
 

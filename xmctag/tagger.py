@@ -22,6 +22,7 @@ import functools
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,11 +60,15 @@ class TagSummary:
         return self.rows_tagged / self.seconds if self.seconds > 0 else 0.0
 
 
+ENCODE_BATCH_CPU = 64
+ENCODE_BATCH_CUDA = 512
+
+
 class Tagger:
     """A bundle ready to tag: ONNX session, tokenizer, faiss indexes (labels, training products), label table."""
 
     def __init__(self, path: Path, manifest: dict, config: Config, session, tokenizer, pad_id: int, index,
-                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = 64,
+                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = ENCODE_BATCH_CPU,
                  neighbour_index=None, neighbour_labels: NeighbourLabels | None = None,
                  exclusive_groups: list[str | None] | None = None):
         self.path = path
@@ -112,10 +117,12 @@ class Tagger:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
-             verify: bool = True, precision: str = "auto", exclusive_groups: bool = False) -> "Tagger":
+             verify: bool = True, precision: str = "auto", exclusive_groups: bool = False,
+             encode_batch_size: int | None = None) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
         1.8x faster, embeddings within a few degrees of fp32). ``exclusive_groups``: at most one label of each
-        exclusive facet per product (``xmctag.label_groups``); False (default) ranks all labels freely."""
+        exclusive facet per product (``xmctag.label_groups``); False (default) ranks all labels freely.
+        ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -123,9 +130,17 @@ class Tagger:
             raise UserError(f"--model {path}: no such bundle directory")
         manifest = layout.read_manifest(path, verify_hashes=verify)
         config = Config.load(path / run_dir.CONFIG)
-        device = runtime.resolve_device(device)
+        requested, device = device, runtime.resolve_device(device)
         graph = _choose_graph(manifest["graph"]["files"], device, precision)
-        session = runtime.create_session(path / graph, device, threads)
+        try:
+            session = runtime.create_session(path / graph, device, threads)
+        except runtime.CudaUnavailable as e:
+            if requested != "auto":  # --device cuda was asked for: a CPU run would not be what the user wanted
+                raise
+            warnings.warn(f"{e}; tagging on the CPU", stacklevel=2)
+            device = "cpu"
+            graph = _choose_graph(manifest["graph"]["files"], device, precision)
+            session = runtime.create_session(path / graph, device, threads)
         tokenization = manifest["tokenization"]
         tokenizer = Tokenizer.from_file(str(path / tokenization["tokenizer"]))
         tokenizer.no_padding()
@@ -145,10 +160,16 @@ class Tagger:
             if neighbour_index.ntotal != dims["neighbours"] or len(neighbour_labels) != dims["neighbours"]:
                 raise UserError(f"{path}: neighbour index ({neighbour_index.ntotal}) and training labels "
                                 f"({len(neighbour_labels)}) do not match the manifest ({dims['neighbours']})")
+        groups = labels["exclusive_group"].to_list() if "exclusive_group" in labels else None
+        if exclusive_groups and group_ids(groups) is None:  # asked for, but there is nothing to enforce
+            warnings.warn(f"--exclusive-groups: {path} has no exclusive label groups (training found none, or the "
+                          "bundle predates them); all labels are ranked freely", stacklevel=2)
+        if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
+            encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
         return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
-                   labels["label"].to_list(), labels["text"].to_list(), device,
+                   labels["label"].to_list(), labels["text"].to_list(), device, encode_batch_size,
                    neighbour_index=neighbour_index, neighbour_labels=neighbour_labels,
-                   exclusive_groups=labels["exclusive_group"].to_list() if "exclusive_group" in labels else None)
+                   exclusive_groups=groups)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from xmctag.errors import UserError
 
+
+class CudaUnavailable(UserError):
+    """ONNX Runtime has its CUDA provider but could not start it (no GPU, or CUDA/cuDNN libraries missing)."""
+
 _PAIRS = {
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
     "faiss": ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11"),
@@ -83,6 +87,13 @@ def create_session(path: str | Path, device: str = "cpu", threads: int | None = 
         options.intra_op_num_threads = threads
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; the message is what matters
         raise UserError(f"{path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0]})") from None
+    # ONNX Runtime falls back to the CPU with only a log line when the CUDA provider's libraries (CUDA, cuDNN) fail
+    # to load; a nightly GPU job would then run the fp16 graph on the CPU for hours. Say so instead.
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise CudaUnavailable(f"{path}: ONNX Runtime could not start its CUDA provider (no GPU, or the CUDA/cuDNN "
+                              "libraries onnxruntime-gpu is built for are missing: see README, GPU notes); run with "
+                              "--device cpu or --device auto")
+    return session
