@@ -73,7 +73,8 @@ def trained_run(tmp_path_factory, catalog_dir, tiny_encoder_dir) -> Path:
     from xmctag import Config, train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = Config(encoder=tiny_encoder_dir, epochs=2, batch_size=32, lr=1e-3, warmup_steps=5, max_length=16,
+    config = Config(encoder=tiny_encoder_dir, epochs=2, classifier_epochs=1, batch_size=32, lr=1e-3, warmup_steps=5,
+                    max_length=16,
                     label_max_length=12, cluster_size=8, label_vector_epochs=10)
     train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", out, dev=catalog_dir / "dev.parquet",
           config=config, progress=False)

@@ -24,7 +24,7 @@ def cli_run(tmp_path_factory, catalog_dir, tiny_encoder_dir):
                       "label_max_length = 12\ncluster_size = 8\nlabel_vector_epochs = 10\n")
     result = invoke("train", "--train", catalog_dir / "train.parquet", "--labels", catalog_dir / "labels.parquet",
                     "--dev", catalog_dir / "dev.parquet", "--out", work / "runs" / "tiny", "--encoder",
-                    tiny_encoder_dir, "--epochs", 2, "--config", config, "--quiet")
+                    tiny_encoder_dir, "--epochs", 2, "--classifier-epochs", 1, "--config", config, "--quiet")
     assert result.exit_code == 0, result.output
     return work
 
@@ -33,6 +33,7 @@ def test_train_export_tag_eval(cli_run, catalog_dir, monkeypatch):
     monkeypatch.chdir(cli_run)
     saved = json.loads((cli_run / "runs/tiny/config.json").read_text())
     assert saved["epochs"] == 2 and saved["batch_size"] == 32  # flags and TOML both land in the saved config
+    assert saved["classifier_epochs"] == 1
 
     result = invoke("export", "runs/tiny", "--quiet")
     assert result.exit_code == 0, result.output

@@ -67,7 +67,8 @@ def image_catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fused_run(tmp_path_factory, image_catalog, tiny_encoder_dir, tiny_models):  # noqa: F811
     out = tmp_path_factory.mktemp("fused-runs") / "run"
-    config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=1, batch_size=32, lr=1e-3,
+    config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=1, classifier_epochs=1,
+                    batch_size=32, lr=1e-3,
                     warmup_steps=2, max_length=16, label_max_length=12, cluster_size=8, label_vector_epochs=2)
     train(image_catalog / "train.parquet", image_catalog / "labels.parquet", out, dev=image_catalog / "dev.parquet",
           config=config, progress=False)

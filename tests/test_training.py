@@ -21,7 +21,51 @@ def test_training_learns_the_synthetic_catalog(trained_run):
     metrics = json.loads((trained_run / layout.METRICS).read_text())
     assert metrics["dev"]["P@1"] > 0.9
     assert metrics["dev"]["P@3"] > 0.6  # 2 true labels per row: P@3 is at most 2/3
-    assert len(metrics["history"]) == 3 and metrics["history"][0]["epoch"] == 1
+    assert [h.get("epoch") or h.get("classifier_epoch") for h in metrics["history"]] == [1, 2, 1, None]
+
+
+def test_classifier_stage_head_becomes_the_label_vectors(trained_run):
+    # The fixture ran one classifier epoch: its head, evaluated on dev right after the epoch, and the saved label
+    # vectors, evaluated on dev with the saved (fine-tuned) encoder, are the same model: identical metrics.
+    history = json.loads((trained_run / layout.METRICS).read_text())["history"]
+    assert history[2]["dev_head"] == history[3]["dev_label_vectors"]
+    assert history[2]["loss"] > 0 and "seconds" in history[2]
+
+
+def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny_encoder_dir, catalog_dir):
+    import numpy as np
+    import torch
+
+    from xmctag import Config
+    from xmctag.data import LabelTable, load_labelled_set
+    from xmctag.models.decoder import prepare_model
+    from xmctag.models.embedding import encode_ids
+    from xmctag.models.registry import load_pretrained
+    from xmctag.models.tokens import pad_id_of, token_ids
+    from xmctag.progress import Progress
+    from xmctag.training.classifier import ClassifierStage
+    from xmctag.training.label_vectors import fit_label_vectors
+
+    torch.manual_seed(0)
+    config = Config(encoder=tiny_encoder_dir, batch_size=32, classifier_lr=1e-3, classifier_vector_lr=1e-2,
+                    warmup_steps=2)
+    labels = LabelTable.load(catalog_dir / "labels.parquet", config)
+    data = load_labelled_set(catalog_dir / "train.parquet", config, labels)
+    tokenizer, encoder = prepare_model(*load_pretrained(tiny_encoder_dir), config, torch.device("cpu"))
+    ids, pad_id = token_ids(tokenizer, data.texts, 16), pad_id_of(tokenizer)
+    vectors = fit_label_vectors(encode_ids(encoder, ids, pad_id), data.labels,
+                                encode_ids(encoder, token_ids(tokenizer, labels.texts, 12), pad_id), epochs=2)
+    stage = ClassifierStage(encoder, ids, data.labels, vectors, pad_id, torch.device("cpu"), config)
+    np.testing.assert_array_equal(stage.head().vectors, vectors.vectors)
+    np.testing.assert_array_equal(stage.head().bias, vectors.bias)
+    everything = np.arange(len(ids))
+    with torch.no_grad():
+        before = float(stage._loss(everything))
+    history = stage.run(2, Progress(False))
+    with torch.no_grad():
+        after = float(stage._loss(everything))
+    assert [h["classifier_epoch"] for h in history] == [1, 2]
+    assert after < 0.8 * before
 
 
 def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_path):

@@ -44,13 +44,13 @@ def user_errors(command):
     return wrapper
 
 
-def _epochs(value: str | None) -> int | str | None:
+def _epochs(value: str | None, option: str) -> int | str | None:
     if value is None or value == "auto":
         return value
     try:
         return int(value)
     except ValueError:
-        raise UserError(f"--epochs {value!r}: expected an integer or auto") from None
+        raise UserError(f"{option} {value!r}: expected an integer or auto") from None
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -76,7 +76,11 @@ def train(
     epochs: Optional[str] = typer.Option(None, "--epochs", help="Fine-tuning epochs, or auto (default: as many "
                                          "as fit --time-budget, measured on this machine)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of fine-tuning that "
-                                                "--epochs auto may use (default 20; 0 = no limit)."),
+                                                "--epochs / --classifier-epochs auto may use (default 20; 0 = no "
+                                                "limit)."),
+    classifier_epochs: Optional[str] = typer.Option(None, "--classifier-epochs", help="Epochs of the classifier "
+                                                    "stage (encoder fine-tuned through the label vectors), auto or "
+                                                    "0 = off [default: auto, the budget left]."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Product-side tokens."),
     lr: Optional[float] = typer.Option(None, "--lr"),
@@ -101,7 +105,9 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
-    overrides = dict(encoder=encoder, epochs=_epochs(epochs), time_budget_minutes=time_budget, batch_size=batch_size,
+    overrides = dict(encoder=encoder, epochs=_epochs(epochs, "--epochs"),
+                     classifier_epochs=_epochs(classifier_epochs, "--classifier-epochs"),
+                     time_budget_minutes=time_budget, batch_size=batch_size,
                      max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
                      seed=seed, vision=vision, image_col=image_col,
                      image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)

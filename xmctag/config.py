@@ -62,7 +62,7 @@ class Config:
     gradient_checkpointing: bool = True  # decoders: recompute activations in backward (memory ~1/layers, ~1.3x time)
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
-    time_budget_minutes: float = 20.0  # fine-tuning time budget of epochs="auto" (0 = no limit)
+    time_budget_minutes: float = 20.0  # fine-tuning budget of epochs/classifier_epochs="auto" (0 = no limit)
     auto_max_epochs: int = 5
     batch_size: int = 128
     lr: float = 5e-5
@@ -83,6 +83,14 @@ class Config:
     label_vector_epochs: int = 30
     label_vector_lr: float = 2e-3
     label_vector_scale: float = 40.0  # logit = scale * (<product, label vector> + bias)
+    # --- classifier fine-tuning (third stage, encoders only: xmctag/training/classifier.py) -------------------
+    # The encoder fine-tuned through a one-vs-all head started from the label vectors; the label vectors are then
+    # fitted again on its new embeddings. "auto": as many epochs as fit the time budget left after the
+    # dual-encoder epochs (which then get half of time_budget_minutes), at most auto_max_epochs; 0 = off.
+    classifier_epochs: int | str = "auto"
+    classifier_lr: float = 3e-5  # the encoder's learning rate in this stage
+    classifier_vector_lr: float = 1e-3  # the head's
+    classifier_max_labels: int = 100_000  # more labels seen in training: stage skipped (dense head + optimiser state)
     # --- neighbour votes (kNN over the training products, blended with the label vectors; see scoring.py) ----
     knn_neighbours: int = 20  # training products that vote; 0 = label vectors alone (smaller bundle)
     knn_temperature: float = 10.0  # vote weight exp(T * similarity), normalised over the neighbours
@@ -121,6 +129,10 @@ class Config:
              "epochs must be \"auto\" or an integer >= 0"),
             (self.auto_max_epochs >= 0 and self.time_budget_minutes >= 0,
              "auto_max_epochs and time_budget_minutes must be >= 0"),
+            (self.classifier_epochs == "auto" or (isinstance(self.classifier_epochs, int)
+                                                  and self.classifier_epochs >= 0),
+             "classifier_epochs must be \"auto\" or an integer >= 0"),
+            (self.classifier_lr > 0 and self.classifier_vector_lr > 0, "classifier learning rates must be > 0"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
             (self.max_length >= 4 and self.label_max_length >= 4, "max lengths must be >= 4"),
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),

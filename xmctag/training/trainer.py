@@ -43,6 +43,7 @@ from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
+from xmctag.training.classifier import ClassifierStage, plan_classifier_epochs
 from xmctag.training.images import prepare_images, resolve_vision
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
 
@@ -136,8 +137,11 @@ def train(
     elif resume and checkpoint.exists():
         epochs = torch.load(checkpoint, map_location="cpu", weights_only=False)["epochs"]  # the plan of the run
     else:
+        # With classifier_epochs "auto" too, the dual-encoder epochs get half of the budget, the classifier stage
+        # the rest (on Myntra titles its epochs gained more per minute, bench/RESULTS.md).
+        share = 0.5 if config.classifier_epochs == "auto" and not encoder.is_decoder else 1.0
         epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show,
-                              (train_images, label_images))
+                              (train_images, label_images), budget=config.time_budget_minutes * share)
     optimizer = torch.optim.AdamW(_param_groups(encoder, config), lr=learning_rate(encoder, config),
                                   weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
@@ -194,14 +198,28 @@ def train(
         encoder = layout.load_encoder(out).to(dev_)
 
     # Second stage: label vectors on frozen product embeddings of the kept encoder.
+    def embed_labels_and_products():
+        with show.task("embedding labels and training products", total=len(label_ids) + len(product_ids)) as update:
+            return (encode_ids(encoder, label_ids, pad_id, device=dev_, progress=update, images=label_images),
+                    encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update, images=train_images))
+
     started = time.perf_counter()
-    with show.task("embedding labels and training products", total=len(label_ids) + len(product_ids)) as update:
-        label_embeddings = encode_ids(encoder, label_ids, pad_id, device=dev_, progress=update, images=label_images)
-        products = encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update, images=train_images)
+    label_embeddings, products = embed_labels_and_products()
     with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
         vectors = fit_label_vectors(products, train_set.labels, label_embeddings, scale=config.label_vector_scale,
                                     epochs=config.label_vector_epochs, lr=config.label_vector_lr, seed=config.seed,
                                     device=dev_, progress=update)
+    # Third stage: the encoder fine-tuned through a classifier head started from those label vectors; the head
+    # becomes the label vectors, and the products (neighbour votes) and label texts are embedded again.
+    dual_encoder_minutes = sum(r["seconds"] for r in history if "epoch" in r) / 60
+    classifier_history, stage = _classifier_stage(config, encoder, product_ids, train_set, vectors, pad_id, dev_,
+                                                  train_images, config.time_budget_minutes - dual_encoder_minutes,
+                                                  show, dev_ids, dev_set, dev_images, inv_p)
+    if stage is not None:
+        history.extend(classifier_history)
+        layout.save_encoder(out, encoder, tokenizer)
+        label_embeddings, products = embed_labels_and_products()
+        vectors = stage.head()
     final = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
     neighbours = (products, NeighbourLabels.from_lists(train_set.labels)) if config.knn_neighbours > 0 else None
     dev_result = None
@@ -230,6 +248,36 @@ def train(
     layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs, label_table.exclusive)
     checkpoint.unlink(missing_ok=True)
     return TrainResult(out, history, dev_result)
+
+
+def _classifier_stage(config: Config, encoder, product_ids, train_set: LabelledSet, vectors: LabelVectors, pad_id,
+                      device, train_images, minutes_left: float, show: Progress, dev_ids, dev_set, dev_images,
+                      inv_p) -> tuple[list[dict], ClassifierStage | None]:
+    """Runs the classifier stage when it applies (``xmctag.training.classifier``): its history and the stage, or
+    ``([], None)``."""
+    if config.classifier_epochs == 0:
+        return [], None
+    if encoder.is_decoder:
+        show.log("classifier stage: skipped (encoder models only)")
+        return [], None
+    if len(vectors.vectors) > config.classifier_max_labels:
+        show.log(f"classifier stage: skipped ({len(vectors.vectors):,} labels > classifier_max_labels "
+                 f"{config.classifier_max_labels:,})")
+        return [], None
+    stage = ClassifierStage(encoder, product_ids, train_set.labels, vectors, pad_id, device, config, train_images)
+    epochs = plan_classifier_epochs(config, stage, minutes_left, show)
+    if epochs == 0:
+        return [], None
+
+    def after_epoch(epoch: int, head: LabelVectors) -> dict | None:
+        if dev_set is None:
+            return None
+        metrics = evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=device, images=dev_images), head,
+                                  dev_set.labels, config, inv_p)
+        show.log(f"classifier epoch {epoch}: dev (its head) " + _short(metrics))
+        return {"dev_head": metrics}
+
+    return stage.run(epochs, show, after_epoch), stage
 
 
 def _token_ids(tokenizer, texts: list[str], max_length: int, images: ImageInputs | None) -> list[list[int]]:
@@ -282,7 +330,7 @@ def _batch_loss(encoder, loss_fn, train_set: LabelledSet, batch, product_ids, la
 
 
 def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, product_ids, label_ids, pad_id, device,
-                 show: Progress, images=(None, None)) -> int:
+                 show: Progress, images=(None, None), budget: float | None = None) -> int:
     """``epochs = "auto"``: as many epochs (at most ``auto_max_epochs``) as fit in ``time_budget_minutes``.
 
     The time of an epoch is projected from a few forward+backward passes on random batches (no optimiser step, so
@@ -309,8 +357,9 @@ def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, produ
             rates.append(len(batch) / max(time.perf_counter() - started, 1e-9))
     pairs_per_second = float(np.median(rates)) if rates else float("inf")
     epoch_minutes = len(train_set) / pairs_per_second / 60
-    budget = config.time_budget_minutes
-    epochs = config.auto_max_epochs if budget <= 0 else min(config.auto_max_epochs, int(budget // epoch_minutes))
+    budget = config.time_budget_minutes if budget is None else budget
+    unlimited = config.time_budget_minutes <= 0
+    epochs = config.auto_max_epochs if unlimited else min(config.auto_max_epochs, int(budget // epoch_minutes))
     show.log(f"epochs auto: ~{pairs_per_second:.0f} pairs/s, ~{epoch_minutes:.1f} min per epoch, budget "
              f"{budget:g} min -> {epochs} epoch(s)" + ("; the pretrained encoder is kept as is" if not epochs else ""))
     return epochs
