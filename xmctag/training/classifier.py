@@ -96,10 +96,15 @@ class ClassifierStage:
         """``epochs`` passes over the products in random batches; ``after_epoch(epoch, head)`` -> dict or None."""
         from xmctag.training.trainer import _warmup_linear_decay
 
-        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([
-            {"params": trainable, "lr": self.config.classifier_lr, "weight_decay": self.config.weight_decay},
-            {"params": [self.head_w, self.head_b], "lr": self.config.classifier_vector_lr, "weight_decay": 0.0}])
+        from xmctag.training.trainer import _param_groups
+
+        # The encoder's weights at classifier_lr; an image projection keeps its own image_lr (it is what has to
+        # carry the labels when titles are poor); the head at classifier_vector_lr.
+        groups = _param_groups(self.encoder, self.config, self.config.classifier_lr)
+        trainable = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(
+            groups + [{"params": [self.head_w, self.head_b], "lr": self.config.classifier_vector_lr,
+                       "weight_decay": 0.0}], weight_decay=self.config.weight_decay)
         steps_per_epoch = -(-len(self.product_ids) // self.config.batch_size)
         scheduler = _warmup_linear_decay(optimizer, min(self.config.warmup_steps, steps_per_epoch),
                                          steps_per_epoch * epochs)

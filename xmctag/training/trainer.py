@@ -11,8 +11,11 @@
    (clustered on the embeddings seen during the previous epoch), so that in-batch negatives are hard.
 3. After each epoch: dev evaluation (when a dev set is given), best model kept, checkpoint for ``--resume``.
 4. Second stage: embed all training products with the best encoder, fit per-label vectors on them
-   (``label_vectors.py``), keep the embeddings for the neighbour votes (``xmctag.scoring``), evaluate on dev
-   again with the final scoring, and write the run directory (see ``xmctag.run_dir``).
+   (``label_vectors.py``).
+5. Third stage (encoders, ``classifier_epochs``): fine-tune the encoder through a one-vs-all head started from
+   those label vectors (``classifier.py``); the head becomes the label vectors and the products are embedded
+   again. Keep the product embeddings for the neighbour votes (``xmctag.scoring``), evaluate on dev with the final
+   scoring, and write the run directory (see ``xmctag.run_dir``).
 """
 
 from __future__ import annotations
@@ -285,12 +288,13 @@ def _token_ids(tokenizer, texts: list[str], max_length: int, images: ImageInputs
     return token_ids(tokenizer, texts, max_length, images.has_image if images is not None else None)
 
 
-def _param_groups(encoder, config: Config) -> list[dict]:
-    """AdamW groups: the encoder's trainable weights at its rate; the image projection at ``image_lr``."""
+def _param_groups(encoder, config: Config, lr: float | None = None) -> list[dict]:
+    """AdamW groups: the encoder's trainable weights at ``lr`` (default: its training rate); the image projection
+    at ``image_lr``."""
     projection = list(encoder.image_projection.parameters()) if isinstance(encoder, FusedEncoder) else []
     skip = {id(p) for p in projection}
     groups = [{"params": [p for p in encoder.parameters() if p.requires_grad and id(p) not in skip],
-               "lr": learning_rate(encoder, config)}]
+               "lr": learning_rate(encoder, config) if lr is None else lr}]
     if projection:
         groups.append({"params": projection, "lr": config.image_lr})
     return groups
