@@ -154,7 +154,7 @@ def tag(
     strict: bool = typer.Option(False, "--strict", help="Fail on a row without text instead of skipping it."),
     device: str = DeviceOption,
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
-                                  "fp16 or int8 (CPU, ~1.8x faster, approximate)."),
+                                  "fp16 or int8 (CPU, ~2x the fp32 graph, approximate)."),
     show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
     exclusive_groups: bool = typer.Option(False, "--exclusive-groups/--no-exclusive-groups",
                                           help="At most one label per product of each facet that training found "

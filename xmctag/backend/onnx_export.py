@@ -214,7 +214,8 @@ def _convert_decoder(source: Path, target: Path, fp16: bool) -> None:
 
 def _quantise_int8(source: Path, target: Path, show: Progress) -> None:
     """Dynamic int8 quantisation of the fp32 graph (MatMul weights per channel, activations quantised at run time):
-    about 1.8x faster on AVX2 CPUs, at a small cost in accuracy (checked by ``_check_parity`` as cosine)."""
+    about 2x the fp32 graph on CPUs with AVX-512 VNNI (bench/RESULTS.md), at a small cost in accuracy (checked by
+    ``_check_parity`` as cosine)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -94,9 +94,7 @@ class ClassifierStage:
 
     def run(self, epochs: int, show: Progress, after_epoch=None) -> list[dict]:
         """``epochs`` passes over the products in random batches; ``after_epoch(epoch, head)`` -> dict or None."""
-        from xmctag.training.trainer import _warmup_linear_decay
-
-        from xmctag.training.trainer import _param_groups
+        from xmctag.training.trainer import _param_groups, _warmup_linear_decay
 
         # The encoder's weights at classifier_lr; an image projection keeps its own image_lr (it is what has to
         # carry the labels when titles are poor); the head at classifier_vector_lr.
