@@ -27,9 +27,12 @@ def test_training_learns_the_synthetic_catalog(trained_run):
 def test_classifier_stage_head_becomes_the_label_vectors(trained_run):
     # The fixture ran one classifier epoch: its head, evaluated on dev right after the epoch, and the saved label
     # vectors, evaluated on dev with the saved (fine-tuned) encoder, are the same model: identical metrics.
-    history = json.loads((trained_run / layout.METRICS).read_text())["history"]
+    metrics = json.loads((trained_run / layout.METRICS).read_text())
+    history = metrics["history"]
     assert history[2]["dev_head"] == history[3]["dev_label_vectors"]
     assert history[2]["loss"] > 0 and "seconds" in history[2]
+    assert metrics["classifier_epochs"] == 1
+    assert "Classifier stage: 1 epoch(s) (setting: 1)" in (trained_run / layout.CARD).read_text()
 
 
 def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny_encoder_dir, catalog_dir):

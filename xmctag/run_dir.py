@@ -186,7 +186,7 @@ def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config)
 
 def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
                      dev_metrics: dict[str, float] | None, epochs: int,
-                     exclusive_groups: list[str | None] | None = None) -> None:
+                     exclusive_groups: list[str | None] | None = None, classifier_epochs: int = 0) -> None:
     centred = ", minus the running mean of training (pooling_center.npy)" if (out / POOLING_CENTER).exists() else ""
     loss = ("a triplet loss over hard in-batch negatives" if config.loss == "triplet"
             else f"a softmax (InfoNCE) loss over the in-batch labels, temperature {config.temperature}")
@@ -201,6 +201,9 @@ def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set:
         f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
         f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
         f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
+        f"- Classifier stage: {classifier_epochs} epoch(s) (setting: {config.classifier_epochs}); "
+        + ("the encoder was fine-tuned through a one-vs-all head that became the label vectors, learning rate "
+           f"{config.classifier_lr}" if classifier_epochs else "off"),
     ]
     lines += _decoder_card_lines(out, config)
     groups = sorted({g for g in exclusive_groups or [] if g is not None})

@@ -243,12 +243,13 @@ def train(
     layout.save_labels(out, label_table, label_embeddings, vectors, train_set.label_counts(len(label_table)),
                        len(train_set))
     (out / layout.METRICS).write_text(json.dumps({"history": history, "dev": dev_result, "best_epoch": best["epoch"],
-                                                  "epochs": epochs,
+                                                  "epochs": epochs, "classifier_epochs": len(classifier_history),
                                                   "n_train": len(train_set)}, indent=2) + "\n")
     if neighbours is not None:
         layout.save_neighbours(out, products, train_set.labels)
     layout.save_sample_texts(out, train_set.texts, train_images)
-    layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs, label_table.exclusive)
+    layout.write_model_card(out, config, train_set, dev_set, dev_result, epochs, label_table.exclusive,
+                            classifier_epochs=len(classifier_history))
     checkpoint.unlink(missing_ok=True)
     return TrainResult(out, history, dev_result)
 
