@@ -14,6 +14,8 @@
 #   bash bench/gpu_session.sh c EPOCHS [ARGS]  # MiniLM training (same epochs; ARGS go to bench/decoder.py), wait
 #                                              # for SmolLM2, collect results. SKIP_MINILM=1: no MiniLM (and no
 #                                              # .gpu/c needed); THROUGHPUT=1: then decoder throughput, GPU alone
+#   bash bench/gpu_session.sh f EPOCHS CLS [ARGS]  # MiniLM, EPOCHS dual-encoder + CLS classifier-stage epochs;
+#                                              # needs .gpu/a installed (stage a's pip line) and .gpu/c
 #   bash bench/gpu_session.sh e MIN [ARGS]     # MiniLM at equal wall-clock: as many epochs as fit MIN fine-tuning
 #                                              # minutes (SmolLM2's from an earlier session); needs the wheels and
 #                                              # data of .gpu/a installed (stage a, or its pip line) and .gpu/c
@@ -138,6 +140,17 @@ e)
     cp "$G/work-minilm/summary.json" "$OUT/minilm-equal-time.summary.json" 2>/dev/null || echo "no summary"
     grep -v "━" "$OUT/minilm-equal-time.log" | grep -i "epoch\|dev\|P@1\|error" | tail -n 24
     ;;
+f)
+    restore_minilm
+    # MiniLM alone with EPOCHS dual-encoder and CLASSIFIER classifier epochs (ARGS go to bench/decoder.py).
+    timeout "${RUN_S:-420}" python3 bench/decoder.py --models minilm --model-path minilm="$G/minilm" \
+        --dataset "$G/data/eurlex57k" --train-rows $rows --dev-rows $dev_rows --epochs "$2" \
+        --set classifier_epochs="$3" "${@:4}" --work "$G/work-minilm" > "$OUT/minilm-classifier.log" 2>&1 \
+        || echo "MiniLM run failed or cut short"
+    cp "$G/work-minilm/summary.json" "$OUT/minilm-classifier.summary.json" 2>/dev/null || echo "no summary"
+    grep -v "━" "$OUT/minilm-classifier.log" | grep -i "epoch\|dev\|P@1\|error" | tail -n 24
+    ;;
 *)
-    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS | e MIN" >&2; exit 2;;
+    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS | e MIN | f EPOCHS CLASSIFIER" >&2
+    exit 2;;
 esac
