@@ -9,11 +9,12 @@ with ``w, b`` initialised from the fitted label vectors and trained at their own
 ``classifier_lr``. The head then is the model's label vectors, and ``xmctag.train`` embeds the products (neighbour
 votes) and label texts again with the new encoder. The bundle, its index and the scoring are unchanged.
 
-Measured on Myntra titles (bench/RESULTS.md, "Classifier fine-tuning"): two epochs from the pretrained MiniLM
-raised the label vectors alone from 95.15 to 96.04 dev P@5 in 10.5 minutes on 2 CPU cores, where two dual-encoder
-epochs (13.4 minutes) reached 95.73; on full EURLEX titles on an H100 (4-5 s per classifier epoch), 5 dual-encoder +
-5 classifier epochs reached dev P@5 67.81 against 66.49 for 2 + 0. Encoder models only (a decoder's LoRA adapters are merged by then); label sets
-up to ``classifier_max_labels`` (the head is a dense ``(labels, dim)`` matrix with its optimiser state).
+Measured (bench/RESULTS.md, "Classifier stage"): on Myntra titles, two epochs from the pretrained MiniLM raised the
+label vectors alone from 95.15 to 96.04 dev P@5 in 10.5 minutes on 2 CPU cores, where two dual-encoder epochs
+(13.4 minutes) reached 95.73; on full EURLEX titles on an H100 (4-5 s per classifier epoch), 5 dual-encoder + 5
+classifier epochs reached dev P@5 67.81 against 66.49 for 2 + 0. Encoder models only (a decoder's LoRA adapters are
+merged by then); label sets up to ``classifier_max_labels`` (the head is a dense ``(labels, dim)`` matrix with its
+optimiser state).
 """
 
 from __future__ import annotations
