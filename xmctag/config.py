@@ -84,8 +84,8 @@ class Config:
     label_vector_lr: float = 2e-3
     label_vector_scale: float = 40.0  # logit = scale * (<product, label vector> + bias)
     # --- classifier fine-tuning (third stage, encoders only: xmctag/training/classifier.py) -------------------
-    # The encoder fine-tuned through a one-vs-all head started from the label vectors; the label vectors are then
-    # fitted again on its new embeddings. "auto": as many epochs as fit the time budget left after the
+    # The encoder fine-tuned through a one-vs-all head started from the label vectors; the head then is the label
+    # vectors. "auto": as many epochs as fit the time budget left after the
     # dual-encoder epochs (which then get half of time_budget_minutes), at most auto_max_epochs; 0 = off.
     classifier_epochs: int | str = "auto"
     classifier_lr: float = 3e-5  # the encoder's learning rate in this stage

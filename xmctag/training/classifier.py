@@ -76,23 +76,16 @@ class ClassifierStage:
                                images)
 
     def products_per_second(self) -> float:
-        """Measured like ``trainer._plan_epochs``: median of timed forward+backward passes after a warm-up."""
+        """Measured as ``trainer._plan_epochs`` measures pairs/s (``trainer.probe_rate``), on random batches."""
+        from xmctag.training.trainer import probe_rate, probe_warmup
+
         rng = np.random.default_rng(self.config.seed)
-        warmup = 3 if self.device.type == "cuda" else 1
-        self.encoder.train()
-        rates = []
-        for step in range(warmup + PROBE_STEPS):
-            batch = rng.choice(len(self.product_ids), min(self.config.batch_size, len(self.product_ids)),
-                               replace=False)
-            started = time.perf_counter()
-            self._loss(batch).backward()
-            self.encoder.zero_grad(set_to_none=True)
-            self.head_w.grad = self.head_b.grad = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            if step >= warmup:
-                rates.append(len(batch) / max(time.perf_counter() - started, 1e-9))
-        return float(np.median(rates))
+        size = min(self.config.batch_size, len(self.product_ids))
+        batches = [rng.choice(len(self.product_ids), size, replace=False)
+                   for _ in range(probe_warmup(self.device) + PROBE_STEPS)]
+        rate = probe_rate(self.encoder, batches, self.device, self._loss)
+        self.head_w.grad = self.head_b.grad = None  # the probe's backward passes reached the head too
+        return rate
 
     def run(self, epochs: int, show: Progress, after_epoch=None) -> list[dict]:
         """``epochs`` passes over the products in random batches; ``after_epoch(epoch, head)`` -> dict or None."""
@@ -143,12 +136,11 @@ def plan_classifier_epochs(config: Config, stage: ClassifierStage, minutes_left:
     """``classifier_epochs = "auto"``: as many epochs (at most ``auto_max_epochs``) as fit ``minutes_left``."""
     if config.classifier_epochs != "auto":
         return int(config.classifier_epochs)
+    from xmctag.training.trainer import epochs_that_fit
+
     rate = stage.products_per_second()
     epoch_minutes = len(stage.product_ids) / rate / 60
-    if config.time_budget_minutes <= 0:
-        epochs = config.auto_max_epochs
-    else:
-        epochs = min(config.auto_max_epochs, int(max(minutes_left, 0.0) // epoch_minutes))
+    epochs = epochs_that_fit(config, epoch_minutes, minutes_left)
     show.log(f"classifier epochs auto: ~{rate:.0f} products/s, ~{epoch_minutes:.1f} min per epoch, "
              f"{max(minutes_left, 0.0):.1f} min of the budget left -> {epochs} epoch(s)")
     return epochs

@@ -346,28 +346,47 @@ def _plan_epochs(config: Config, encoder, loss_fn, train_set: LabelledSet, produ
     votes), a short-title catalog gets several, a GPU gets the maximum.
     """
     rng = np.random.default_rng(config.seed)
-    cuda = device.type == "cuda"
-    warmup = 3 if cuda else 1  # allocations, kernel selection for new shapes; GPU passes are cheap, CPU ones not
-    batches = random_batches(len(train_set), config.batch_size, rng)[:warmup + PROBE_STEPS]
+    batches = random_batches(len(train_set), config.batch_size, rng)[:probe_warmup(device) + PROBE_STEPS]
+    pairs_per_second = probe_rate(encoder, batches, device, lambda batch: _batch_loss(
+        encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device, images)[0])
+    epoch_minutes = len(train_set) / pairs_per_second / 60
+    budget = config.time_budget_minutes if budget is None else budget
+    epochs = epochs_that_fit(config, epoch_minutes, budget)
+    show.log(f"epochs auto: ~{pairs_per_second:.0f} pairs/s, ~{epoch_minutes:.1f} min per epoch, budget "
+             f"{budget:g} min -> {epochs} epoch(s)" + ("; the pretrained encoder is kept as is" if not epochs else ""))
+    return epochs
+
+
+def probe_warmup(device) -> int:
+    """Untimed passes before the timed ones: allocations, kernel selection for new shapes (GPU passes are cheap,
+    CPU ones not)."""
+    return 3 if device.type == "cuda" else 1
+
+
+def probe_rate(encoder, batches: list[np.ndarray], device, loss_of) -> float:
+    """Items per second of forward+backward passes ``loss_of(batch).backward()`` over ``batches`` (no optimiser
+    step: the weights are untouched): the median pass after the first ``probe_warmup`` ones, each timed to the end
+    of its GPU work."""
+    warmup = probe_warmup(device)
     encoder.train()
     rates = []
     for step, batch in enumerate(batches):
         started = time.perf_counter()
-        loss, _ = _batch_loss(encoder, loss_fn, train_set, batch, product_ids, label_ids, pad_id, rng, device, images)
-        loss.backward()
+        loss_of(batch).backward()
         encoder.zero_grad(set_to_none=True)
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= warmup:
             rates.append(len(batch) / max(time.perf_counter() - started, 1e-9))
-    pairs_per_second = float(np.median(rates)) if rates else float("inf")
-    epoch_minutes = len(train_set) / pairs_per_second / 60
-    budget = config.time_budget_minutes if budget is None else budget
-    unlimited = config.time_budget_minutes <= 0
-    epochs = config.auto_max_epochs if unlimited else min(config.auto_max_epochs, int(budget // epoch_minutes))
-    show.log(f"epochs auto: ~{pairs_per_second:.0f} pairs/s, ~{epoch_minutes:.1f} min per epoch, budget "
-             f"{budget:g} min -> {epochs} epoch(s)" + ("; the pretrained encoder is kept as is" if not epochs else ""))
-    return epochs
+    return float(np.median(rates)) if rates else float("inf")
+
+
+def epochs_that_fit(config: Config, epoch_minutes: float, budget: float) -> int:
+    """Whole epochs of ``epoch_minutes`` within ``budget`` minutes, at most ``auto_max_epochs`` (all of them when
+    ``time_budget_minutes`` is 0, no limit)."""
+    if config.time_budget_minutes <= 0:
+        return config.auto_max_epochs
+    return min(config.auto_max_epochs, int(max(budget, 0.0) // epoch_minutes))
 
 
 def _embed_with_grad(encoder, ids: list[list[int]], pad_id: int, device,
