@@ -92,3 +92,6 @@ def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_p
     assert not (tmp_path / "tight" / layout.TRAIN_EMBEDDINGS).exists()  # knn_neighbours=0: no neighbour files
     # No limit: the maximum.
     assert run("free", time_budget_minutes=0, auto_max_epochs=1)["epochs"] == 1
+    # No share of the budget for the dual encoder: the classifier stage gets all of it.
+    split = run("classifier-only", time_budget_minutes=5, auto_max_epochs=1, dual_encoder_budget_share=0.0)
+    assert (split["epochs"], split["classifier_epochs"]) == (0, 1)

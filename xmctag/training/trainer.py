@@ -140,9 +140,10 @@ def train(
     elif resume and checkpoint.exists():
         epochs = torch.load(checkpoint, map_location="cpu", weights_only=False)["epochs"]  # the plan of the run
     else:
-        # With classifier_epochs "auto" too, the dual-encoder epochs get half of the budget, the classifier stage
-        # the rest (on Myntra titles its epochs gained more per minute, bench/RESULTS.md).
-        share = 0.5 if config.classifier_epochs == "auto" and not encoder.is_decoder else 1.0
+        # With classifier_epochs "auto" too, the dual-encoder epochs get dual_encoder_budget_share of the budget,
+        # the classifier stage the rest (where the budget binds, its epochs gained more per minute: RESULTS.md).
+        shared = config.classifier_epochs == "auto" and not encoder.is_decoder
+        share = config.dual_encoder_budget_share if shared else 1.0
         epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show,
                               (train_images, label_images), budget=config.time_budget_minutes * share)
     optimizer = torch.optim.AdamW(_param_groups(encoder, config), lr=learning_rate(encoder, config),
