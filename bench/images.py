@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", nargs="+", default=["full", "weak"], choices=["full", "weak"])
     parser.add_argument("--modes", nargs="+", default=["title", "image"], choices=["title", "image"],
                         help="title only and/or title + image")
+    parser.add_argument("--vision", default="auto", help="vision model of the title + image runs "
+                        "(auto: the default, when the catalog has images)")
     parser.add_argument("--throughput-rows", type=int, default=0, help="rows tagged for throughput (0: all train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Config overrides (all runs)")
     args = parser.parse_args(argv)
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             table = pq.read_table(args.data / f"{split}.parquet")
             paths[split] = work / f"{split}.{view}.parquet"
             pq.write_table(weak_titles(table) if view == "weak" else table, paths[split])
-        for mode, vision in (("title", "none"), ("title + image", "auto")):
-            if ("image" if vision == "auto" else "title") not in args.modes:
+        for mode, vision in (("title", "none"), ("title + image", args.vision)):
+            if ("title" if vision == "none" else "image") not in args.modes:
                 continue
             name = f"{view} titles, {mode}"
-            tag = f"{view}-{'image' if vision == 'auto' else 'text'}"
+            tag = f"{view}-{'text' if vision == 'none' else 'image'}"
             config = xmctag.Config(vision=vision, image_cache_dir=str(cache_dir), time_budget_minutes=args.budget,
                                    **parse_overrides(args.set))
             run, bundle, preds = work / f"run-{tag}", work / f"bundle-{tag}", work / f"dev.{tag}.parquet"

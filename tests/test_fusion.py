@@ -24,6 +24,7 @@ from xmctag.backend.runtime import create_session
 from xmctag.models.embedding import encode_ids, encode_texts
 from xmctag.models.fusion import FusedEncoder, ImageInputs
 from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
 RGB = {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 200, 20), "black": (0, 0, 0),
        "white": (255, 255, 255), "yellow": (240, 240, 0), "pink": (255, 150, 200), "grey": (128, 128, 128)}
@@ -93,7 +94,7 @@ def run_images(run, catalog) -> ImageInputs:
 def test_vision_auto_none_and_explicit(image_catalog, catalog_dir):
     from xmctag.training.images import resolve_vision
 
-    assert resolve_vision(Config(), image_catalog / "train.parquet").vision == "builtin:efficientnet-lite0"
+    assert resolve_vision(Config(), image_catalog / "train.parquet").vision == DEFAULT_VISION_ENCODER
     assert resolve_vision(Config(), catalog_dir / "train.parquet").vision == "none"  # no image column: text only
     assert resolve_vision(Config(vision="none"), image_catalog / "train.parquet").vision == "none"
     with pytest.raises(UserError, match="needs the image column"):

