@@ -91,8 +91,8 @@ class Config:
     # on dual_encoder_budget_share of time_budget_minutes), at most auto_max_epochs; 0 = off.
     classifier_epochs: int | str = "auto"
     # Where the budget binds (CPU), a classifier epoch gained more per minute than a dual-encoder one: Myntra dev
-    # P@5 96.13 with 0 + 3 epochs against 95.97 with 1 + 2 (bench/RESULTS.md). A GPU reaches auto_max_epochs of
-    # both stages within the budget either way.
+    # P@5 96.28 with the 0 + 4 epochs this plans on 2 cores, 95.97 with the 1 + 2 of a half share (RESULTS.md). A
+    # GPU reaches auto_max_epochs of both stages within the budget either way.
     dual_encoder_budget_share: float = 0.25
     classifier_lr: float = 3e-5  # the encoder's learning rate in this stage
     classifier_vector_lr: float = 1e-3  # the head's
