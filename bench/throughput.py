@@ -163,16 +163,11 @@ def read_texts(catalog: Path, text_cols: list[str], rows: int) -> list[str]:
 def torch_predict(encoder, tokenizer, tagger, texts: list[str], max_length: int, k: int) -> np.ndarray:
     """The PyTorch twin of ``Tagger.predict``: tokenize, encode in length-sorted batches with PyTorch, then the
     tagger's own search and scoring (faiss label and neighbour searches, blend)."""
-    import torch
-
-    from xmctag.models.embedding import encode_texts
-
-    with torch.inference_mode():
-        embeddings = encode_texts(encoder, tokenizer, texts, max_length, batch_size=TORCH_BATCH_SIZE)
-    return tagger.rank(embeddings, k)[0]
+    return tagger.rank(torch_embed(encoder, tokenizer, texts, max_length), k)[0]
 
 
 def torch_embed(encoder, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
+    """Tokenize and encode ``texts`` with PyTorch in length-sorted batches (no search)."""
     import torch
 
     from xmctag.models.embedding import encode_texts

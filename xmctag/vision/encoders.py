@@ -320,9 +320,8 @@ class WithColourHistogram(VisionEncoder):
         self.encoder = encoder
         self.model_id = f"{encoder.model_id}+{colour.RECIPE}"
         self.dim = encoder.dim + colour.COLOUR_DIM
-        self.spec = encoder.spec
+        self.spec = spec = encoder.spec
         # Undoes the encoder's normalisation, (x * scale - mean) / std, to get RGB in [0, 1] back.
-        spec = self.spec
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1) / (255 * spec.scale))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1) / (255 * spec.scale))
 
