@@ -38,6 +38,10 @@ def test_label_table_with_synonyms_csv_and_duplicates(tmp_path):
     assert labels.texts == ["beef ; cattle meat ; veal", "2"]  # a label without text falls back to its id
     (tmp_path / "l.csv").write_text("label,text,alt_texts\na,apple,pome\nb,banana,\n")
     assert LabelTable.load(tmp_path / "l.csv", Config()).texts == ["apple ; pome", "banana"]
+    # CSV is read as text: numeric-looking ids stay as written; a `synonyms` column is read like `alt_texts`
+    (tmp_path / "n.csv").write_text("label,text,synonyms\n001,apple,pome\n1e3,banana,\n")
+    numeric = LabelTable.load(tmp_path / "n.csv", Config())
+    assert numeric.ids == ["001", "1e3"] and numeric.texts == ["apple ; pome", "banana"]
     (tmp_path / "d.csv").write_text("label,text\na,apple\na,again\n")
     with pytest.raises(UserError, match="duplicate label id"):
         LabelTable.load(tmp_path / "d.csv", Config())

@@ -33,8 +33,9 @@ def xc_dir(tmp_path):
 
 
 def test_convert_writes_the_data_contract(xc_dir, tmp_path):
-    written = convert_xc_raw(xc_dir, tmp_path / "out")
-    assert written == {"labels.parquet": 3, "train.parquet": 2, "test.parquet": 1}
+    result = convert_xc_raw(xc_dir, tmp_path / "out")
+    assert result.written == {"labels.parquet": 3, "train.parquet": 2, "test.parquet": 1}
+    assert result.duplicates_skipped == {"train.parquet": 0, "test.parquet": 0}
     labels = pl.read_parquet(tmp_path / "out/labels.parquet")
     assert labels.to_dict(as_series=False) == {"label": ["L0", "L1", "L2"], "text": ["red things", "shirts", "shoes"]}
     train = pl.read_parquet(tmp_path / "out/train.parquet")
@@ -58,7 +59,7 @@ def test_converted_data_loads_for_training(xc_dir, tmp_path):
 
 def test_convert_errors_name_file_and_line(xc_dir, tmp_path):
     write_lines(xc_dir / "tst.raw.json", [{"uid": "B9", "title": "x", "target_ind": [7]}])
-    with pytest.raises(UserError, match=r"tst.raw.json: line 1: target_ind refers to a label"):
+    with pytest.raises(UserError, match=r"tst.raw.json: line 1: target_ind 7 refers to a label"):
         convert_xc_raw(xc_dir, tmp_path / "out")
     assert not (tmp_path / "out/test.parquet").exists()
     (xc_dir / "trn.raw.json.gz").write_bytes(gzip.compress(b'{"uid": 1}\nnot json\n'))
@@ -66,3 +67,37 @@ def test_convert_errors_name_file_and_line(xc_dir, tmp_path):
         convert_xc_raw(xc_dir, tmp_path / "out")
     with pytest.raises(UserError, match="no lbl.raw.json"):
         convert_xc_raw(tmp_path / "out", tmp_path / "out2")
+
+
+@pytest.mark.parametrize("target_ind, message", [
+    ([-1], r"line 1: target_ind -1 refers to a label"),  # Python would have read -1 as the last label
+    ([1.0], r"line 1: target_ind 1.0 refers to a label"),
+    (2, r"line 1: target_ind must be a list of label line numbers, not int"),
+])
+def test_convert_rejects_bad_target_indices(xc_dir, tmp_path, target_ind, message):
+    write_lines(xc_dir / "tst.raw.json", [{"uid": "B9", "title": "x", "target_ind": target_ind}])
+    with pytest.raises(UserError, match=message):
+        convert_xc_raw(xc_dir, tmp_path / "out")
+    assert not (tmp_path / "out/test.parquet").exists()
+
+
+def test_convert_rejects_duplicate_label_uids(xc_dir, tmp_path):
+    write_lines(xc_dir / "lbl.raw.json.gz", [{"uid": "L0", "title": "a"}, {"uid": "L1", "title": "b"},
+                                             {"uid": "L0", "title": "c"}])
+    with pytest.raises(UserError, match=r"lbl.raw.json.gz: line 3: label uid 'L0' already on line 1"):
+        convert_xc_raw(xc_dir, tmp_path / "out")
+
+
+def test_convert_skips_and_counts_duplicate_product_uids(xc_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from xmctag.cli import app
+
+    write_lines(xc_dir / "tst.raw.json", [{"uid": "B3", "title": "red shoes", "target_ind": [2]},
+                                          {"uid": "B3", "title": "red shoes again", "target_ind": [0]},
+                                          {"uid": "B4", "title": "shirt", "target_ind": [1]}])
+    result = CliRunner().invoke(app, ["convert", str(xc_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "test.parquet: 2 rows (1 lines skipped: uid already seen)" in result.output
+    test = pl.read_parquet(tmp_path / "out/test.parquet")
+    assert test["id"].to_list() == ["B3", "B4"] and test["title"].to_list() == ["red shoes", "shirt"]

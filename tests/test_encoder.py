@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from xmctag import UserError
 from xmctag.models.encoder import TextEncoder, mean_pool
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
@@ -65,3 +66,18 @@ def test_freeze_bottom_layers(tiny_encoder_dir):
     assert not any(p.requires_grad for p in blocks[0].parameters())
     assert all(p.requires_grad for p in blocks[1].parameters())
     assert not encoder.backbone.get_input_embeddings().weight.requires_grad
+
+
+def test_text_model_names_that_cannot_load_are_user_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="unknown builtin model 'builtin:bert-9000'; known: builtin:minilm-l6"):
+        load_pretrained("builtin:bert-9000")
+    with pytest.raises(UserError, match=f"model directory {tmp_path}/typo does not exist"):
+        load_pretrained(str(tmp_path / "typo"))  # not advice to download a path from the hub
+    with pytest.raises(UserError, match="neither a local directory nor in the Hugging Face cache.*huggingface-cli "
+                                        "download xmctag-test/no-such-model"):
+        load_pretrained("xmctag-test/no-such-model")
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model/config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(UserError, match=r"cannot load model from .*not-a-model: [^\n]*$"):
+        load_pretrained(str(tmp_path / "not-a-model"))

@@ -251,9 +251,11 @@ def convert(
     """Convert an Extreme Classification Repository raw dataset (e.g. LF-AmazonTitles-131K) to xmctag's format."""
     from xmctag.convert import convert_xc_raw
 
-    written = convert_xc_raw(source, out)
-    for name, rows in written.items():
-        err_console.print(f"{out / name}: {rows} rows")
+    result = convert_xc_raw(source, out)
+    for name, rows in result.written.items():
+        skipped = result.duplicates_skipped.get(name)
+        err_console.print(f"{out / name}: {rows} rows" + (f" ({skipped} lines skipped: uid already seen)" if skipped
+                                                              else ""), highlight=False, soft_wrap=True)
 
 
 def newest_bundle(directory: Path) -> Path:

@@ -33,7 +33,7 @@ class Config:
     labels_col: str = "labels"
     label_id_col: str = "label"
     label_text_col: str = "text"
-    label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts"])  # synonyms; used when present
+    label_extra_cols: list[str] = field(default_factory=lambda: ["alt_texts", "synonyms"])  # used when present
     label_group_col: str = "group"  # a label's facet (colour, size, ...); used when present (see label_groups)
     # Where label facets come from, for the exclusive ones (no training product has two of their labels) that
     # `tag --exclusive-groups` keeps one label of: "auto" (label_group_col if present, else the "facet:" prefix

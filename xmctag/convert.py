@@ -9,12 +9,17 @@ Input directory (names as in the repository's "raw text" releases, e.g. LF-Amazo
 
 Output: ``train.parquet`` / ``test.parquet`` with ``id``, ``title``, ``description`` (null where a row has no
 ``content``), ``labels`` (label uids); ``labels.parquet`` with ``label`` (uid) and ``text`` (title).
+
+A product line whose uid an earlier line of the same split already had is skipped and counted (``xmctag eval``
+needs one truth row per id); a label uid that occurs twice, or a ``target_ind`` that is not a list of label line
+numbers, is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -25,54 +30,68 @@ SPLITS = {"trn": "train.parquet", "tst": "test.parquet"}
 CHUNK_ROWS = 200_000
 
 
-def convert_xc_raw(source: str | Path, out: str | Path) -> dict[str, int]:
-    """Converts what is in ``source``; returns rows written per output file name."""
+@dataclass
+class Conversion:
+    """What ``convert_xc_raw`` wrote: rows per output file name, and duplicate-uid lines skipped per split file."""
+
+    written: dict[str, int] = field(default_factory=dict)
+    duplicates_skipped: dict[str, int] = field(default_factory=dict)
+
+
+def convert_xc_raw(source: str | Path, out: str | Path) -> Conversion:
+    """Converts what is in ``source`` into ``out``."""
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise UserError(f"{source}: not a directory")
     label_file = _find(source, "lbl")
     if label_file is None:
         raise UserError(f"{source}: no lbl.raw.json[.gz] (label file) found")
-    label_uids, label_texts = [], []
+    label_uids, label_texts, first_line = [], [], {}
     for line_no, record in _records(label_file):
         uid = record.get("uid")
         if uid is None:
             raise UserError(f"{label_file}: line {line_no} has no uid")
-        label_uids.append(str(uid))
+        uid = str(uid)
+        if uid in first_line:  # target_ind counts lines, so two lines with one uid would be two labels with one id
+            raise UserError(f"{label_file}: line {line_no}: label uid {uid!r} already on line {first_line[uid]}")
+        first_line[uid] = line_no
+        label_uids.append(uid)
         label_texts.append(str(record.get("title") or ""))
     out.mkdir(parents=True, exist_ok=True)
-    written = {"labels.parquet": len(label_uids)}
+    result = Conversion(written={"labels.parquet": len(label_uids)})
     pl.DataFrame({"label": label_uids, "text": label_texts}).write_parquet(out / "labels.parquet")
     found_split = False
     for prefix, name in SPLITS.items():
         path = _find(source, prefix)
         if path is not None:
             found_split = True
-            written[name] = _convert_split(path, label_uids, out / name)
+            result.written[name], result.duplicates_skipped[name] = _convert_split(path, label_uids, out / name)
     if not found_split:
         raise UserError(f"{source}: no trn.raw.json[.gz] or tst.raw.json[.gz] found")
-    return written
+    return result
 
 
-def _convert_split(path: Path, label_uids: list[str], target: Path) -> int:
-    """Streams one split into ``target`` in chunks (bounded memory on million-row files), atomically."""
+def _convert_split(path: Path, label_uids: list[str], target: Path) -> tuple[int, int]:
+    """Streams one split into ``target`` in chunks (bounded memory on million-row files), atomically; returns the
+    rows written and the duplicate-uid lines skipped."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([("id", pa.string()), ("title", pa.string()), ("description", pa.string()),
                         ("labels", pa.list_(pa.string()))])
     tmp = target.with_name(f".{target.name}.tmp")
-    total = 0
+    total, seen, duplicates = 0, set(), 0
     try:
         with pq.ParquetWriter(tmp, schema) as writer:
             rows = {name: [] for name in schema.names}
             for line_no, record in _records(path):
-                try:
-                    targets = [label_uids[int(i)] for i in record.get("target_ind", [])]
-                except (IndexError, ValueError):
-                    raise UserError(f"{path}: line {line_no}: target_ind refers to a label the label file does "
-                                    f"not have ({len(label_uids)} labels)") from None
-                rows["id"].append(str(record.get("uid", line_no)))
+                targets = [label_uids[i] for i in _target_indices(record, len(label_uids), path, line_no)]
+                uid = str(record.get("uid", line_no))
+                if uid in seen:
+                    duplicates += 1
+                    continue
+                seen.add(uid)
+                rows["id"].append(uid)
                 rows["title"].append(record.get("title"))
                 rows["description"].append(record.get("content") or None)
                 rows["labels"].append(targets)
@@ -85,7 +104,21 @@ def _convert_split(path: Path, label_uids: list[str], target: Path) -> int:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    return total
+    return total, duplicates
+
+
+def _target_indices(record: dict, n_labels: int, path: Path, line_no: int) -> list[int]:
+    """``record["target_ind"]`` checked: a list of whole numbers in ``[0, n_labels)`` (Python would read -1 as the
+    last label, silently)."""
+    indices = record.get("target_ind", [])
+    if not isinstance(indices, list):
+        raise UserError(f"{path}: line {line_no}: target_ind must be a list of label line numbers, "
+                        f"not {type(indices).__name__}")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_labels:
+            raise UserError(f"{path}: line {line_no}: target_ind {i!r} refers to a label the label file does not "
+                            f"have (0-based line numbers, {n_labels} labels)")
+    return indices
 
 
 def _find(source: Path, prefix: str) -> Path | None:

@@ -1,8 +1,8 @@
 """Reading the data contract: training catalogs, label tables and catalogs to tag.
 
 - Training catalog (Parquet): ``id``, the text columns (default ``title``), ``labels`` (list of label ids).
-- Label table (Parquet or CSV): ``label`` (id), ``text``, optional extra text columns (synonyms; a list column
-  or a string).
+- Label table (Parquet or CSV, CSV read as strings): ``label`` (id), ``text``, optional extra text columns
+  (synonyms, by default ``alt_texts`` and ``synonyms``; a list column or a string).
 - Catalog to tag (Parquet): ``id`` and the text columns the model was trained on.
 - With image fusion on (``Config.vision`` not ``"none"``), all three may have an image column (``Config.image_col``:
   bytes, paths, URLs or lists of them; see ``xmctag.vision.images``); its raw values are kept per row, aligned with
@@ -72,8 +72,9 @@ def read_arrow(path: str | Path, columns: list[str], optional: list[str] | tuple
     check_columns(path, names, columns)
     columns = [*columns, *(c for c in optional if c in names and c not in columns)]
     try:
-        if _is_csv(path):
-            return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(include_columns=columns))
+        if _is_csv(path):  # all strings: type inference would turn label ids "001" and "1e3" into 1 and 1000.0
+            options = pa_csv.ConvertOptions(include_columns=columns, column_types=dict.fromkeys(columns, pa.string()))
+            return pa_csv.read_csv(path, convert_options=options)
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: cannot read ({_first_line(e)})") from None

@@ -38,7 +38,13 @@ def resolve_model_path(name: str) -> str:
         return str(locate(module))
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
+    if _looks_like_path(name):  # a Hugging Face id is "name" or "org/name": this was meant as a local directory
+        raise UserError(f"model directory {name} does not exist")
     return name  # a Hugging Face id; load_pretrained checks it is in the local cache
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_pretrained(name: str):
@@ -66,11 +72,14 @@ def _offline(name: str, path: str):
     """Turns transformers' OSError for a model it cannot open into a ``UserError`` saying what to do."""
     try:
         yield
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a directory whose config.json names no known model type
         if Path(path).exists():
-            raise UserError(f"cannot load model from {path}: {e}") from None
+            raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+        if isinstance(e, ValueError):
+            raise
         raise UserError(
-            f"model {name!r} is not available offline. xmctag never downloads at run time: fetch it once with "
+            f"model {name!r} is neither a local directory nor in the Hugging Face cache, and xmctag never downloads "
+            f"at run time: fetch it once with "
             f"`huggingface-cli download {name}` (or save_pretrained to a directory) and pass that directory"
         ) from None
 
