@@ -1,6 +1,8 @@
 """The CLI contract end to end: train -> export -> tag -> eval, and bad input as one-line errors."""
 
 import json
+import os
+import shutil
 
 import polars as pl
 import pytest
@@ -105,3 +107,88 @@ def test_tag_without_model_and_without_bundles_says_what_to_do(tmp_path, catalog
     monkeypatch.chdir(tmp_path)
     result = invoke("tag", catalog_dir / "dev.parquet")
     assert result.exit_code == 2 and "no bundle in ./export" in result.output
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(cli_run, catalog_dir):
+    """The exported bundle, and files with the mistakes users make, in cli_run/bad."""
+    if not (cli_run / "export/tiny/manifest.json").exists():
+        assert invoke("export", cli_run / "runs/tiny", "--out", cli_run / "export/tiny", "--quiet").exit_code == 0
+    bad = cli_run / "bad"
+    bad.mkdir()
+    dev = pl.read_parquet(catalog_dir / "dev.parquet")
+    dev.with_columns(pl.col("title").str.split(" ")).write_parquet(bad / "list-title.parquet")
+    dev.with_columns(pl.struct("title").alias("id")).write_parquet(bad / "struct-id.parquet")
+    dev.drop("labels").write_csv(bad / "catalog.csv")
+    dev.with_columns(pl.col("labels").list.join(",")).write_csv(bad / "truth.csv")
+    broken = bad / "bundle"
+    shutil.copytree(cli_run / "export/tiny", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    ids = [None, "", *dev["id"].to_list()[2:]]
+    dev.with_columns(pl.Series("id", ids, pl.String)).write_parquet(bad / "no-ids.parquet")
+    return bad
+
+
+def unwritable_sys() -> bool:
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(name)
+    return False
+
+
+@pytest.mark.parametrize("args,message", [
+    (["tag", "{bad}/list-title.parquet"], "{bad}/list-title.parquet: column 'title' has type List(String); expected "
+                                          "product text"),
+    (["tag", "{bad}/struct-id.parquet"], "{bad}/struct-id.parquet: column 'id' has type Struct"),
+    (["tag", "{bad}/catalog.csv"], "{bad}/catalog.csv: not a Parquet file (xmctag tag reads Parquet catalogs)"),
+    (["tag", "{dev}", "-o", "/sys/x.parquet"], "--output /sys/x.parquet: cannot write in /sys ("),
+    (["tag", "{dev}", "-o", "{bad}/nowhere/x.parquet"], "--output {bad}/nowhere/x.parquet: directory"),
+    (["tag", "{dev}", "--format", "csv", "-o", "{bad}/out.parquet"], "--format csv does not match --output "
+                                                                     "{bad}/out.parquet"),
+    (["tag", "{dev}", "--model", "{bad}/bundle"], "{bad}/bundle/manifest.json: missing key 'files' (re-export the "
+                                                  "bundle)"),
+    (["eval", "{bad}/p.parquet", "--truth", "{bad}/truth.csv"], "{bad}/truth.csv: column 'labels' has type String; "
+                                                                "expected a list of label ids"),
+    (["eval", "{bad}/p.parquet", "--truth", "{dev}", "--train", "{bad}/truth.csv"], "{bad}/truth.csv: column "
+                                                                                     "'labels' has type String"),
+    (["eval", "{bad}/p.parquet", "--truth", "{bad}/list-title.parquet", "--labels-col", "title", "--id-col",
+      "labels"], "{bad}/list-title.parquet: column 'labels' has type List(String); expected a product id"),
+])
+def test_bad_input_is_one_line_on_stderr_naming_the_file(bad_inputs, catalog_dir, args, message):
+    if "/sys/x.parquet" in args and not unwritable_sys():
+        pytest.skip("/sys is writable here")
+    bad, dev = bad_inputs, catalog_dir / "dev.parquet"
+    if not (bad / "p.parquet").exists():
+        assert invoke("tag", dev, "--model", bad.parent / "export/tiny", "-o", bad / "p.parquet", "--quiet") \
+            .exit_code == 0
+    if args[0] == "tag" and "--model" not in args:
+        args = [*args, "--model", bad.parent / "export/tiny"]
+    before = set(bad.iterdir())
+    result = invoke(*[str(a).format(bad=bad, dev=dev) for a in args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message.format(bad=bad) in lines[0]
+    assert "Traceback" not in result.output
+    assert set(bad.iterdir()) == before  # nothing written, not even a temporary file
+
+
+def test_skipped_rows_and_propensity_source_are_reported(bad_inputs, catalog_dir):
+    bad = bad_inputs
+    result = invoke("tag", bad / "no-ids.parquet", "--model", bad.parent / "export/tiny", "-o", bad / "ids.jsonl",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "tagged 78 of 80 rows" in result.stderr and "skipped 2 (no id)" in result.stderr
+    assert pl.read_ndjson(bad / "ids.jsonl")["rank"].max() == 5  # jsonl, from the extension
+    result = invoke("tag", bad / "no-ids.parquet", "--model", bad.parent / "export/tiny", "-o", bad / "s.parquet",
+                    "--quiet", "--strict")
+    assert result.exit_code == 2 and "no-ids.parquet: row 0 has no id in column 'id' (--strict)" in result.stderr
+    result = invoke("eval", bad / "ids.jsonl", "--truth", catalog_dir / "dev.parquet")
+    assert result.exit_code == 0, result.output
+    assert "PSP propensities from training counts of bundle" in result.stdout.replace("\n", " ")

@@ -1,6 +1,8 @@
 """Tagging with the exported bundle: parity with PyTorch, batch invariance, skips, formats, atomic output."""
 
 import json
+import shutil
+import warnings
 
 import numpy as np
 import polars as pl
@@ -140,10 +142,11 @@ def test_long_formats_one_row_per_rank(tagger, tmp_path, fmt):
     catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
     tagger.tag_file(catalog, tmp_path / f"out.{fmt}", top_k=3, fmt=fmt, batch_size=3, progress=False)
     out = pl.read_csv(tmp_path / "out.csv") if fmt == "csv" else pl.read_ndjson(tmp_path / "out.jsonl")
-    assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id"]
+    assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle"]
     assert out.height == 3 * len(TITLES)
     assert out["rank"].to_list()[:3] == [1, 2, 3]
     assert (out["bundle_id"] == tagger.bundle_id).all()
+    assert (out["bundle"] == str(tagger.path.resolve())).all()
     assert out.filter(pl.col("id") == "c0")["label_text"].to_list()[0].startswith(("colour", "article"))
 
 
@@ -174,8 +177,11 @@ def test_bad_inputs_are_clear_errors(tagger, tmp_path):
     with pytest.raises(UserError, match=r"nocol.parquet: missing column\(s\) title"):
         tagger.tag_file(tmp_path / "nocol.parquet", tmp_path / "o.parquet", progress=False)
     (tmp_path / "garbage.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(UserError, match="garbage.parquet: not a readable Parquet file"):
+    with pytest.raises(UserError, match=r"garbage.parquet: not a Parquet file \(xmctag tag reads Parquet catalogs"):
         tagger.tag_file(tmp_path / "garbage.parquet", tmp_path / "o.parquet", progress=False)
+    (tmp_path / "truncated.parquet").write_bytes(b"PAR1 and then nothing")
+    with pytest.raises(UserError, match="truncated.parquet: not a readable Parquet file"):
+        tagger.tag_file(tmp_path / "truncated.parquet", tmp_path / "o.parquet", progress=False)
     with pytest.raises(UserError, match="no such file"):
         tagger.tag_file(tmp_path / "missing.parquet", progress=False)
     with pytest.raises(UserError, match="--format"):
@@ -219,3 +225,239 @@ def test_exclusive_groups_on_a_bundle_without_any_say_so(bundle, tagger, copy_of
     with pytest.warns(UserWarning, match="no exclusive label groups"):
         grouped = Tagger.load(plain, device="cpu", verify=False, exclusive_groups=True)
     np.testing.assert_array_equal(grouped.predict(TITLES)[0], tagger.predict(TITLES)[0])
+
+
+# -- bad input: clear errors naming the file and column, or counted skips ------------------------------------------
+def sys_is_unwritable() -> bool:
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(name)
+    return False
+
+
+@pytest.mark.parametrize("column,values,dtype", [
+    ("title", [["red", "shirt"], ["blue"]], pl.List(pl.String)),
+    ("title", [{"a": "red"}, {"a": "blue"}], pl.Struct({"a": pl.String})),
+    ("title", [b"red shirt", b"blue"], pl.Binary),
+    ("id", [["a"], ["b"]], pl.List(pl.String)),
+])
+def test_a_column_that_is_not_text_is_a_clear_error(tagger, tmp_path, column, values, dtype):
+    data = {"id": ["a", "b"], "title": ["red shirt", "blue jeans"], column: pl.Series(values, dtype=dtype)}
+    catalog = tmp_path / "typed.parquet"
+    pl.DataFrame(data).write_parquet(catalog)
+    pattern = rf"typed.parquet: column '{column}' has type {pl.DataFrame(data).schema[column]}".replace("(", r"\(")
+    with pytest.raises(UserError, match=pattern.replace(")", r"\)")):
+        tagger.tag_file(catalog, tmp_path / "out.parquet", progress=False)
+    with pytest.raises(UserError, match=f"frame: column '{column}' has type"):
+        tagger.tag(pl.DataFrame(data))
+    assert list(tmp_path.iterdir()) == [catalog]
+
+
+def test_numeric_text_and_id_columns_are_read_as_strings(tagger, tmp_path):
+    catalog = tmp_path / "numbers.parquet"
+    pl.DataFrame({"id": [7, 8], "title": [123, 456]}).write_parquet(catalog)
+    summary = tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=2, progress=False)
+    assert summary.rows_tagged == 2
+    assert pl.read_parquet(tmp_path / "out.parquet")["id"].to_list() == ["7", "8"]
+
+
+def test_a_catalog_that_is_not_parquet_is_caught_by_its_content(tagger, tmp_path):
+    frame = pl.DataFrame({"id": ["a", "b"], "title": ["acme red shirt", "blue jeans"]})
+    frame.write_csv(tmp_path / "cat.csv")
+    frame.write_csv(tmp_path / "csv-named.parquet")
+    for name in ("cat.csv", "csv-named.parquet"):
+        with pytest.raises(UserError, match=rf"{name}: not a Parquet file \(xmctag tag reads Parquet catalogs\)"):
+            tagger.tag_file(tmp_path / name, tmp_path / "out.parquet", progress=False)
+    frame.write_parquet(tmp_path / "parquet-named.csv")  # the content decides, not the extension
+    assert tagger.tag_file(tmp_path / "parquet-named.csv", tmp_path / "out.parquet", progress=False).rows_tagged == 2
+
+
+def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeypatch):
+    from xmctag import tagger as tagger_module
+
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the catalog was read before the output was checked")
+
+    monkeypatch.setattr(tagger_module, "_read_batches", no_reading)
+    if sys_is_unwritable():
+        with pytest.raises(UserError, match=r"--output /sys/x.parquet: cannot write in /sys \("):
+            tagger.tag_file(catalog, "/sys/x.parquet", progress=False)
+    with pytest.raises(UserError, match="--output .*nowhere/x.parquet: directory .*nowhere does not exist"):
+        tagger.tag_file(catalog, tmp_path / "nowhere" / "x.parquet", progress=False)
+
+    def denied(*args, **kwargs):  # a read-only directory, even when the tests run as root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("xmctag.io.writers.tempfile.mkstemp", denied)
+    with pytest.raises(UserError, match=r"--output .*out.parquet: cannot write in .* \(Permission denied\)"):
+        tagger.tag_file(catalog, tmp_path / "out.parquet", progress=False)
+    assert list(tmp_path.iterdir()) == [catalog]
+
+
+@pytest.mark.parametrize("name,fmt,expected", [
+    ("out.csv", None, "csv"), ("out.jsonl", None, "jsonl"), ("out.ndjson", None, "jsonl"),
+    ("out.parquet", None, "parquet"), ("out.data", None, "parquet"), ("out.data", "csv", "csv"),
+    ("OUT.CSV", "csv", "csv"), (None, None, "parquet"), (None, "jsonl", "jsonl"),
+])
+def test_format_follows_the_output_extension(tagger, tmp_path, name, fmt, expected):
+    from xmctag.evaluation.predictions import read_predictions
+
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    summary = tagger.tag_file(catalog, tmp_path / name if name else None, top_k=2, fmt=fmt, progress=False)
+    if name is None:
+        assert summary.output == tmp_path / f"cat.predictions.{expected}"
+    head = summary.output.read_bytes()[:4]
+    assert {b"PAR1": "parquet", b"id,r": "csv", b'{"id': "jsonl"}[head] == expected
+    assert read_predictions(summary.output)["labels"].list.len().to_list() == [2] * len(TITLES)
+
+
+@pytest.mark.parametrize("name,fmt", [("out.parquet", "csv"), ("out.csv", "parquet"), ("out.jsonl", "csv"),
+                                      ("out.json", "parquet")])
+def test_a_format_that_contradicts_the_extension_is_an_error(tagger, tmp_path, name, fmt):
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    with pytest.raises(UserError, match=rf"--format {fmt} does not match --output .*{name}"):
+        tagger.tag_file(catalog, tmp_path / name, fmt=fmt, progress=False)
+    assert list(tmp_path.iterdir()) == [catalog]
+
+
+def test_rows_without_an_id_are_skipped_and_counted(tagger, tmp_path):
+    ids = ["a", None, "", "  ", "b", None, "c"]
+    titles = ["acme red shirt", "blue jeans", "cap", "nova watch", None, None, "  "]
+    catalog = write_catalog(tmp_path / "cat.parquet", titles, ids=ids)
+    summary = tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=2, batch_size=3, progress=False)
+    assert summary.rows_read == 7 and summary.rows_tagged == 1
+    assert summary.skipped == {"no id": 4, "empty text": 2}  # a row with neither counts once, as "no id"
+    assert pl.read_parquet(tmp_path / "out.parquet")["id"].to_list() == ["a"]
+    with pytest.raises(UserError, match=r"cat.parquet: row 1 has no id in column 'id' \(--strict\)"):
+        tagger.tag_file(catalog, tmp_path / "strict.parquet", strict=True, progress=False)
+    assert not (tmp_path / "strict.parquet").exists()
+    out = tagger.tag(pl.DataFrame({"id": [None, "x"], "title": ["red shirt", "blue jeans"]}), top_k=2)
+    assert out["id"].to_list() == ["x"]
+
+
+def test_a_broken_manifest_is_a_clear_error(bundle, copy_of):
+    broken = copy_of(bundle)
+    manifest_path = broken / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    cases = [
+        ({k: v for k, v in good.items() if k != "files"}, "missing key 'files'"),
+        ({k: v for k, v in good.items() if k != "tokenization"}, "missing key 'tokenization'"),
+        ({**good, "dims": {"embedding": 32}}, "missing key 'dims.index'"),
+        ({**good, "files": ["encoder.onnx"]}, "invalid key 'files'"),
+        ({k: v for k, v in good.items() if k != "format"}, "missing key 'format'"),
+        (["not", "an", "object"], "not a JSON object"),
+    ]
+    for manifest, message in cases:
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match=rf"manifest.json: {message}.* \(re-export the bundle\)"):
+            Tagger.load(broken, device="cpu")
+    manifest_path.write_text("{ not json")
+    with pytest.raises(UserError, match=r"manifest.json: not valid JSON .*\(re-export the bundle\)"):
+        Tagger.load(broken, device="cpu")
+
+
+# -- eval: bad inputs and where the PSP propensities come from ------------------------------------------------------
+@pytest.fixture(scope="module")
+def dev_predictions(tagger, catalog_dir, tmp_path_factory):
+    """Predictions for the dev products with the colour left out of their titles (so that the model has to guess
+    it and PSP@k depends on the propensities), in every format; ``truth.parquet`` is their truth."""
+    out = tmp_path_factory.mktemp("preds")
+    dev = pl.read_parquet(catalog_dir / "dev.parquet")
+    dev.with_columns(pl.col("title").str.replace(r" \w+ ", " ")).write_parquet(out / "truth.parquet")
+    for fmt in ("parquet", "jsonl", "csv"):
+        tagger.tag_file(out / "truth.parquet", out / f"p.{fmt}", top_k=5, progress=False)
+    return out
+
+
+def test_eval_inputs_of_the_wrong_shape_are_clear_errors(dev_predictions, catalog_dir, tmp_path):
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    preds, truth = dev_predictions / "p.parquet", dev_predictions / "truth.parquet"
+    dev = pl.read_parquet(truth)
+    dev.with_columns(pl.col("labels").list.join(",")).write_csv(tmp_path / "truth.csv")
+    dev.with_columns(pl.col("labels").list.join(",")).write_parquet(tmp_path / "truth-str.parquet")
+    list_type = r"expected a list of label ids \(list\[str\] or list\[int\]\)"
+    with pytest.raises(UserError, match=rf"truth.csv: column 'labels' has type String; {list_type} \(CSV cannot"):
+        evaluate_predictions(preds, tmp_path / "truth.csv")
+    with pytest.raises(UserError, match=rf"truth-str.parquet: column 'labels' has type String; {list_type}"):
+        evaluate_predictions(preds, tmp_path / "truth-str.parquet")
+    with pytest.raises(UserError, match=rf"truth.csv: column 'labels' has type String; {list_type}"):
+        evaluate_predictions(preds, truth, train=tmp_path / "truth.csv")
+    # prediction files missing a column, or with one of the wrong type
+    pl.read_parquet(preds).drop("labels").write_parquet(tmp_path / "nolabels.parquet")
+    with pytest.raises(UserError, match=r"nolabels.parquet: missing column\(s\) labels"):
+        evaluate_predictions(tmp_path / "nolabels.parquet", truth)
+    pl.read_parquet(preds).with_columns(pl.col("labels").list.join(",")).write_parquet(tmp_path / "strlab.parquet")
+    with pytest.raises(UserError, match=rf"strlab.parquet: column 'labels' has type String; {list_type}"):
+        evaluate_predictions(tmp_path / "strlab.parquet", truth)
+    pl.read_csv(dev_predictions / "p.csv").drop("id").write_csv(tmp_path / "noid.csv")
+    with pytest.raises(UserError, match=r"noid.csv: missing column\(s\) id"):
+        evaluate_predictions(tmp_path / "noid.csv", truth)
+    pl.read_csv(dev_predictions / "p.csv").with_columns(pl.col("rank").cast(pl.String) + "st") \
+        .write_csv(tmp_path / "rank.csv")
+    with pytest.raises(UserError, match="rank.csv: column 'rank' has type String; expected integers"):
+        evaluate_predictions(tmp_path / "rank.csv", truth)
+    (tmp_path / "listid.jsonl").write_text('{"id": ["a"], "rank": 1, "label": "x"}\n')
+    with pytest.raises(UserError, match="listid.jsonl: column 'id' has type List"):
+        evaluate_predictions(tmp_path / "listid.jsonl", truth)
+    (tmp_path / "p.parquet").write_text("id,labels\na,b\n")
+    with pytest.raises(UserError, match="p.parquet: not a Parquet file"):
+        evaluate_predictions(tmp_path / "p.parquet", truth)
+
+
+def test_every_prediction_format_gets_the_same_psp_propensities(dev_predictions, catalog_dir, bundle, tmp_path):
+    from xmctag.evaluation.predictions import TRUTH_COUNTS, evaluate_predictions
+
+    truth = dev_predictions / "truth.parquet"
+    reports = {fmt: evaluate_predictions(dev_predictions / f"p.{fmt}", truth) for fmt in ("parquet", "jsonl", "csv")}
+    for report in reports.values():
+        assert report.propensity_source == f"training counts of bundle {bundle.resolve()}"
+        assert report.metrics == reports["parquet"].metrics  # identical, PSP included
+    assert reports["parquet"].metrics["P@5"] < 0.4 and reports["parquet"].metrics["PSP@5"] < 0.95  # guessed colours
+    by_truth = evaluate_predictions(dev_predictions / "p.parquet", truth, train=truth)
+    assert by_truth.metrics["PSP@1"] != reports["parquet"].metrics["PSP@1"]  # the counts do matter here
+    by_train = evaluate_predictions(dev_predictions / "p.jsonl", truth, train=catalog_dir / "train.parquet")
+    assert by_train.metrics == pytest.approx(reports["parquet"].metrics)  # the bundle's counts are training's
+    # A file that names no bundle (hand-made, or from before the bundle column): the truth's counts, no warning
+    pl.read_ndjson(dev_predictions / "p.jsonl").select("id", "rank", "label").write_ndjson(tmp_path / "bare.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bare = evaluate_predictions(tmp_path / "bare.jsonl", truth)
+    assert bare.propensity_source == TRUTH_COUNTS and bare.metrics == by_truth.metrics
+
+
+def test_a_re_exported_bundle_at_the_stored_path_is_not_used_for_propensities(bundle, dev_predictions, copy_of,
+                                                                               tmp_path):
+    # The predictions record the bundle's directory and id; here the directory later holds another bundle.
+    from xmctag.evaluation.predictions import TRUTH_COUNTS, evaluate_predictions
+
+    moved = copy_of(bundle)
+    made_by = Tagger.load(moved, device="cpu")
+    for fmt in ("parquet", "jsonl"):
+        made_by.tag_file(dev_predictions / "truth.parquet", tmp_path / f"p.{fmt}", top_k=5, progress=False)
+    truth = dev_predictions / "truth.parquet"
+    fresh = [evaluate_predictions(tmp_path / f"p.{fmt}", truth) for fmt in ("parquet", "jsonl")]
+    assert all(r.propensity_source.startswith("training counts of bundle") for r in fresh)
+    # Re-exported in place: a new bundle id at the same path (its counts could be anything now).
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "bundle_id": "0123456789abcdef"}))
+    for fmt in ("parquet", "jsonl"):
+        with pytest.warns(UserWarning, match=rf"p.{fmt}: the bundle at .* is now bundle 0123456789abcdef, not "
+                                             rf"{made_by.bundle_id} .*truth file's label counts instead"):
+            report = evaluate_predictions(tmp_path / f"p.{fmt}", truth)
+        assert report.propensity_source == TRUTH_COUNTS
+        assert report.metrics == evaluate_predictions(tmp_path / f"p.{fmt}", truth, train=truth).metrics
+        assert report.metrics["PSP@1"] != fresh[0].metrics["PSP@1"]
+    shutil.rmtree(moved)
+    with pytest.warns(UserWarning, match="no readable bundle at"):
+        report = evaluate_predictions(tmp_path / "p.jsonl", truth)
+    assert report.propensity_source == TRUTH_COUNTS
+

@@ -134,10 +134,17 @@ def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
         raise UserError(f"{bundle}: not an xmctag bundle (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: corrupt manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{bundle}: bundle format {manifest.get('format')!r}, this xmctag reads {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}) (re-export the bundle)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object (re-export the bundle)")
+    if "format" not in manifest:
+        raise UserError(f"{path}: missing key 'format' (re-export the bundle)")
+    if manifest["format"] != FORMAT:
+        raise UserError(f"{bundle}: bundle format {manifest['format']!r}, this xmctag reads {FORMAT!r}")
+    _check_manifest(path, manifest)
     for name, digest in manifest["files"].items():
         file = bundle / name
         if not file.is_file():
@@ -145,6 +152,45 @@ def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
         if verify_hashes and _sha256(file) != digest:
             raise UserError(f"{bundle}: {name} does not match the manifest (modified or corrupt bundle)")
     return manifest
+
+
+# What tagging reads from a manifest: key -> its type, or the keys of a section that must be there.
+REQUIRED_KEYS = {
+    "bundle_id": str,
+    "files": dict,
+    "dims": ("embedding", "index", "labels"),
+    "graph": ("files",),
+    "tokenization": ("tokenizer", "max_length", "pad_id"),
+    "scoring": ("scale",),
+}
+REQUIRED_FUSION_KEYS = ("vision", "model_id", "vision_dim", "image_col", "max_images")
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """A ``UserError`` naming the first key tagging needs that the manifest lacks or has with the wrong type."""
+    def fail(key: str, problem: str = "missing") -> None:
+        raise UserError(f"{path}: {problem} key {key!r} (re-export the bundle)")
+
+    sections = dict(REQUIRED_KEYS)
+    if "fusion" in manifest:
+        sections["fusion"] = REQUIRED_FUSION_KEYS
+    for key, wanted in sections.items():
+        if key not in manifest:
+            fail(key)
+        value = manifest[key]
+        if isinstance(wanted, type):
+            if not isinstance(value, wanted):
+                fail(key, "invalid")
+            continue
+        if not isinstance(value, dict):
+            fail(key, "invalid")
+        for sub in wanted:
+            if sub not in value:
+                fail(f"{key}.{sub}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        fail("files", "invalid")
+    if not isinstance(manifest["graph"]["files"], list):
+        fail("graph.files", "invalid")
 
 
 def _sha256(path: Path) -> str:

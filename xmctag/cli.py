@@ -149,10 +149,13 @@ def tag(
     top_k: int = typer.Option(5, "--top-k", min=1),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="[default: <catalog>.predictions.<format> beside the catalog]"),
-    fmt: str = typer.Option("parquet", "--format", help="parquet, csv or jsonl."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --output "
+                                      "extension (.parquet, .csv, .jsonl/.ndjson/.json), else parquet]; must agree "
+                                      "with a known extension."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop labels scoring below this (0-1)."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows read per batch."),
-    strict: bool = typer.Option(False, "--strict", help="Fail on a row without text instead of skipping it."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on a row without an id or text instead of "
+                                "skipping it."),
     device: str = DeviceOption,
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
                                   "fp16 or int8 (CPU, ~2x the fp32 graph, approximate)."),
@@ -211,13 +214,17 @@ def eval_(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return
-    _print_metrics(report.metrics, title=f"{predictions} vs {truth} ({report.rows} rows)")
-    notes = [f"PSP propensities from {report.propensity_source}"]
+    # The header as plain lines (a table title would wrap to the table's width)
+    out_console.print(f"{escape(str(predictions))} vs {escape(str(truth))} ({report.rows} rows)\n"
+                      f"PSP propensities from {escape(report.propensity_source)}", highlight=False, soft_wrap=True)
+    _print_metrics(report.metrics, title=None)
+    notes = []
     if report.rows_without_predictions:
         notes.append(f"{report.rows_without_predictions} truth rows had no predictions (scored 0)")
     if report.predictions_not_in_truth:
         notes.append(f"{report.predictions_not_in_truth} predicted ids are not in the truth file (ignored)")
-    err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
+    if notes:
+        err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
 
 
 @app.command("embed-images")
@@ -270,7 +277,7 @@ def newest_bundle(directory: Path) -> Path:
     return chosen
 
 
-def _print_metrics(metrics: dict[str, float], title: str) -> None:
+def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
     ks = sorted({int(name.split("@")[1]) for name in metrics})
     families = [f for f in ("P", "nDCG", "PSP", "R") if any(m.startswith(f + "@") for m in metrics)]
     table = Table(title=title)

@@ -59,6 +59,43 @@ def check_columns(path: Path, names: list[str], columns: list[str]) -> None:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(names)})")
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether ``path`` starts with Parquet's magic bytes (whatever its extension says)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+    except OSError:
+        return False
+
+
+def _is_scalar_text(dtype) -> bool:
+    """Types a text or id column may have: strings (categoricals too), numbers (cast to their string), all-null."""
+    import polars as pl
+
+    return dtype in (pl.String, pl.Null) or dtype.is_numeric() or isinstance(dtype, (pl.Categorical, pl.Enum))
+
+
+def check_text_column(path: str | Path, column: str, dtype, role: str = "text") -> None:
+    """A ``UserError`` naming the file, column and type when ``column`` cannot be read as strings (lists, structs,
+    binary, booleans, dates); ``role`` says what it is for ("text", "id")."""
+    if not _is_scalar_text(dtype):
+        raise UserError(f"{path}: column {column!r} has type {dtype}; expected {role} (a string column)")
+
+
+def check_label_list_column(path: str | Path, column: str, dtype) -> None:
+    """A ``UserError`` unless ``column`` is a list of label ids (strings or integers)."""
+    import polars as pl
+
+    if isinstance(dtype, (pl.List, pl.Array)) and _is_scalar_text(dtype.inner):
+        return
+    hint = " (CSV cannot hold lists: write the file as Parquet)" if _is_csv(Path(path)) else ""
+    raise UserError(f"{path}: column {column!r} has type {dtype}; expected a list of label ids (list[str] or "
+                    f"list[int]){hint}")
+
+
 def read_arrow(path: str | Path, columns: list[str], optional: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """The given columns of a whole Parquet or CSV file as an Arrow table (the training side's reader), plus those
     of ``optional`` that the file has."""

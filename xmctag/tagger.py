@@ -33,9 +33,9 @@ from xmctag import bundle as layout
 from xmctag import run_dir
 from xmctag.backend import runtime
 from xmctag.config import Config
-from xmctag.data import check_columns, product_text_expr, table_columns
+from xmctag.data import check_columns, check_text_column, is_parquet, product_text_expr
 from xmctag.errors import UserError
-from xmctag.io.writers import PredictionWriter
+from xmctag.io.writers import PredictionWriter, resolve_format
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import pad
@@ -43,6 +43,7 @@ from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
 
 SKIP_EMPTY_TEXT = "empty text"
+SKIP_NO_ID = "no id"
 
 
 @dataclass
@@ -223,7 +224,7 @@ class Tagger:
 
     def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None,
             cache_dir: str | Path | None = None, base_dir: str | Path = ".") -> pl.DataFrame:
-        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have text (others are left out).
+        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have an id and text (others are left out).
 
         Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``).
         """
@@ -236,48 +237,64 @@ class Tagger:
                             schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)})
 
     # -- whole files ---------------------------------------------------------------------------------------------
-    def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5, fmt: str = "parquet",
-                 min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
+    def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5,
+                 fmt: str | None = None, min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
                  progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8) -> TagSummary:
         """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing.
+
+        ``fmt``: ``parquet``, ``csv`` or ``jsonl``; None: from ``output``'s extension (``.parquet``, ``.csv``,
+        ``.jsonl``/``.ndjson``/``.json``), parquet when it has none of those or there is no ``output``. A ``fmt``
+        that contradicts a known extension is an error (``xmctag.io.writers.resolve_format``).
+        Rows without an id or without text are skipped and counted in ``TagSummary.skipped`` (``strict``: an error
+        naming the row).
 
         Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
         """
         catalog = Path(catalog)
+        fmt = resolve_format(Path(output) if output is not None else None, fmt)
         columns = self._check_catalog(catalog)
         output = Path(output) if output is not None else default_output_path(catalog, fmt)
         if output.resolve() == catalog.resolve():
             raise UserError(f"--output {output}: would overwrite the catalog being tagged")
         summary = TagSummary(output=output)
-        total = pl.scan_parquet(catalog).select(pl.len()).collect().item()
         metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
                     "top_k": top_k, "min_score": min_score, "text_cols": ",".join(self.config.text_cols)}
+        # Opened (its temporary file created) before any work: an output that cannot be written fails now, not
+        # after the whole catalog has been tagged.
+        with PredictionWriter(output, fmt, metadata) as writer:
+            self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict, progress,
+                           cache_dir, workers)
+        return summary
+
+    def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
+                  top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,
+                  cache_dir: str | Path | None, workers: int) -> None:
+        total = pl.scan_parquet(catalog).select(pl.len()).collect().item()
         show = Progress(progress)
         started = time.perf_counter()
-        images = self.images(cache_dir, output, workers) if self.fusion is not None else None
+        images = self.images(cache_dir, summary.output, workers) if self.fusion is not None else None
 
         def prepared():
-            """(rows read, rows with text, their image inputs or None) per catalog batch."""
+            """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
             rows = 0
             for frame in _read_batches(catalog, columns, batch_size):
-                batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict)
+                skipped: dict[str, int] = {}
+                batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict, skipped=skipped)
                 features = None
                 # A catalog without the image column is tagged text only (``embed`` masks every image slot).
                 if images is not None and len(batch) and "image" in batch.columns:
                     features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
                 rows += len(frame)
-                yield len(frame), batch, features
+                yield len(frame), batch, skipped, features
 
         # Fused: the image work (cache lookups, decoding, vision graph) runs a batch ahead in a background thread.
         batches = prepared() if images is None else _prefetch(prepared())
-        with PredictionWriter(output, fmt, metadata) as writer, \
-                show.task("tagging", total=total, unit="products") as update:
-            for n_read, batch, features in batches:
+        with show.task("tagging", total=total, unit="products") as update:
+            for n_read, batch, skipped, features in batches:
                 summary.rows_read += n_read
-                skipped = n_read - len(batch)
-                if skipped:
-                    summary.skipped[SKIP_EMPTY_TEXT] = summary.skipped.get(SKIP_EMPTY_TEXT, 0) + skipped
+                for reason, n in skipped.items():
+                    summary.skipped[reason] = summary.skipped.get(reason, 0) + n
                 if len(batch):
                     writer.write(*self._tag_prepared(batch, top_k, min_score, features))
                     summary.rows_tagged += len(batch)
@@ -289,32 +306,57 @@ class Tagger:
         summary.seconds = time.perf_counter() - started
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
-        return summary
 
     def _check_catalog(self, catalog: Path) -> list[str]:
+        """The columns to read from ``catalog``, after checking that it is a Parquet file with the model's id and
+        text columns, of types that read as strings."""
         if not catalog.is_file():
             raise UserError(f"{catalog}: no such file")
+        if not is_parquet(catalog):  # by content: a CSV named .parquet, or a Parquet file named .csv, is caught
+            raise UserError(f"{catalog}: not a Parquet file (xmctag tag reads Parquet catalogs)")
+        try:
+            schema = pl.read_parquet_schema(catalog)
+        except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
+            raise UserError(f"{catalog}: not a readable Parquet file "
+                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
         columns = [self.config.id_col, *self.config.text_cols]
-        names = table_columns(catalog)
-        check_columns(catalog, names, columns)
-        if self.fusion is not None and self.fusion["image_col"] in names:  # no image column: text only, still fine
+        check_columns(catalog, list(schema), columns)
+        self._check_types(catalog, schema)
+        if self.fusion is not None and self.fusion["image_col"] in schema:  # no image column: text only, still fine
             columns.append(self.fusion["image_col"])
         return columns
 
-    def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False) -> pl.DataFrame:
-        """``id``, ``text`` of the rows that have text; under ``strict`` an empty row is an error."""
+    def _check_types(self, source, schema) -> None:
+        check_text_column(source, self.config.id_col, schema[self.config.id_col], "a product id")
+        for column in self.config.text_cols:
+            check_text_column(source, column, schema[column], "product text")
+
+    def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False,
+                 skipped: dict[str, int] | None = None) -> pl.DataFrame:
+        """``id``, ``text`` of the rows that have an id and text; the others are counted in ``skipped`` by reason
+        (``SKIP_NO_ID``, ``SKIP_EMPTY_TEXT``), or under ``strict`` the first of them is an error."""
         check_columns(Path(source), frame.columns, [self.config.id_col, *self.config.text_cols])
+        self._check_types(source, frame.schema)
         columns = [pl.col(self.config.id_col).cast(pl.String).alias("id"),
                    product_text_expr(self.config.text_cols).alias("text")]
         if self.fusion is not None and self.fusion["image_col"] in frame.columns:
             columns.append(pl.col(self.fusion["image_col"]).alias("image"))
         prepared = frame.select(columns)
-        empty = prepared["text"].is_null()
-        if strict and empty.any():
-            row = int(empty.arg_true()[0])
+        no_id = prepared["id"].str.strip_chars().str.len_chars().fill_null(0) == 0  # null, empty or blank
+        empty = prepared["text"].is_null() & ~no_id  # a row without either counts once, as "no id"
+        bad = no_id | empty
+        if strict and bad.any():
+            row = int(bad.arg_true()[0])
+            if no_id[row]:
+                raise UserError(f"{source}: row {row_offset + row} has no id in column {self.config.id_col!r} "
+                                f"(--strict)")
             raise UserError(f"{source}: row {row_offset + row} (id {prepared['id'][row]!r}) has no text in "
                             f"{', '.join(self.config.text_cols)} (--strict)")
-        return prepared.filter(~empty)
+        if skipped is not None:
+            for reason, mask in ((SKIP_NO_ID, no_id), (SKIP_EMPTY_TEXT, empty)):
+                if n := int(mask.sum()):
+                    skipped[reason] = skipped.get(reason, 0) + n
+        return prepared.filter(~bad)
 
     def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None):
         indices, scores = self.predict(batch["text"].to_list(), top_k, min_score, images)

@@ -8,7 +8,9 @@ Formats:
 - ``parquet`` (default): one row per product: ``id``, ``labels`` (list[str], best first), ``scores``
   (list[float32]); the bundle id and settings are in the file's key-value metadata (``xmctag.*``).
 - ``csv`` / ``jsonl``: one row per (product, rank): ``id``, ``rank`` (1 = best), ``label``, ``label_text``,
-  ``score``, ``bundle_id``.
+  ``score``, ``bundle_id``, ``bundle`` (the bundle directory, as in the Parquet metadata).
+
+Without an explicit format it follows the output's extension (``resolve_format``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ import polars as pl
 from xmctag.errors import UserError
 
 FORMATS = ("parquet", "csv", "jsonl")
+# The extensions that name a format (what `xmctag eval` reads them as); any other extension is left to --format.
+EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def resolve_format(output: Path | None, fmt: str | None) -> str:
+    """The format to write: ``fmt`` when given (it must agree with a known extension of ``output``), else the one
+    ``output``'s extension names, else parquet."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    implied = EXTENSIONS.get(output.suffix.lower()) if output is not None else None
+    if fmt is None:
+        return implied or "parquet"
+    if implied is not None and implied != fmt:
+        raise UserError(f"--format {fmt} does not match --output {output} (a {output.suffix} file is {implied}); "
+                        f"drop --format or change the extension")
+    return fmt
 
 
 class PredictionWriter:
@@ -39,14 +57,27 @@ class PredictionWriter:
             raise UserError(f"--output {self.path}: is a directory")
         if not self.path.parent.is_dir():
             raise UserError(f"--output {self.path}: directory {self.path.parent} does not exist")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise UserError(f"--output {self.path}: exists and is read-only")
         self._parquet = None
         self._file = None
         self._tmp: Path | None = None
 
     def __enter__(self) -> "PredictionWriter":
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as e:
+            raise UserError(f"--output {self.path}: cannot write in {self.path.parent} ({e.strerror or e})") from None
         os.close(fd)
         self._tmp = Path(tmp)
+        try:
+            self._open()
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+        return self
+
+    def _open(self) -> None:
         if self.fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -59,7 +90,6 @@ class PredictionWriter:
         else:
             self._file = open(self._tmp, "wb")
             self._header = True
-        return self
 
     def write(self, ids: list[str], labels: list[list[str]], label_texts: list[list[str]],
               scores: list[np.ndarray]) -> None:
@@ -78,7 +108,8 @@ class PredictionWriter:
             "label": pl.Series([x for row in labels for x in row], dtype=pl.String),
             "label_text": pl.Series([x for row in label_texts for x in row], dtype=pl.String),
             "score": pl.Series(np.concatenate(scores) if scores else [], dtype=pl.Float32),
-        }).with_columns(bundle_id=pl.lit(self.metadata.get("bundle_id", "")))
+        }).with_columns(bundle_id=pl.lit(self.metadata.get("bundle_id", ""), pl.String),
+                        bundle=pl.lit(self.metadata.get("bundle", ""), pl.String))
         if self.fmt == "csv":
             long.write_csv(self._file, include_header=self._header)
             self._header = False
@@ -93,7 +124,11 @@ class PredictionWriter:
                 self._file.close()
         finally:
             if exc_type is None:
-                self._tmp.replace(self.path)
+                try:
+                    self._tmp.replace(self.path)
+                except OSError as e:
+                    self._tmp.unlink(missing_ok=True)
+                    raise UserError(f"--output {self.path}: cannot replace it ({e.strerror or e})") from None
             else:
                 self._tmp.unlink(missing_ok=True)
 
