@@ -29,6 +29,7 @@ def test_bundle_contents_and_manifest(bundle_dir):
     for name in (layout.INDEX, "tokenizer/tokenizer.json", run_dir.LABELS, run_dir.CONFIG):
         assert name in manifest["files"]
     layout.read_manifest(bundle_dir)  # hashes verify
+    assert layout.is_bundle(bundle_dir)  # what export --overwrite may replace
 
 
 @pytest.mark.parametrize("graph,tolerance", [(layout.ONNX_FP32, 1e-4), (layout.ONNX_FP16, 5e-3)])
@@ -53,6 +54,32 @@ def test_export_refuses_a_non_empty_target_and_a_non_run(trained_run, bundle_dir
         export(trained_run, bundle_dir, progress=False)
     with pytest.raises(UserError, match="not a finished xmctag run"):
         export(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_export_overwrite_replaces_only_a_bundle(tmp_path):
+    # Checked before the run is read: none of these needs a trained run.
+    out = tmp_path / "runs"
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny" / run_dir.CONFIG).write_text("{}")
+    with pytest.raises(UserError, match=f"--out {out}: holds the run {out / 'tiny'}"):
+        export(out / "tiny", out, overwrite=True, progress=False)
+    with pytest.raises(UserError, match="holds the run"):
+        export(out / "tiny", out / "tiny", overwrite=True, progress=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"--out {home}: not an xmctag bundle"):
+        export(out / "tiny", home, overwrite=True, progress=False)
+    assert (home / "notes.txt").exists() and (out / "tiny" / run_dir.CONFIG).exists()
+    # A bundle holds its manifest and the files it names, nothing else.
+    bundle = tmp_path / "bundle"
+    (bundle / layout.TOKENIZER).mkdir(parents=True)
+    (bundle / layout.MANIFEST).write_text(json.dumps({"format": layout.FORMAT, "files": {
+        layout.ONNX_FP32: "x", f"{layout.TOKENIZER}/tokenizer.json": "y"}}))
+    (bundle / layout.ONNX_FP32).write_text("graph")
+    assert layout.is_bundle(bundle)
+    (bundle / "notes.txt").write_text("mine")
+    assert not layout.is_bundle(bundle)
 
 
 def test_modified_bundle_is_refused(bundle_dir, copy_of):

@@ -95,3 +95,177 @@ def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_p
     # No share of the budget for the dual encoder: the classifier stage gets all of it.
     split = run("classifier-only", time_budget_minutes=5, auto_max_epochs=1, dual_encoder_budget_share=0.0)
     assert (split["epochs"], split["classifier_epochs"]) == (0, 1)
+
+
+# -- the output directory: --overwrite, failed runs, --resume --------------------------------------------------------
+def _quick(tiny_encoder_dir, **settings):
+    """The cheapest settings that still write a whole run directory."""
+    from xmctag import Config
+
+    return Config(**{**dict(encoder=tiny_encoder_dir, epochs=0, classifier_epochs=0, batch_size=32, max_length=16,
+                            label_max_length=12, label_vector_epochs=1, knn_neighbours=0), **settings})
+
+
+def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_encoder_dir):
+    import shutil
+
+    import pytest
+
+    from xmctag import UserError, train
+
+    config = _quick(tiny_encoder_dir)
+    # A folder holding the input catalogs (here: also other files) is never deleted.
+    data = tmp_path / "data"
+    shutil.copytree(catalog_dir, data)
+    with pytest.raises(UserError, match=f"--out {data}: holds --train .*train.parquet and --labels"):
+        train(data / "train.parquet", data / "labels.parquet", data, config=config, overwrite=True, progress=False)
+    # Nor any directory with files a run does not write (a home directory, a project).
+    home = tmp_path / "home"
+    (home / "projects").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    (home / layout.CONFIG).write_text(json.dumps({"editor": "vim"}))
+    with pytest.raises(UserError, match=f"--out {home}: not an xmctag run directory"):
+        train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", home, config=config, overwrite=True,
+              progress=False)
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in catalog_dir.iterdir())
+    assert sorted(p.name for p in home.iterdir()) == [layout.CONFIG, "notes.txt", "projects"]
+
+    # A run directory is replaced, its image cache kept (valid for any run); an input inside it is refused.
+    run = tmp_path / "run"
+    (run / layout.IMAGE_CACHE).mkdir(parents=True)
+    (run / layout.IMAGE_CACHE / "shard").write_text("embeddings")
+    config.save(run / layout.CONFIG)
+    (run / layout.FUSION).write_text("{}")  # stale: the new run is text only
+    shutil.copy(catalog_dir / "labels.parquet", run / layout.LABELS)
+    with pytest.raises(UserError, match="holds --labels"):
+        train(catalog_dir / "train.parquet", run / layout.LABELS, run, config=config, overwrite=True, progress=False)
+    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", run, config=config, overwrite=True,
+          progress=False)
+    assert not (run / layout.FUSION).exists() and (run / layout.IMAGE_CACHE / "shard").exists()
+    layout.load_run(run)
+
+
+def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    import polars as pl
+    import pytest
+
+    import xmctag.training.trainer as trainer
+    from xmctag import UserError, train
+
+    config, out = _quick(tiny_encoder_dir, epochs=1), tmp_path / "run"
+    files = dict(train=catalog_dir / "train.parquet", out=out, config=config, progress=False)
+    bad = tmp_path / "labels.parquet"
+    pl.read_parquet(catalog_dir / "labels.parquet").rename({"text": "name"}).write_parquet(bad)
+    with pytest.raises(UserError, match="missing column"):
+        train(labels=bad, **files)
+    assert not out.exists()  # the inputs are checked before anything is written
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stopped during epoch 1: before the first checkpoint
+        patch.setattr(trainer, "_train_step", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(labels=catalog_dir / "labels.parquet", **files)
+    assert layout.run_state(out) == "started"
+    train(labels=catalog_dir / "labels.parquet", **files)  # the same command, no --overwrite
+    assert layout.run_state(out) == "finished"
+
+
+def test_resume_refuses_a_finished_run(trained_run, copy_of):
+    import pytest
+
+    from xmctag import Config, UserError, train
+
+    run = copy_of(trained_run)
+    config = Config.load(run / layout.CONFIG)
+    files = dict(train=run / "x.parquet", labels=run / "y.parquet", out=run, config=config, progress=False)
+    with pytest.raises(UserError, match=r"run already finished \(2 epoch\(s\) \+ 1 classifier epoch\(s\)\); "
+                                        "--resume only continues an interrupted run"):
+        train(resume=True, **files)
+    config.epochs = 3  # nor is it trained longer
+    with pytest.raises(UserError, match="run already finished"):
+        train(resume=True, **files)
+    with pytest.raises(UserError, match="not empty: it holds a finished run"):
+        train(**files)
+    assert layout.run_state(run) == "finished"
+
+
+# -- the classifier stage: best epoch on dev, checkpoints and --resume ------------------------------------------------
+def _classifier_config(tiny_encoder_dir):
+    return _quick(tiny_encoder_dir, epochs=1, classifier_epochs=2, lr=1e-3, classifier_lr=1e-3, warmup_steps=2,
+                  knn_neighbours=5)
+
+
+def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    import numpy as np
+
+    import xmctag.training.trainer as trainer
+    from xmctag import train
+
+    scores = iter([0.0, 1.0, 0.5])  # dual-encoder epoch 1, classifier epochs 1 and 2: the classifier's first wins
+    monkeypatch.setattr(trainer, "_dev_score", lambda metrics: next(scores))
+    evaluated = []  # (dev product embeddings, label vectors) of each dev evaluation
+    evaluate = trainer.evaluate_scores
+    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
+        evaluated.append((products, vectors)), evaluate(products, vectors, *args))[1])
+    out = tmp_path / "run"
+    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", out, dev=catalog_dir / "dev.parquet",
+          config=_classifier_config(tiny_encoder_dir), progress=False)
+
+    metrics = json.loads((out / layout.METRICS).read_text())
+    assert [h.get("classifier_epoch") for h in metrics["history"]] == [None, 1, 2, None]
+    assert (metrics["classifier_epochs"], metrics["classifier_best_epoch"]) == (2, 1)
+    (_, first), (_, second), (final_products, _) = evaluated[1:4]  # classifier epochs 1 and 2, the saved model
+    saved = np.load(out / layout.LABEL_VECTORS)
+    np.testing.assert_array_equal(saved, first.index_matrix())
+    assert not np.allclose(saved, second.index_matrix())
+    # The saved encoder is epoch 1's: it embeds dev as epoch 1's evaluation did.
+    np.testing.assert_allclose(final_products, evaluated[1][0], atol=1e-5)
+    assert not np.allclose(final_products, evaluated[2][0], atol=1e-5)
+    assert metrics["history"][-1]["dev_label_vectors"] == metrics["history"][1]["dev_head"]
+
+
+def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    import numpy as np
+    import pytest
+
+    import xmctag.training.trainer as trainer
+    from xmctag import train
+    from xmctag.training.classifier import ClassifierStage
+
+    files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet",
+                 dev=catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
+    save_checkpoint = trainer._save_checkpoint
+
+    def save_then_stop(path, state):
+        save_checkpoint(path, state)
+        if state["stage"] == "classifier":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # interrupted after classifier epoch 1 of 2
+        patch.setattr(trainer, "_save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(out=tmp_path / "resumed", **files)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    ran = []
+    run = ClassifierStage.run
+    with monkeypatch.context() as patch:  # the dual encoder and the label vectors are behind the checkpoint
+        patch.setattr(trainer, "_train_step", not_again)
+        patch.setattr(trainer, "fit_label_vectors", not_again)
+        patch.setattr(ClassifierStage, "run", lambda self, *args, **kwargs: ran.extend(run(self, *args, **kwargs))
+                      or ran)
+        train(out=tmp_path / "resumed", resume=True, **files)
+    assert [r["classifier_epoch"] for r in ran] == [2]
+    train(out=tmp_path / "straight", **files)
+
+    resumed, straight = (json.loads((tmp_path / name / layout.METRICS).read_text()) for name in ("resumed", "straight"))
+    assert [h.get("classifier_epoch") for h in resumed["history"]] == [None, 1, 2, None]
+    assert resumed["classifier_best_epoch"] == straight["classifier_best_epoch"]
+    for name in (layout.LABEL_VECTORS, layout.LABEL_EMBEDDINGS, layout.TRAIN_EMBEDDINGS):
+        np.testing.assert_allclose(np.load(tmp_path / "resumed" / name), np.load(tmp_path / "straight" / name),
+                                   atol=1e-5, err_msg=name)
+    assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()

@@ -44,6 +44,18 @@ IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
 
+def is_bundle(path: Path) -> bool:
+    """Whether the directory ``path`` holds an xmctag bundle and nothing else: a manifest naming every entry."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("xmctag-bundle/"):
+        return False
+    names = {name.split("/")[0] for name in manifest.get("files", {})} | {MANIFEST}
+    return {entry.name for entry in path.iterdir()} <= names
+
+
 def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
     """Real rows for the export parity check: sampled training products, then label texts."""
     sample = run_dir.load_sample_texts(trained.path)

@@ -96,8 +96,11 @@ def train(
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
                                             "runs [default: <out>/image_cache]."),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last "
+                                "checkpoint (either stage's); a finished run is refused: use --overwrite to train "
+                                "it again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (only an xmctag run "
+                                   "directory, and not one holding an input)."),
     device: str = DeviceOption,
     quiet: bool = QuietOption,
 ):
@@ -131,7 +134,8 @@ def export(
     run: Path = typer.Argument(..., help="Run directory written by `xmctag train`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory [default: export/<run name>]."),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the fp16 graph for GPUs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag "
+                                   "bundle, and not one holding the run)."),
     quiet: bool = QuietOption,
 ):
     """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""

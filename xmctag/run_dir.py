@@ -13,13 +13,17 @@
     fusion.json            image fusion only: vision model (name, id, dim), image column, max_images, cache dir
     image_projection.safetensors  image fusion only: the trained projection (weight, bias)
     sample_images.npz      image fusion only: image features + mask of the sample_texts rows (parity check)
-    checkpoint.pt          only while training (for --resume)
+    image_cache/           image fusion only: the image-embedding cache, unless --cache-dir puts it elsewhere
+    checkpoint.pt          only while training (for --resume): the state after the last finished epoch
+
+A directory holding anything else is not (only) a run: ``is_run_dir`` says no, and ``--overwrite`` leaves it alone.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +53,51 @@ FUSION = "fusion.json"
 PROJECTION = "image_projection.safetensors"
 POOLING_CENTER = "pooling_center.npy"  # centering = "ema": the mean subtracted before the L2 norm (TextEncoder)
 SAMPLE_IMAGES = "sample_images.npz"
+IMAGE_CACHE = "image_cache"  # the default image-embedding cache (training.images.image_cache_dir)
+CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (trainer._save_checkpoint)
 SAMPLE_ROWS = 96
+# Every name a run writes at its top level.
+RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
+                         CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION, PROJECTION,
+                         POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE})
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether the directory ``path`` holds an xmctag run (finished or not) and nothing else: a ``config.json`` of
+    xmctag settings, and only names that a run writes (``RUN_ENTRIES``)."""
+    names = {entry.name for entry in path.iterdir()}
+    return CONFIG in names and names <= RUN_ENTRIES and _is_xmctag_config(path / CONFIG)
+
+
+def _is_xmctag_config(path: Path) -> bool:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "encoder" in values and set(values) <= Config.field_names()
+
+
+def run_state(path: Path) -> str | None:
+    """What the directory ``path`` holds: ``"finished"`` (a complete run), ``"interrupted"`` (a checkpoint to
+    resume from), ``"started"`` (a run that stopped before its first checkpoint: nothing to resume) or None (empty,
+    or not only a run)."""
+    if not is_run_dir(path):
+        return None
+    if (path / CHECKPOINT).exists():
+        return "interrupted"
+    return "finished" if (path / METRICS).exists() else "started"
+
+
+def clear_run(path: Path) -> None:
+    """Deletes what a run wrote in ``path``, except its image cache: keyed by image content and vision model, it
+    is valid for any run, and a rerun need not embed every picture again."""
+    for entry in path.iterdir():
+        if entry.name == IMAGE_CACHE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:

@@ -18,7 +18,8 @@ Steps:
    products go through with their images and again with every image masked out (both kinds of rows).
 4. Bundle: ONNX files, tokenizer, label table, label embeddings, label vectors, a faiss index over them, the
    config and a manifest (file hashes, versions, dims, tokenisation settings, parity results). Written to a
-   temporary directory and renamed into place, so a failed export never leaves a half-written bundle.
+   temporary directory and renamed into place, so a failed export never leaves a half-written bundle. ``--overwrite``
+   replaces only a bundle (or an empty directory), never one holding the run (``xmctag.overwrite``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from xmctag import bundle as layout
 from xmctag import run_dir
 from xmctag.errors import UserError
 from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.overwrite import check_replaceable
 from xmctag.progress import Progress
 
 FP32_TOLERANCE = 1e-4
@@ -93,8 +95,12 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
 
     show = Progress(progress)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+        check_replaceable(out, layout.is_bundle, "an xmctag bundle", {"the run": run})
     trained = run_dir.load_run(run)
     encoder, tokenizer = trained.encoder_and_tokenizer()
     fusion = run_dir.load_fusion(trained.path)

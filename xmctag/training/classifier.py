@@ -7,7 +7,9 @@ fit one vector per label on *frozen* product embeddings. Here the encoder itself
 
 with ``w, b`` initialised from the fitted label vectors and trained at their own learning rate, the encoder at
 ``classifier_lr``. The head then is the model's label vectors, and ``xmctag.train`` embeds the products (neighbour
-votes) and label texts again with the new encoder. The bundle, its index and the scoring are unchanged.
+votes) and label texts again with the new encoder. The bundle, its index and the scoring are unchanged. As in the
+dual-encoder stage, ``xmctag.train`` evaluates each epoch on dev, keeps the best one (encoder and head) and
+checkpoints ``ClassifierStage.state()`` after each epoch for ``--resume``.
 
 Measured (bench/RESULTS.md, "Classifier stage"): on Myntra titles, two epochs from the pretrained MiniLM raised the
 label vectors alone from 95.15 to 96.04 dev P@5 in 10.5 minutes on 2 CPU cores, where two dual-encoder epochs
@@ -62,6 +64,8 @@ class ClassifierStage:
         self.scale = vectors.scale
         self.head_w = torch.nn.Parameter(torch.from_numpy(vectors.vectors.copy()).float().to(device))
         self.head_b = torch.nn.Parameter(torch.from_numpy(vectors.bias.copy()).float().to(device))
+        self.epoch = 0  # epochs done
+        self.optimizer = self.scheduler = None  # made by run()
 
     def _targets(self, batch: np.ndarray) -> np.ndarray:
         targets = np.zeros((len(batch), len(self.head_b)), dtype=bool)
@@ -87,22 +91,29 @@ class ClassifierStage:
         self.head_w.grad = self.head_b.grad = None  # the probe's backward passes reached the head too
         return rate
 
-    def run(self, epochs: int, show: Progress, after_epoch=None) -> list[dict]:
-        """``epochs`` passes over the products in random batches; ``after_epoch(epoch, head)`` -> dict or None."""
+    def run(self, epochs: int, show: Progress, after_epoch=None, resume: dict | None = None) -> list[dict]:
+        """``epochs`` passes over the products in random batches -> the records of the epochs run.
+
+        ``after_epoch(record)`` is called after each epoch with its record (``classifier_epoch``, ``loss``,
+        ``seconds``), which it may extend, e.g. with dev metrics, and may checkpoint ``state()``; ``resume``: such a
+        state, whose epochs are not run again.
+        """
         from xmctag.training.trainer import _param_groups, _warmup_linear_decay
 
         # The encoder's weights at classifier_lr; an image projection keeps its own image_lr (it is what has to
         # carry the labels when titles are poor); the head at classifier_vector_lr.
         groups = _param_groups(self.encoder, self.config, self.config.classifier_lr)
         trainable = [p for group in groups for p in group["params"]]
-        optimizer = torch.optim.AdamW(
+        self.optimizer = torch.optim.AdamW(
             groups + [{"params": [self.head_w, self.head_b], "lr": self.config.classifier_vector_lr,
                        "weight_decay": 0.0}], weight_decay=self.config.weight_decay)
         steps_per_epoch = -(-len(self.product_ids) // self.config.batch_size)
-        scheduler = _warmup_linear_decay(optimizer, min(self.config.warmup_steps, steps_per_epoch),
-                                         steps_per_epoch * epochs)
+        self.scheduler = _warmup_linear_decay(self.optimizer, min(self.config.warmup_steps, steps_per_epoch),
+                                              steps_per_epoch * epochs)
+        if resume is not None:
+            self._load_state(resume)
         history = []
-        for epoch in range(epochs):
+        for epoch in range(self.epoch, epochs):
             rng = np.random.default_rng(self.config.seed + 1000 + epoch)
             order = rng.permutation(len(self.product_ids))
             self.encoder.train()
@@ -111,20 +122,35 @@ class ClassifierStage:
                 for start in range(0, len(order), self.config.batch_size):
                     batch = order[start:start + self.config.batch_size]
                     loss = self._loss(batch)
-                    optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(trainable, self.config.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
+                    self.optimizer.step()
+                    self.scheduler.step()
                     total += float(loss.detach()) * len(batch)
                     update(len(batch), loss=float(loss.detach()))
             self.encoder.eval()
+            self.epoch = epoch + 1
             record = {"classifier_epoch": epoch + 1, "loss": total / len(order),
                       "seconds": round(time.perf_counter() - started, 1)}
             if after_epoch is not None:
-                record.update(after_epoch(epoch + 1, self.head()) or {})
+                after_epoch(record)
             history.append(record)
         return history
+
+    def state(self) -> dict:
+        """What ``run(resume=...)`` goes on from: the epochs done, the encoder, the head and the optimiser."""
+        return {"epoch": self.epoch, "encoder": self.encoder.state_dict(), "head": self.head(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def _load_state(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.encoder.load_state_dict(state["encoder"])
+        with torch.no_grad():
+            self.head_w.copy_(torch.from_numpy(state["head"].vectors))
+            self.head_b.copy_(torch.from_numpy(state["head"].bias))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def head(self) -> LabelVectors:
         """The head as label vectors (the model's label vectors once the stage is over)."""

@@ -24,6 +24,7 @@ from xmctag.data import table_columns
 from xmctag.errors import UserError
 from xmctag.models.fusion import ImageInputs
 from xmctag.progress import Progress
+from xmctag.run_dir import IMAGE_CACHE
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
 ROWS_PER_BATCH = 512  # image values resolved (read, hashed, looked up, embedded if new) at a time
@@ -43,7 +44,7 @@ def resolve_vision(config: Config, train: str | Path) -> Config:
 
 
 def image_cache_dir(config: Config, out: Path) -> Path:
-    return Path(config.image_cache_dir).expanduser() if config.image_cache_dir else out / "image_cache"
+    return Path(config.image_cache_dir).expanduser() if config.image_cache_dir else out / IMAGE_CACHE
 
 
 def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[Any] | None]], device,

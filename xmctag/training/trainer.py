@@ -1,5 +1,7 @@
 """``xmctag.train``: the whole training run, top to bottom.
 
+0. Check what ``--out`` holds (``_check_out_dir``). Nothing is written to it before the inputs of step 1 are read
+   and the encoder is loaded: a bad input leaves nothing behind.
 1. Read the label table, the training catalog and (optionally) a dev catalog; tokenise everything once. With image
    fusion (``Config.vision``, ``xmctag.training.images``), embed their images not cached yet with the frozen vision
    model; products (and labels) then carry one projected token per usable image (``xmctag.models.fusion``), the
@@ -13,16 +15,17 @@
 4. Second stage: embed all training products with the best encoder, fit per-label vectors on them
    (``label_vectors.py``).
 5. Third stage (encoders, ``classifier_epochs``): fine-tune the encoder through a one-vs-all head started from
-   those label vectors (``classifier.py``); the head becomes the label vectors and the products are embedded
-   again. Keep the product embeddings for the neighbour votes (``xmctag.scoring``), evaluate on dev with the final
-   scoring, and write the run directory (see ``xmctag.run_dir``).
+   those label vectors (``classifier.py``); after each epoch, as in step 3: dev evaluation of its head, best epoch
+   kept, checkpoint (the same ``checkpoint.pt``: ``--resume`` goes on with the next classifier epoch). The kept
+   head becomes the label vectors and the products are embedded again. Keep the product embeddings for the
+   neighbour votes (``xmctag.scoring``), evaluate on dev with the final scoring, and write the run directory (see
+   ``xmctag.run_dir``).
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from xmctag.models.embedding import encode_ids
 from xmctag.models.fusion import FusedEncoder, ImageInputs
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.overwrite import check_replaceable
 from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
@@ -88,14 +92,22 @@ def train(
     out = Path(out)
     show = Progress(progress)
     dev_ = resolve_device(device)
-    _prepare_out_dir(out, resume, overwrite)
-    _check_resumed_config(out, config, resume)
-    config.save(out / layout.CONFIG)
-    _seed_everything(config.seed)
+    replace = _check_out_dir(out, resume, overwrite, {"--train": train, "--labels": labels, "--dev": dev})
+    _check_resumed_config(out, config, resume and not replace)
 
+    # Inputs are read and the encoder loaded before anything is written to --out: a bad file or model name
+    # leaves the directory as it was, and the corrected command runs as is.
     label_table = LabelTable.load(labels, config)
     train_set = load_labelled_set(train, config, label_table)
     dev_set = load_labelled_set(dev, config, label_table) if dev is not None else None
+    tokenizer, backbone = load_pretrained(config.encoder)
+    if replace:
+        show.log(replace)
+        layout.clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / layout.CONFIG)
+    _seed_everything(config.seed)
+
     _report_data(show, "train", train, train_set)
     if dev_set is not None:
         _report_data(show, "dev", dev, dev_set)
@@ -114,7 +126,6 @@ def train(
         train_images, dev_images, label_images = images["train"], images["dev"], images["labels"]
         layout.save_fusion(out, fusion)  # before any save_encoder: load_encoder reads it
 
-    tokenizer, backbone = load_pretrained(config.encoder)
     tokenizer, encoder = prepare_model(tokenizer, backbone, config, dev_,  # decoders: prompt tokenizer, LoRA
                                        vision_dim=fusion["dim"] if fusion else None)
     if isinstance(encoder, FusedEncoder):
@@ -125,20 +136,22 @@ def train(
     label_ids = _token_ids(tokenizer, label_table.texts, config.label_max_length, label_images)
     dev_ids = _token_ids(tokenizer, dev_set.texts, config.max_length, dev_images) if dev_set else None
 
-    def dev_metrics() -> dict[str, float]:
-        """The dual encoder alone: dev products scored against the label-text embeddings."""
-        vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_,
-                                                               images=label_images), config.label_vector_scale)
+    def dev_metrics(vectors: LabelVectors | None = None) -> dict[str, float]:
+        """Dev products scored against ``vectors``; by default the dual encoder alone: the label-text embeddings."""
+        if vectors is None:
+            vectors = LabelVectors.from_text_embeddings(encode_ids(encoder, label_ids, pad_id, device=dev_,
+                                                                   images=label_images), config.label_vector_scale)
         return evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=dev_, images=dev_images), vectors,
                                dev_set.labels, config, inv_p)
 
     loss_fn = make_loss(config)
     encoder.freeze_bottom(config.freeze_layers)
     checkpoint = out / layout.CHECKPOINT
+    resumed = _load_checkpoint(checkpoint) if resume and checkpoint.exists() else None
     if config.epochs != "auto":
         epochs = config.epochs
-    elif resume and checkpoint.exists():
-        epochs = torch.load(checkpoint, map_location="cpu", weights_only=False)["epochs"]  # the plan of the run
+    elif resumed is not None:
+        epochs = resumed["epochs"]  # the plan of the run
     else:
         # With classifier_epochs "auto" too, the dual-encoder epochs get dual_encoder_budget_share of the budget,
         # the classifier stage the rest (where the budget binds, its epochs gained more per minute: RESULTS.md).
@@ -146,6 +159,11 @@ def train(
         share = config.dual_encoder_budget_share if shared else 1.0
         epochs = _plan_epochs(config, encoder, loss_fn, train_set, product_ids, label_ids, pad_id, dev_, show,
                               (train_images, label_images), budget=config.time_budget_minutes * share)
+    # A checkpoint of the classifier stage: the dual-encoder stage and the label vectors are behind it.
+    classifier = resumed["classifier"] if resumed is not None and resumed.get("stage") == "classifier" else None
+    if classifier is not None and epochs != resumed["epochs"]:
+        raise UserError(f"--resume {out}: the run is in its classifier stage, after {resumed['epochs']} epoch(s); "
+                        "--epochs can no longer change")
     optimizer = torch.optim.AdamW(_param_groups(encoder, config), lr=learning_rate(encoder, config),
                                   weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train_set) // config.batch_size)
@@ -154,9 +172,14 @@ def train(
     history: list[dict] = []
     best = {"score": -1.0, "epoch": -1}
     start_epoch = 0
-    if resume and checkpoint.exists():
-        start_epoch, history, best = _load_checkpoint(checkpoint, encoder, optimizer, scheduler, seen_embeddings)
-        show.log(f"resuming after epoch {start_epoch} of {epochs}")
+    if resumed is not None:
+        start_epoch, history, best = resumed["epoch"], resumed["history"], resumed["best"]
+        if classifier is None:
+            encoder.load_state_dict(resumed["encoder"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            seen_embeddings[:] = resumed["seen_embeddings"]
+            show.log(f"resuming after epoch {start_epoch} of {epochs}")
 
     for epoch in range(start_epoch, epochs):
         rng = np.random.default_rng(config.seed + epoch)
@@ -178,7 +201,7 @@ def train(
                   "seconds": round(time.perf_counter() - started, 1)}
         if dev_set is not None:
             record["dev"] = dev_metrics()
-            score = record["dev"]["P@1"] + record["dev"]["P@5"]
+            score = _dev_score(record["dev"])
             show.log(f"epoch {epoch + 1}: loss {record['loss']:.4f}, dev " + _short(record["dev"]))
         else:
             score = epoch  # without a dev set the last epoch is the best
@@ -187,19 +210,10 @@ def train(
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1}
             layout.save_encoder(out, encoder, tokenizer)
-        _save_checkpoint(checkpoint, epoch + 1, epochs, encoder, optimizer, scheduler, seen_embeddings, history,
-                         best)
-
-    if epochs == 0 or best["epoch"] < 0:
-        layout.save_encoder(out, encoder, tokenizer)  # zero epochs: the pretrained encoder as is
-    elif best["epoch"] != epochs:
-        show.log(f"keeping the encoder of epoch {best['epoch']} (best on dev)")
-        encoder = layout.load_encoder(out).to(dev_)
-    if has_lora(encoder.backbone):
-        # The saved encoder has the adapters merged into plain weights: about 1.5x faster to run than base + A + B
-        # (SmolLM2 on CPU), and what export and tagging load, so the label and neighbour embeddings saved below
-        # come from the very weights the bundle will run.
-        encoder = layout.load_encoder(out).to(dev_)
+        _save_checkpoint(checkpoint, {"stage": "dual encoder", "epoch": epoch + 1, "epochs": epochs,
+                                      "history": history, "best": best, "encoder": encoder.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                      "seen_embeddings": seen_embeddings})
 
     # Second stage: label vectors on frozen product embeddings of the kept encoder.
     def embed_labels_and_products():
@@ -208,22 +222,44 @@ def train(
                     encode_ids(encoder, product_ids, pad_id, device=dev_, progress=update, images=train_images))
 
     started = time.perf_counter()
-    label_embeddings, products = embed_labels_and_products()
-    with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
-        vectors = fit_label_vectors(products, train_set.labels, label_embeddings, scale=config.label_vector_scale,
-                                    epochs=config.label_vector_epochs, lr=config.label_vector_lr, seed=config.seed,
-                                    device=dev_, progress=update)
-    # Third stage: the encoder fine-tuned through a classifier head started from those label vectors; the head
-    # becomes the label vectors, and the products (neighbour votes) and label texts are embedded again.
-    dual_encoder_minutes = sum(r["seconds"] for r in history if "epoch" in r) / 60
-    classifier_history, stage = _classifier_stage(config, encoder, product_ids, train_set, vectors, pad_id, dev_,
-                                                  train_images, config.time_budget_minutes - dual_encoder_minutes,
-                                                  show, dev_ids, dev_set, dev_images, inv_p)
-    if stage is not None:
-        history.extend(classifier_history)
-        layout.save_encoder(out, encoder, tokenizer)
+    if classifier is None:
+        if epochs == 0 or best["epoch"] < 0:
+            layout.save_encoder(out, encoder, tokenizer)  # zero epochs: the pretrained encoder as is
+        elif best["epoch"] != epochs:
+            show.log(f"keeping the encoder of epoch {best['epoch']} (best on dev)")
+            encoder = layout.load_encoder(out).to(dev_)
+        if has_lora(encoder.backbone):
+            # The saved encoder has the adapters merged into plain weights: about 1.5x faster to run than base + A
+            # + B (SmolLM2 on CPU), and what export and tagging load, so the label and neighbour embeddings saved
+            # below come from the very weights the bundle will run.
+            encoder = layout.load_encoder(out).to(dev_)
         label_embeddings, products = embed_labels_and_products()
-        vectors = stage.head()
+        with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
+            vectors = fit_label_vectors(products, train_set.labels, label_embeddings,
+                                        scale=config.label_vector_scale, epochs=config.label_vector_epochs,
+                                        lr=config.label_vector_lr, seed=config.seed, device=dev_, progress=update)
+    else:
+        show.log(f"resuming the classifier stage after epoch {classifier['epoch']} of {classifier['epochs']}")
+        vectors = classifier["head"]  # the head as checkpointed: the stage goes on from there
+    # Third stage: the encoder fine-tuned through a classifier head started from those label vectors; the head of
+    # the epoch kept becomes the label vectors, and the products (neighbour votes) and label texts are embedded
+    # again.
+    dual_encoder_minutes = sum(r["seconds"] for r in history if "epoch" in r) / 60
+
+    def save_classifier_checkpoint(state: dict) -> None:
+        _save_checkpoint(checkpoint, {"stage": "classifier", "epoch": epochs, "epochs": epochs, "history": history,
+                                      "best": best, "classifier": state})
+
+    classifier_history, head, classifier_best = _classifier_stage(
+        config, encoder, product_ids, train_set, vectors, pad_id, dev_, train_images,
+        config.time_budget_minutes - dual_encoder_minutes, show, dev_metrics if dev_set is not None else None,
+        lambda: layout.save_encoder(out, encoder, tokenizer), save_classifier_checkpoint, classifier)
+    if head is not None:
+        history.extend(classifier_history)
+        if classifier_best != len(classifier_history):
+            encoder = layout.load_encoder(out).to(dev_)  # the best epoch's, saved by the stage
+        label_embeddings, products = embed_labels_and_products()
+        vectors = head
     final = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
     neighbours = (products, NeighbourLabels.from_lists(train_set.labels)) if config.knn_neighbours > 0 else None
     dev_result = None
@@ -245,6 +281,7 @@ def train(
                        len(train_set))
     (out / layout.METRICS).write_text(json.dumps({"history": history, "dev": dev_result, "best_epoch": best["epoch"],
                                                   "epochs": epochs, "classifier_epochs": len(classifier_history),
+                                                  "classifier_best_epoch": classifier_best,
                                                   "n_train": len(train_set)}, indent=2) + "\n")
     if neighbours is not None:
         layout.save_neighbours(out, products, train_set.labels)
@@ -256,33 +293,55 @@ def train(
 
 
 def _classifier_stage(config: Config, encoder, product_ids, train_set: LabelledSet, vectors: LabelVectors, pad_id,
-                      device, train_images, minutes_left: float, show: Progress, dev_ids, dev_set, dev_images,
-                      inv_p) -> tuple[list[dict], ClassifierStage | None]:
-    """Runs the classifier stage when it applies (``xmctag.training.classifier``): its history and the stage, or
-    ``([], None)``."""
-    if config.classifier_epochs == 0:
-        return [], None
-    if encoder.is_decoder:
-        show.log("classifier stage: skipped (encoder models only)")
-        return [], None
-    if len(vectors.vectors) > config.classifier_max_labels:
-        show.log(f"classifier stage: skipped ({len(vectors.vectors):,} labels > classifier_max_labels "
-                 f"{config.classifier_max_labels:,})")
-        return [], None
+                      device, train_images, minutes_left: float, show: Progress, dev_metrics, keep, save_checkpoint,
+                      resumed: dict | None) -> tuple[list[dict], LabelVectors | None, int]:
+    """Runs the classifier stage when it applies (``xmctag.training.classifier``) -> its history, the head of the
+    epoch kept (None: no stage) and that epoch.
+
+    After each epoch: ``dev_metrics(head)`` (None: no dev set) scores its head; the best epoch is kept (ties, and
+    without a dev set: the later), ``keep()`` saving its encoder; ``save_checkpoint(state)`` saves the stage's state,
+    which ``resumed`` (None: a new stage) continues from.
+    """
+    if resumed is None:
+        if config.classifier_epochs == 0:
+            return [], None, 0
+        if encoder.is_decoder:
+            show.log("classifier stage: skipped (encoder models only)")
+            return [], None, 0
+        if len(vectors.vectors) > config.classifier_max_labels:
+            show.log(f"classifier stage: skipped ({len(vectors.vectors):,} labels > classifier_max_labels "
+                     f"{config.classifier_max_labels:,})")
+            return [], None, 0
     stage = ClassifierStage(encoder, product_ids, train_set.labels, vectors, pad_id, device, config, train_images)
-    epochs = plan_classifier_epochs(config, stage, minutes_left, show)
+    epochs = plan_classifier_epochs(config, stage, minutes_left, show) if resumed is None else resumed["epochs"]
     if epochs == 0:
-        return [], None
+        return [], None, 0
+    history = list(resumed["history"]) if resumed else []
+    best = dict(resumed["best"]) if resumed else {"score": -1.0, "epoch": 0, "head": None}
 
-    def after_epoch(epoch: int, head: LabelVectors) -> dict | None:
-        if dev_set is None:
-            return None
-        metrics = evaluate_scores(encode_ids(encoder, dev_ids, pad_id, device=device, images=dev_images), head,
-                                  dev_set.labels, config, inv_p)
-        show.log(f"classifier epoch {epoch}: dev (its head) " + _short(metrics))
-        return {"dev_head": metrics}
+    def after_epoch(record: dict) -> None:
+        epoch, head = record["classifier_epoch"], stage.head()
+        if dev_metrics is not None:
+            record["dev_head"] = dev_metrics(head)
+            score = _dev_score(record["dev_head"])
+            show.log(f"classifier epoch {epoch}: dev (its head) " + _short(record["dev_head"]))
+        else:
+            score = epoch
+        history.append(record)
+        if score >= best["score"]:
+            best.update(score=score, epoch=epoch, head=head)
+            keep()
+        save_checkpoint({**stage.state(), "epochs": epochs, "history": history, "best": best})
 
-    return stage.run(epochs, show, after_epoch), stage
+    stage.run(epochs, show, after_epoch, resume=resumed)
+    show.log(f"classifier stage: keeping epoch {best['epoch']} of {epochs}"
+             + (" (best on dev)" if dev_metrics is not None else ""))
+    return history, best["head"], best["epoch"]
+
+
+def _dev_score(metrics: dict[str, float]) -> float:
+    """What picks the best epoch of either stage on dev."""
+    return metrics["P@1"] + metrics["P@5"]
 
 
 def _token_ids(tokenizer, texts: list[str], max_length: int, images: ImageInputs | None) -> list[list[int]]:
@@ -425,18 +484,42 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs: dict) -> str | None:
+    """Checks what ``--out`` holds before anything is read or written; returns why its contents are to be replaced
+    (a line for the log), or None to keep them.
+
+    Empty or absent: a new run. ``--overwrite``: replaces a run directory, nothing else (``xmctag.overwrite``).
+    ``--resume`` (which wins over ``--overwrite``): continues an interrupted run; a finished one is an error. A run
+    that stopped before its first checkpoint has nothing to resume: it is replaced, with or without ``--resume``.
+    ``inputs``: flag -> path read.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"--out {out}: directory is not empty (use --resume to continue it or --overwrite)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    state = layout.run_state(out)
+    if (overwrite and not resume) or state == "started":
+        check_replaceable(out, layout.is_run_dir, "an xmctag run directory", inputs)
+        return (f"replacing the run in {out}" if overwrite else
+                f"replacing the run in {out}: it stopped before its first checkpoint, nothing to resume")
+    if state is None:
+        raise UserError(f"--out {out}: directory is not empty and not an xmctag run directory")
+    if state == "finished":
+        done = json.loads((out / layout.METRICS).read_text())
+        stages = f"{done.get('epochs')} epoch(s) + {done.get('classifier_epochs', 0)} classifier epoch(s)"
+        if resume:
+            raise UserError(f"--resume {out}: run already finished ({stages}); --resume only continues an "
+                            "interrupted run (--overwrite trains it again)")
+        raise UserError(f"--out {out}: directory is not empty: it holds a finished run ({stages}); use --overwrite "
+                        "to replace it")
+    if not resume:
+        raise UserError(f"--out {out}: directory is not empty: it holds an interrupted run (use --resume to continue "
+                        "it or --overwrite)")
+    return None
 
 
 def _check_resumed_config(out: Path, config: Config, resume: bool) -> None:
-    """A resumed run must keep its settings; only ``epochs`` may change (to train longer)."""
+    """A resumed run must keep its settings; only ``epochs`` may change (an interrupted run may train longer)."""
     if not (resume and (out / layout.CONFIG).exists()):
         return
     saved = Config.load(out / layout.CONFIG).to_dict()
@@ -445,24 +528,18 @@ def _check_resumed_config(out: Path, config: Config, resume: bool) -> None:
         raise UserError(f"--resume {out}: settings differ from the run being resumed: {'; '.join(changed)}")
 
 
-def _save_checkpoint(path: Path, epoch, epochs, encoder, optimizer, scheduler, seen_embeddings, history,
-                     best) -> None:
-    state = {"epoch": epoch, "epochs": epochs, "encoder": encoder.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "seen_embeddings": seen_embeddings, "history": history,
-             "best": best, "torch_rng": torch.get_rng_state()}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Writes the state after an epoch (either stage's: see ``train``), with the torch RNG, for ``--resume``."""
+    tmp = path.with_name(layout.CHECKPOINT_TMP)
+    torch.save({**state, "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)  # a crash while saving never leaves a truncated checkpoint
 
 
-def _load_checkpoint(path: Path, encoder, optimizer, scheduler, seen_embeddings):
+def _load_checkpoint(path: Path) -> dict:
+    """What ``_save_checkpoint`` wrote; the torch RNG is restored."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    encoder.load_state_dict(state["encoder"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    seen_embeddings[:] = state["seen_embeddings"]
     torch.set_rng_state(state["torch_rng"])
-    return state["epoch"], state["history"], state["best"]
+    return state
 
 
 def _report_data(show: Progress, name: str, path, data: LabelledSet) -> None:
