@@ -192,3 +192,27 @@ def test_skipped_rows_and_propensity_source_are_reported(bad_inputs, catalog_dir
     result = invoke("eval", bad / "ids.jsonl", "--truth", catalog_dir / "dev.parquet")
     assert result.exit_code == 0, result.output
     assert "PSP propensities from training counts of bundle" in result.stdout.replace("\n", " ")
+
+
+def test_train_reads_renamed_columns_and_a_csv_label_table(tmp_path, catalog_dir, tiny_encoder_dir):
+    # The catalog and label table of a team whose columns have their own names: --id-col, --text-cols,
+    # --labels-col and --label-cols map them; the label table is a CSV with a synonym column.
+    catalog = pl.read_parquet(catalog_dir / "train.parquet").rename({"id": "sku", "title": "name", "labels": "tags"})
+    catalog.head(120).write_parquet(tmp_path / "train.parquet")
+    labels = pl.read_parquet(catalog_dir / "labels.parquet")
+    pl.DataFrame({"code": labels["label"], "name": labels["text"],
+                  "also": ["aka " + x for x in labels["label"]]}).write_csv(tmp_path / "labels.csv")
+    result = invoke("train", "--train", tmp_path / "train.parquet", "--labels", tmp_path / "labels.csv", "--out",
+                    tmp_path / "run", "--encoder", tiny_encoder_dir, "--epochs", 0, "--classifier-epochs", 0,
+                    "--id-col", "sku", "--text-cols", "name", "--labels-col", "tags", "--label-cols",
+                    "code,name,also", "--max-length", 16, "--quiet")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert (saved["id_col"], saved["text_cols"], saved["labels_col"]) == ("sku", ["name"], "tags")
+    assert (saved["label_id_col"], saved["label_text_col"], saved["label_extra_cols"]) == ("code", "name", ["also"])
+    trained_labels = pl.read_parquet(tmp_path / "run/labels.parquet")
+    assert trained_labels["encoder_text"][0] == "colour: red ; aka colour:red"
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["n_train"] == 120
+    result = runner.invoke(app, ["train", "--train", str(tmp_path / "train.parquet"), "--labels",
+                                 str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run2"), "--label-cols", "code"])
+    assert result.exit_code == 2 and "--label-cols code: give at least the id and the text column" in result.output

@@ -88,3 +88,11 @@ def test_modified_bundle_is_refused(bundle_dir, copy_of):
         f.write(b"x")
     with pytest.raises(UserError, match="does not match the manifest"):
         layout.read_manifest(copy)
+
+
+def test_export_does_not_pass_on_onnx_runtime_noise(trained_run, tmp_path, caplog):
+    # ONNX Runtime's optimizer and quantiser log "There is no gpu for onnxruntime to do optimization." (as an error)
+    # and "Please consider to run pre-processing before quantization" on every CPU export: noise in a nightly log.
+    export(trained_run, tmp_path / "quiet", progress=False)
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    assert "no gpu" not in messages and "pre-processing" not in messages

@@ -58,6 +58,16 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
 
+def _label_columns(value: Optional[str]) -> dict:
+    """``--label-cols ID,TEXT[,SYNONYMS...]`` as Config fields ({} when not given)."""
+    columns = _split(value)
+    if columns is None:
+        return {}
+    if len(columns) < 2:
+        raise UserError(f"--label-cols {value}: give at least the id and the text column, e.g. label,text")
+    return dict(label_id_col=columns[0], label_text_col=columns[1], label_extra_cols=columns[2:])
+
+
 # Shared options ----------------------------------------------------------------------------------------------------
 QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
@@ -89,6 +99,8 @@ def train(
     id_col: Optional[str] = typer.Option(None, "--id-col"),
     text_cols: Optional[str] = typer.Option(None, "--text-cols", help="Comma-separated, e.g. title,description."),
     labels_col: Optional[str] = typer.Option(None, "--labels-col"),
+    label_cols: Optional[str] = typer.Option(None, "--label-cols", help="Label table columns ID,TEXT[,SYNONYMS...] "
+                                             "[default: label,text + alt_texts, synonyms when present]."),
     vision: Optional[str] = typer.Option(None, "--vision", help=f"Image fusion: auto ({DEFAULT_VISION_ENCODER} "
                                          "when the catalog has the image column), none (text only) or a vision "
                                          "model; +colour appends a colour histogram [default: auto]."),
@@ -113,7 +125,7 @@ def train(
                      classifier_epochs=_epochs(classifier_epochs, "--classifier-epochs"),
                      time_budget_minutes=time_budget, batch_size=batch_size,
                      max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
-                     seed=seed, vision=vision, image_col=image_col,
+                     **_label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
                      image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     if resume and (out / CONFIG).exists():
         # A resumed run keeps its saved settings; flags given now must agree (the API checks).

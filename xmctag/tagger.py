@@ -127,6 +127,7 @@ class Tagger:
         ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA)."""
         from tokenizers import Tokenizer
 
+        runtime.check_runtime_packages()  # both or neither of onnxruntime(-gpu) / faiss-cpu(-gpu): say so first
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"--model {path}: no such bundle directory")

@@ -24,6 +24,8 @@ Steps:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +34,7 @@ import numpy as np
 
 from xmctag import bundle as layout
 from xmctag import run_dir
+from xmctag.backend import runtime
 from xmctag.errors import UserError
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.overwrite import check_replaceable
@@ -94,6 +97,7 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
     import torch
 
     show = Progress(progress)
+    runtime.check_runtime_packages()  # before any work: the export needs ONNX Runtime and writes a faiss index
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
@@ -185,9 +189,12 @@ def _optimise(source: Path, target: Path, model_config, fp16: bool, fused: bool 
 
         options = FusionOptions(model_type)
         options.use_raw_attention_mask(True)
-    optimised = optimize_model(str(source), model_type=model_type, num_heads=model_config.num_attention_heads,
-                               hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16,
-                               optimization_options=options)
+    # Without a GPU the optimizer logs "There is no gpu for onnxruntime to do optimization." as an error for the
+    # fp16 graph and skips only its ORT pre-pass; the fusions below still run, so the message is noise.
+    with _quiet_loggers("onnxruntime.transformers.optimizer"):
+        optimised = optimize_model(str(source), model_type=model_type, num_heads=model_config.num_attention_heads,
+                                   hidden_size=model_config.hidden_size, opt_level=1, use_gpu=fp16,
+                                   optimization_options=options)
     if fp16:
         optimised.convert_float_to_float16(keep_io_types=True)
     onnx.save_model(optimised.model, str(target))
@@ -227,11 +234,26 @@ def _quantise_int8(source: Path, target: Path, show: Progress) -> None:
 
     # DefaultTensorType: the fused ORT ops (Attention, SkipLayerNorm) defeat the quantiser's shape inference.
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        with _quiet_loggers(""):  # the root logger: "Please consider to run pre-processing before quantization"
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     except Exception as e:  # noqa: BLE001 - optional graph: a model the quantiser cannot handle still exports
         show.log(f"warning: no int8 graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         target.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Only CRITICAL records from the loggers ``names`` ("" = root) while the block runs."""
+    loggers = [logging.getLogger(name or None) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _check_parity(encoder, tokenizer, trained, staging: Path, fp16: bool, show: Progress) -> dict:
