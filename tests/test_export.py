@@ -96,3 +96,19 @@ def test_export_does_not_pass_on_onnx_runtime_noise(trained_run, tmp_path, caplo
     export(trained_run, tmp_path / "quiet", progress=False)
     messages = " ".join(record.getMessage() for record in caplog.records)
     assert "no gpu" not in messages and "pre-processing" not in messages
+
+
+def test_export_fails_loudly_past_the_parity_bar_and_writes_nothing(trained_run, tmp_path, monkeypatch):
+    from xmctag.backend import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 1e-12)  # no real graph matches PyTorch this closely
+    with pytest.raises(UserError, match=r"export failed the parity check: encoder.onnx differs from PyTorch by .* no bundle written"):
+        export(trained_run, tmp_path / "bundle", fp16=False, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory
+
+
+def test_export_without_fp16_has_no_fp16_graph(trained_run, tmp_path):
+    bundle = export(trained_run, tmp_path / "bundle", fp16=False, progress=False)
+    manifest = json.loads((bundle / layout.MANIFEST).read_text())
+    assert layout.ONNX_FP16 not in manifest["graph"]["files"] and not (bundle / layout.ONNX_FP16).exists()
+    assert layout.ONNX_FP16 not in manifest["parity_max_abs"]

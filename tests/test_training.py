@@ -269,3 +269,25 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
         np.testing.assert_allclose(np.load(tmp_path / "resumed" / name), np.load(tmp_path / "straight" / name),
                                    atol=1e-5, err_msg=name)
     assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()
+
+
+def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    import numpy as np
+
+    import xmctag.training.trainer as trainer
+    from xmctag import train
+
+    scores = iter([1.0, 0.5])  # epoch 1 beats epoch 2 on dev
+    monkeypatch.setattr(trainer, "_dev_score", lambda metrics: next(scores))
+    evaluated = []  # dev product embeddings of each dev evaluation
+    evaluate = trainer.evaluate_scores
+    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
+        evaluated.append(products), evaluate(products, vectors, *args))[1])
+    out = tmp_path / "run"
+    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", out, dev=catalog_dir / "dev.parquet",
+          config=_quick(tiny_encoder_dir, epochs=2, classifier_epochs=0, lr=1e-3, warmup_steps=2), progress=False)
+
+    assert json.loads((out / layout.METRICS).read_text())["best_epoch"] == 1
+    epoch_1, epoch_2, final = evaluated[:3]  # after epochs 1 and 2, then the saved model
+    np.testing.assert_allclose(final, epoch_1, atol=1e-5)  # the saved encoder is epoch 1's
+    assert not np.allclose(final, epoch_2, atol=1e-5)
