@@ -461,3 +461,19 @@ def test_a_re_exported_bundle_at_the_stored_path_is_not_used_for_propensities(bu
         report = evaluate_predictions(tmp_path / "p.jsonl", truth)
     assert report.propensity_source == TRUTH_COUNTS
 
+
+
+def test_a_catalog_corrupt_mid_file_fails_cleanly(tagger, tmp_path):
+    # Header and footer intact, a data page in the middle overwritten: the error comes after some batches were
+    # tagged, and still no output (or temporary file) is left behind.
+    import pyarrow.parquet as pq
+
+    frame = pl.DataFrame({"id": [f"p{i}" for i in range(3000)], "title": [f"red shirt no {i}" for i in range(3000)]})
+    pq.write_table(frame.to_arrow(), tmp_path / "corrupt.parquet", row_group_size=1000, compression="none")
+    data = bytearray((tmp_path / "corrupt.parquet").read_bytes())
+    middle = len(data) * 2 // 3
+    data[middle:middle + 4000] = b"\xff" * 4000
+    (tmp_path / "corrupt.parquet").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"corrupt.parquet: "):
+        tagger.tag_file(tmp_path / "corrupt.parquet", tmp_path / "out.parquet", batch_size=500, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.parquet"]
