@@ -1,0 +1,40 @@
+"""xmctag: batch tagging of product catalogs with extreme multi-label classification (ViXML dual encoders).
+
+Python API (the CLI is a thin layer over it):
+
+    import xmctag
+    result = xmctag.train("train.parquet", "labels.parquet", "runs/demo", dev="dev.parquet")
+    bundle = xmctag.export("runs/demo", "export/demo")
+    tagger = xmctag.Tagger.load("export/demo")
+    predictions = tagger.tag(frame)           # polars DataFrame in, DataFrame out
+    summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
+    metrics = xmctag.evaluate("preds.parquet", "truth.parquet")
+"""
+
+from xmctag.config import Config
+from xmctag.errors import UserError
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "__version__"]
+
+
+def __getattr__(name):
+    # Heavy modules (torch, onnxruntime, faiss) load only when their entry point is used.
+    if name == "train":
+        from xmctag.training.trainer import train
+
+        return train
+    if name == "export":
+        from xmctag.backend.onnx_export import export
+
+        return export
+    if name == "Tagger":
+        from xmctag.tagger import Tagger
+
+        return Tagger
+    if name == "evaluate":
+        from xmctag.evaluation.predictions import evaluate_predictions
+
+        return evaluate_predictions
+    raise AttributeError(f"module 'xmctag' has no attribute {name!r}")

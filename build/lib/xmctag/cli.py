@@ -1,0 +1,345 @@
+"""The ``xmctag`` command line: a thin Typer layer over the Python API.
+
+Every command turns a ``UserError`` into one red line on stderr and exit code 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from xmctag.errors import UserError
+from xmctag.vision.registry import DEFAULT_VISION_ENCODER
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Tag product catalogs with extreme multi-label classification (ViXML dual encoders).")
+out_console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_EXPORT_DIR = Path("export")
+
+
+def user_errors(command):
+    """Decorator: a UserError becomes a one-line message and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _epochs(value: str | None, option: str) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{option} {value!r}: expected an integer or auto") from None
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def _label_columns(value: Optional[str]) -> dict:
+    """``--label-cols ID,TEXT[,SYNONYMS...]`` as Config fields ({} when not given)."""
+    columns = _split(value)
+    if columns is None:
+        return {}
+    if len(columns) < 2:
+        raise UserError(f"--label-cols {value}: give at least the id and the text column, e.g. label,text")
+    return dict(label_id_col=columns[0], label_text_col=columns[1], label_extra_cols=columns[2:])
+
+
+# Shared options ----------------------------------------------------------------------------------------------------
+QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
+DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+ImageColOption = typer.Option(None, "--image-col", help="Image column: bytes, relative paths, file:// or http(s) "
+                              "URLs, or lists of them [default: image].")
+WorkersOption = typer.Option(16, "--workers", min=1, help="Threads that read, fetch and decode images.")
+
+
+@app.command()
+@user_errors
+def train(
+    train: Path = typer.Option(..., "--train", help="Training catalog (Parquet: id, text columns, labels)."),
+    labels: Path = typer.Option(..., "--labels", help="Label table (Parquet or CSV: label, text[, synonyms])."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write, e.g. runs/NAME."),
+    dev: Optional[Path] = typer.Option(None, "--dev", help="Dev catalog, evaluated after each epoch."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="builtin:minilm-l6, a HF id or a local dir."),
+    epochs: Optional[str] = typer.Option(None, "--epochs", help="Fine-tuning epochs, or auto (default: as many "
+                                         "as fit --time-budget, measured on this machine)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Minutes of fine-tuning that "
+                                                "--epochs / --classifier-epochs auto may use (default 20; 0 = no "
+                                                "limit)."),
+    classifier_epochs: Optional[str] = typer.Option(None, "--classifier-epochs", help="Epochs of the classifier "
+                                                    "stage (encoder fine-tuned through the label vectors), auto or "
+                                                    "0 = off [default: auto, the budget left]."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Product-side tokens."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with Config settings."),
+    id_col: Optional[str] = typer.Option(None, "--id-col"),
+    text_cols: Optional[str] = typer.Option(None, "--text-cols", help="Comma-separated, e.g. title,description."),
+    labels_col: Optional[str] = typer.Option(None, "--labels-col"),
+    label_cols: Optional[str] = typer.Option(None, "--label-cols", help="Label table columns ID,TEXT[,SYNONYMS...] "
+                                             "[default: label,text + alt_texts, synonyms when present]."),
+    vision: Optional[str] = typer.Option(None, "--vision", help=f"Image fusion: auto ({DEFAULT_VISION_ENCODER} "
+                                         "when the catalog has the image column), none (text only) or a vision "
+                                         "model; +colour appends a colour histogram [default: auto]."),
+    image_col: Optional[str] = ImageColOption,
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
+                                            "runs [default: <out>/image_cache]."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last "
+                                "checkpoint (either stage's); a finished run is refused: use --overwrite to train "
+                                "it again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (only an xmctag run "
+                                   "directory, and not one holding an input)."),
+    device: str = DeviceOption,
+    quiet: bool = QuietOption,
+):
+    """Train a dual encoder and label vectors; writes a self-contained run directory."""
+    from xmctag.config import Config
+    from xmctag.run_dir import CONFIG
+    from xmctag.training.trainer import train as train_api
+
+    overrides = dict(encoder=encoder, epochs=_epochs(epochs, "--epochs"),
+                     classifier_epochs=_epochs(classifier_epochs, "--classifier-epochs"),
+                     time_budget_minutes=time_budget, batch_size=batch_size,
+                     max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
+                     **_label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
+                     image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
+    if resume and (out / CONFIG).exists():
+        # A resumed run keeps its saved settings; flags given now must agree (the API checks).
+        saved = Config.load(out / CONFIG).to_dict()
+        config = Config.from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
+    else:
+        config = Config.create(config_file, **overrides)
+    result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
+                       device=device, progress=not quiet)
+    if result.dev_metrics:
+        _print_metrics(result.dev_metrics, title=f"dev ({dev})")
+    err_console.print(f"model written to {result.run_dir}")
+
+
+@app.command()
+@user_errors
+def export(
+    run: Path = typer.Argument(..., help="Run directory written by `xmctag train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory [default: export/<run name>]."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the fp16 graph for GPUs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag "
+                                   "bundle, and not one holding the run)."),
+    quiet: bool = QuietOption,
+):
+    """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""
+    from xmctag.backend.onnx_export import export as export_api
+
+    export_api(run, out or DEFAULT_EXPORT_DIR / run.resolve().name, fp16=fp16, overwrite=overwrite,
+               progress=not quiet)
+
+
+@app.command()
+@user_errors
+def tag(
+    catalog: Path = typer.Argument(..., help="Catalog to tag (Parquet with id and the model's text columns)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Bundle directory [default: newest in ./export]."),
+    top_k: int = typer.Option(5, "--top-k", min=1),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="[default: <catalog>.predictions.<format> beside the catalog]"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --output "
+                                      "extension (.parquet, .csv, .jsonl/.ndjson/.json), else parquet]; must agree "
+                                      "with a known extension."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop labels scoring below this (0-1)."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows read per batch."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on a row without an id or text instead of "
+                                "skipping it."),
+    device: str = DeviceOption,
+    precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
+                                  "fp16 or int8 (CPU, ~2x the fp32 graph, approximate)."),
+    show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
+    exclusive_groups: bool = typer.Option(False, "--exclusive-groups/--no-exclusive-groups",
+                                          help="At most one label per product of each facet that training found "
+                                          "exclusive (e.g. one colour) [default: all labels ranked freely]."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
+                                             "[default: the bundle's, else xmctag-image-cache beside the output]."),
+    workers: int = WorkersOption,
+    quiet: bool = QuietOption,
+):
+    """Write the top-k labels of every product of a catalog."""
+    from xmctag.tagger import Tagger
+
+    tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
+                         exclusive_groups=exclusive_groups)
+    summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
+                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers)
+    skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
+    err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
+                      f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
+                      f"wrote {summary.output}", highlight=False, soft_wrap=True)
+    if summary.images is not None:
+        i = summary.images
+        err_console.print(f"images: {i['used']} used ({i['cached']} cached, {i['newly_embedded']} newly embedded), "
+                          f"{i['missing']} missing, {i['broken']} broken; {i['products_with_image']} products with "
+                          f"an image; cache {summary.image_cache}", highlight=False, soft_wrap=True)
+    if show:
+        _print_examples(tagger, catalog, summary.output, show)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    predictions: Path = typer.Argument(..., help="Prediction file written by `xmctag tag`."),
+    truth: Path = typer.Option(..., "--truth", help="Catalog with the true labels (id, labels)."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training catalog, for PSP propensities."),
+    k: str = typer.Option("1,3,5", "--k", help="Cut-offs, comma-separated."),
+    psp_a: float = typer.Option(0.55, "--psp-a"),
+    psp_b: float = typer.Option(1.5, "--psp-b"),
+    id_col: str = typer.Option("id", "--id-col"),
+    labels_col: str = typer.Option("labels", "--labels-col"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """P@k, nDCG@k, PSP@k and R@k of a prediction file."""
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    try:
+        ks = tuple(sorted({int(x) for x in _split(k) or []}))
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers, not {k!r}") from None
+    if not ks or min(ks) < 1:
+        raise UserError("--k needs cut-offs >= 1")
+    report = evaluate_predictions(predictions, truth, train, ks, psp_a, psp_b, id_col, labels_col)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    # The header as plain lines (a table title would wrap to the table's width)
+    out_console.print(f"{escape(str(predictions))} vs {escape(str(truth))} ({report.rows} rows)\n"
+                      f"PSP propensities from {escape(report.propensity_source)}", highlight=False, soft_wrap=True)
+    _print_metrics(report.metrics, title=None)
+    notes = []
+    if report.rows_without_predictions:
+        notes.append(f"{report.rows_without_predictions} truth rows had no predictions (scored 0)")
+    if report.predictions_not_in_truth:
+        notes.append(f"{report.predictions_not_in_truth} predicted ids are not in the truth file (ignored)")
+    if notes:
+        err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
+
+
+@app.command("embed-images")
+@user_errors
+def embed_images(
+    catalog: Path = typer.Argument(..., help="Parquet catalog with an image column."),
+    image_col: str = typer.Option("image", "--image-col", help="Bytes, relative paths, file:// or http(s) URLs."),
+    vision: str = typer.Option(DEFAULT_VISION_ENCODER, "--vision", help="Frozen vision encoder (+colour: with a "
+                               "colour histogram); the one training uses."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Default: $XMCTAG_CACHE_DIR or "
+                                             "~/.cache/xmctag."),
+    max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),
+    workers: int = WorkersOption,
+    quiet: bool = QuietOption,
+):
+    """Precompute the image-embedding cache of a catalog (only new or changed images are embedded)."""
+    from xmctag.vision.embed import embed_images as embed_api
+
+    summary = embed_api(catalog, image_col=image_col, encoder=vision, cache_dir=cache_dir, max_images=max_images,
+                        workers=workers, progress=not quiet)
+    for line in summary.lines():
+        err_console.print(line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def convert(
+    source: Path = typer.Argument(..., help="Directory with trn.raw.json.gz, tst.raw.json.gz, lbl.raw.json.gz."),
+    out: Path = typer.Option(..., "--out", help="Directory for train.parquet, test.parquet, labels.parquet."),
+):
+    """Convert an Extreme Classification Repository raw dataset (e.g. LF-AmazonTitles-131K) to xmctag's format."""
+    from xmctag.convert import convert_xc_raw
+
+    result = convert_xc_raw(source, out)
+    for name, rows in result.written.items():
+        skipped = result.duplicates_skipped.get(name)
+        err_console.print(f"{out / name}: {rows} rows" + (f" ({skipped} lines skipped: uid already seen)" if skipped
+                                                              else ""), highlight=False, soft_wrap=True)
+
+
+def newest_bundle(directory: Path) -> Path:
+    """The most recently exported bundle under ``directory`` (the default of ``tag --model``)."""
+    from xmctag.bundle import MANIFEST
+
+    manifests = sorted(directory.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime) if directory.is_dir() else []
+    if not manifests:
+        raise UserError(f"no --model given and no bundle in ./{directory}; run `xmctag export` or pass --model DIR")
+    chosen = manifests[-1].parent
+    err_console.print(f"using model bundle {chosen}", highlight=False)
+    return chosen
+
+
+def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
+    ks = sorted({int(name.split("@")[1]) for name in metrics})
+    families = [f for f in ("P", "nDCG", "PSP", "R") if any(m.startswith(f + "@") for m in metrics)]
+    table = Table(title=title)
+    table.add_column("metric")
+    for k in ks:
+        table.add_column(f"@{k}", justify="right")
+    for family in families:
+        table.add_row(family, *[f"{100 * metrics[f'{family}@{k}']:.2f}" if f"{family}@{k}" in metrics else ""
+                                for k in ks])
+    out_console.print(table)
+
+
+def _print_examples(tagger, catalog: Path, output: Path, n: int) -> None:
+    import polars as pl
+
+    from xmctag.data import product_text_expr
+    from xmctag.evaluation.predictions import read_predictions
+
+    preds = read_predictions(output).head(n)
+    texts = (pl.scan_parquet(catalog).select(pl.col(tagger.config.id_col).cast(pl.String).alias("id"),
+                                             product_text_expr(tagger.config.text_cols).alias("text"))
+             .join(preds.lazy().select("id"), on="id").collect())
+    text_of = dict(zip(texts["id"], texts["text"]))
+    label_text = dict(zip(tagger.label_ids.tolist(), tagger.label_texts.tolist()))
+    table = Table(title=f"top-{tagger_top(preds)} labels of {len(preds)} products")
+    table.add_column("id")
+    table.add_column("text", max_width=50)
+    table.add_column("labels")
+    for row_id, labels in zip(preds["id"], preds["labels"]):
+        table.add_row(row_id, text_of.get(row_id, ""), "\n".join(label_text.get(x, x) for x in labels))
+    out_console.print(table)
+
+
+def tagger_top(preds) -> int:
+    return max((len(x) for x in preds["labels"]), default=0)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings (a fallback taken, an option with nothing to do) are for the user: one yellow line, no source line.
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    warnings.showwarning = _show_warning
+    app()
+
+
+if __name__ == "__main__":
+    main()

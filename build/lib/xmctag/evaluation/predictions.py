@@ -1,0 +1,225 @@
+"""``xmctag eval``: score a prediction file against a truth catalog.
+
+Predictions: any file ``xmctag tag`` writes (Parquet ``id, labels, scores``; CSV/JSONL one row per rank).
+Truth: a catalog with ``id`` and ``labels`` (a list of label ids: Parquet). Every truth row counts; a truth row
+without predictions scores zero. Propensities for PSP@k come from ``train`` (label counts of a training catalog)
+when given, else from the bundle that made the predictions (its label table keeps training counts), found the same
+way for every format: the bundle directory the file records (Parquet metadata, the ``bundle`` column of CSV/JSONL),
+used only when that directory still holds the bundle id the file records; else from the truth itself, with a
+warning when the file names a bundle that could not be used. The report says which (``propensity_source``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from xmctag.data import check_columns, check_label_list_column, check_text_column, is_parquet, read_table
+from xmctag.errors import UserError
+from xmctag.evaluation.metrics import evaluate_rankings, inverse_propensity
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]  # "P@1" ... in [0, 1]
+    rows: int  # truth rows evaluated
+    rows_without_predictions: int
+    predictions_not_in_truth: int
+    propensity_source: str
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics, "rows": self.rows, "rows_without_predictions": self.rows_without_predictions,
+                "predictions_not_in_truth": self.predictions_not_in_truth,
+                "propensity_source": self.propensity_source}
+
+
+@dataclass
+class PredictionSource:
+    """Which bundle made a prediction file, as the file records it (None: not recorded)."""
+
+    bundle_id: str | None = None
+    bundle: str | None = None  # its directory when tagged
+    note: str | None = None  # why neither can be trusted (e.g. rows from several bundles)
+
+
+LONG_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+def _prediction_format(path: Path) -> str:
+    """parquet, csv or jsonl: by content for Parquet (magic bytes), else by extension, else by the first byte."""
+    if is_parquet(path):
+        return "parquet"
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        raise UserError(f"{path}: not a Parquet file (and not a prediction file xmctag writes)")
+    if suffix in LONG_SUFFIXES:
+        return LONG_SUFFIXES[suffix]
+    with open(path, "rb") as f:
+        return "jsonl" if f.read(64).lstrip().startswith(b"{") else "csv"
+
+
+def read_predictions(path: str | Path) -> pl.DataFrame:
+    """``id``, ``labels`` (best first) from any prediction format."""
+    return read_prediction_file(path)[0]
+
+
+def read_prediction_file(path: str | Path) -> tuple[pl.DataFrame, PredictionSource]:
+    """``id``, ``labels`` (best first) from any prediction format, and the bundle the file says made it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    fmt = _prediction_format(path)
+    if fmt == "parquet":
+        return _read_parquet_predictions(path)
+    strings = ("id", "label", "bundle_id", "bundle")
+    try:
+        if fmt == "csv":  # read as strings from the start: an id such as 007 stays 007
+            long = pl.read_csv(path, schema_overrides=dict.fromkeys(strings, pl.String))
+        else:  # JSON values carry their type; read_ndjson rejects overrides of columns the file lacks
+            long = pl.read_ndjson(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{path}: cannot read predictions as {fmt.upper()} ({_first_line(e)})") from None
+    missing = {"id", "rank", "label"} - set(long.columns)
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} (a {fmt.upper()} prediction file "
+                        f"has one row per product and rank: id, rank, label, ...)")
+    for column in strings:
+        if column in long.columns:
+            check_text_column(path, column, long.schema[column], "strings")
+    long = long.with_columns(pl.col(c).cast(pl.String) for c in strings if c in long.columns)
+    if not long.schema["rank"].is_integer():
+        raise UserError(f"{path}: column 'rank' has type {long.schema['rank']}; expected integers (1 = best)")
+    source = PredictionSource()
+    for key in ("bundle_id", "bundle"):
+        values = long[key].drop_nulls().unique().to_list() if key in long.columns else []
+        values = [v for v in values if v]
+        if len(values) > 1:
+            return _group_long(long), PredictionSource(note=f"its rows come from {len(values)} different bundles")
+        setattr(source, key, values[0] if values else None)
+    return _group_long(long), source
+
+
+def _group_long(long: pl.DataFrame) -> pl.DataFrame:
+    return long.sort("id", "rank").group_by("id", maintain_order=True).agg(pl.col("label").alias("labels"))
+
+
+def _read_parquet_predictions(path: Path) -> tuple[pl.DataFrame, PredictionSource]:
+    from xmctag.io.writers import read_parquet_metadata
+
+    try:
+        schema = pl.read_parquet_schema(path)
+        metadata = read_parquet_metadata(path)
+    except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
+        raise UserError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    check_columns(path, list(schema), ["id", "labels"])
+    check_text_column(path, "id", schema["id"], "a product id")
+    check_label_list_column(path, "labels", schema["labels"])
+    try:
+        frame = pl.read_parquet(path, columns=["id", "labels"])
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+    frame = frame.with_columns(pl.col("id").cast(pl.String), pl.col("labels").list.eval(pl.element().cast(pl.String)))
+    return frame, PredictionSource(metadata.get("bundle_id") or None, metadata.get("bundle") or None)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str | Path | None = None,
+                         ks: tuple[int, ...] = (1, 3, 5), psp_a: float = 0.55, psp_b: float = 1.5,
+                         id_col: str = "id", labels_col: str = "labels") -> EvalReport:
+    preds, made_by = read_prediction_file(predictions)
+    truth_frame = read_table(truth, [id_col, labels_col])
+    check_text_column(truth, id_col, truth_frame.schema[id_col], "a product id")
+    check_label_list_column(truth, labels_col, truth_frame.schema[labels_col])
+    truth_frame = truth_frame.select(
+        pl.col(id_col).cast(pl.String).alias("id"),
+        pl.col(labels_col).list.eval(pl.element().cast(pl.String)).alias("truth"))
+    if truth_frame["id"].is_duplicated().any():
+        raise UserError(f"{truth}: duplicate ids in column {id_col}")
+    joined = truth_frame.join(preds, on="id", how="left")
+    not_in_truth = preds.join(truth_frame, on="id", how="anti").height
+
+    counts, n_train, source = _label_counts(train, predictions, made_by, truth_frame, labels_col)
+    vocabulary: dict[str, int] = {label: i for i, label in enumerate(counts)}
+
+    def index_of(label: str) -> int:
+        if label not in vocabulary:
+            vocabulary[label] = len(vocabulary)
+        return vocabulary[label]
+
+    k_max = max(ks)
+    predicted = np.full((len(joined), k_max), -1, dtype=np.int64)
+    truth_sets = []
+    for row, (true_labels, labels) in enumerate(zip(joined["truth"].to_list(), joined["labels"].to_list())):
+        truth_sets.append(np.array(sorted({index_of(x) for x in (true_labels or [])}), dtype=np.int64))
+        for rank, label in enumerate((labels or [])[:k_max]):
+            predicted[row, rank] = index_of(label)
+    label_counts = np.zeros(len(vocabulary))
+    label_counts[: len(counts)] = list(counts.values())
+    inv_p = inverse_propensity(label_counts, n_train, psp_a, psp_b)
+    metrics = evaluate_rankings(predicted, truth_sets, ks, inv_p)
+    return EvalReport(metrics, len(joined), int(joined["labels"].is_null().sum()), not_in_truth, source)
+
+
+TRUTH_COUNTS = "the truth file (pass --train for training counts)"
+
+
+def _label_counts(train, predictions, made_by: PredictionSource, truth_frame: pl.DataFrame,
+                  labels_col: str) -> tuple[dict[str, int], int, str]:
+    """Label counts and row count for the propensities, and where they came from: ``train``; else the bundle that
+    made the predictions, the same lookup for every format (its directory as recorded, and only if its bundle id is
+    the one recorded); else the truth file."""
+    if train is not None:
+        frame = read_table(train, [labels_col])
+        check_label_list_column(train, labels_col, frame.schema[labels_col])
+        return _count(frame[labels_col]), len(frame), f"training catalog {train}"
+    found = _bundle_counts(made_by)
+    if isinstance(found, tuple):
+        return found
+    if found is not None:  # the file names a bundle that cannot be used: say so rather than quietly switch
+        warnings.warn(f"{predictions}: {found}; PSP propensities come from the truth file's label counts instead "
+                      "(pass --train for training counts)", stacklevel=3)
+    return _count(truth_frame["truth"]), len(truth_frame), TRUTH_COUNTS
+
+
+def _bundle_counts(made_by: PredictionSource) -> tuple[dict[str, int], int, str] | str | None:
+    """The training counts of the bundle that made the predictions, or why they cannot be had (a string), or None
+    when the file names no bundle at all."""
+    import json
+
+    from xmctag import bundle as layout
+    from xmctag import run_dir
+
+    if made_by.note:
+        return made_by.note
+    if made_by.bundle is None:
+        return None if made_by.bundle_id is None else \
+            f"it names bundle {made_by.bundle_id} but not where it is (written by an older xmctag?)"
+    bundle = Path(made_by.bundle)
+    try:
+        manifest = json.loads((bundle / layout.MANIFEST).read_text())
+        actual = manifest["bundle_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable bundle at {bundle}, which made it"
+    if made_by.bundle_id is None or actual != made_by.bundle_id:
+        return (f"the bundle at {bundle} is now bundle {actual}, not {made_by.bundle_id} that made the predictions "
+                "(re-exported?)")
+    try:
+        n_train = int(manifest["training"]["rows"])
+        frame = pl.read_parquet(bundle / run_dir.LABELS, columns=["label", "train_count"])
+    except Exception:  # noqa: BLE001 - an old or damaged bundle: reported, then the truth counts
+        n_train = 0
+    if not n_train:
+        return f"bundle {bundle} has no training counts"
+    return dict(zip(frame["label"], frame["train_count"])), n_train, f"training counts of bundle {bundle}"
+
+
+def _count(labels: pl.Series) -> dict[str, int]:
+    counted = labels.cast(pl.List(pl.String)).explode().drop_nulls().value_counts()
+    return dict(zip(counted[counted.columns[0]].to_list(), counted["count"].to_list()))

@@ -1,0 +1,155 @@
+"""How a product's label scores are made: label vectors blended with the labels of its nearest training products.
+
+Two signals, both over the same unit-norm product embedding q:
+
+- **label vectors** (``training/label_vectors.py``): ``p_lv(l) = sigmoid(scale * (<q, w_l> + b_l))``, one
+  classifier per label, strong on frequent labels and still defined for labels never seen in training;
+- **neighbour votes** (kNN over the training products, as in NGAME/PRIME's "kNN + classifier" ensembles): the
+  ``k`` training products most similar to q vote for their labels with weights ``exp(T * (s_j - s_max))``,
+  normalised to sum to 1, so ``p_nn(l)`` is in [0, 1]. It recovers label combinations that a single vector per
+  label misses (long-tail labels, co-occurring facets).
+
+The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in [0, 1]. With ``groups`` (``tag
+--exclusive-groups``), labels of an exclusive group (a facet no training product has two values of,
+``label_groups.py``) compete for one place: only the best of each such group stays in the ranking. Only candidates are
+scored: the top labels by label vector plus every label of a neighbour, so the cost does not grow with the
+number of labels. This module is numpy only: dev evaluation (exact search in torch) and tagging (faiss) share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK = 16384  # label-vector rows gathered at once when scoring neighbour candidates (bounded memory)
+DENSE_PAIRS_FACTOR = 16  # score a chunk as (its rows x its labels) when that is at most this many times its pairs
+
+
+@dataclass
+class NeighbourLabels:
+    """The label indices of each training product, CSR: row j's labels are ``indices[indptr[j]:indptr[j + 1]]``."""
+
+    indptr: np.ndarray  # (n_train + 1,) int64
+    indices: np.ndarray  # (nnz,) int32
+
+    @classmethod
+    def from_lists(cls, rows: list[np.ndarray]) -> "NeighbourLabels":
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        indices = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+        return cls(indptr, indices)
+
+    def save(self, path) -> None:
+        np.savez(path, indptr=self.indptr, indices=self.indices)
+
+    @classmethod
+    def load(cls, path) -> "NeighbourLabels":
+        with np.load(path) as data:
+            return cls(data["indptr"], data["indices"])
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def votes(self, neighbours: np.ndarray, sims: np.ndarray, temperature: float):
+        """Neighbour ids and similarities ``(n, k)`` (id -1 = none) -> ``(row, label, vote)`` arrays, unique pairs."""
+        valid = neighbours >= 0
+        weights = np.where(valid, np.exp(temperature * (sims - np.max(np.where(valid, sims, -np.inf), axis=1,
+                                                                            keepdims=True))), 0.0)
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        query_rows, slots = np.nonzero(valid)
+        train_rows = neighbours[query_rows, slots]
+        counts = self.indptr[train_rows + 1] - self.indptr[train_rows]
+        starts = np.repeat(self.indptr[train_rows], counts)
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        labels = self.indices[starts + offsets].astype(np.int64)
+        rows = np.repeat(query_rows, counts)
+        pair_weights = np.repeat(weights[query_rows, slots], counts)
+        # Sum the votes of each (row, label) pair.
+        n_labels = int(labels.max()) + 1 if len(labels) else 1
+        keys, inverse = np.unique(rows * n_labels + labels, return_inverse=True)
+        return keys // n_labels, keys % n_labels, np.bincount(inverse, weights=pair_weights, minlength=len(keys))
+
+
+def blend_top_k(queries: np.ndarray, label_vectors: np.ndarray, scale: float, lv_top: np.ndarray,
+                lv_logits: np.ndarray, votes: tuple[np.ndarray, np.ndarray, np.ndarray] | None, knn_weight: float,
+                k: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Final top-``k`` labels ``(n, k)`` (-1 where fewer candidates) and scores ``(n, k)`` float32, best first.
+
+    ``queries`` ``(n, d)`` unit-norm product embeddings; ``label_vectors`` ``(L, d + 1)`` rows [w_l, b_l] (may be
+    a memory map); ``lv_top``/``lv_logits`` ``(n, C)``: the label-vector search's candidates and their pre-scale
+    logits (-1 = none); ``votes``: ``NeighbourLabels.votes`` output, or None for label vectors only;
+    ``groups``: ``(L,)`` exclusive-group id per label (-1: none), or None: at most one label per group and row.
+    """
+    n = len(queries)
+    n_labels = len(label_vectors)
+    valid = lv_top >= 0
+    rows = np.repeat(np.arange(n), valid.sum(axis=1))
+    labels = lv_top[valid].astype(np.int64)
+    logits = lv_logits[valid].astype(np.float64)
+    vote_of_candidate = np.zeros(len(labels))
+    if votes is not None and knn_weight > 0 and len(votes[0]):
+        v_rows, v_labels, v_votes = votes
+        v_logits = _logits(queries, label_vectors, v_rows, v_labels)
+        rows = np.concatenate([rows, v_rows])
+        labels = np.concatenate([labels, v_labels])
+        logits = np.concatenate([logits, v_logits])
+        vote_of_candidate = np.concatenate([vote_of_candidate, v_votes])
+        # A label found by both searches appears twice: one candidate, its vote summed (0 from the first half).
+        keys, inverse = np.unique(rows * n_labels + labels, return_inverse=True)
+        unique_logits = np.empty(len(keys))
+        unique_logits[inverse] = logits
+        rows, labels, logits = keys // n_labels, keys % n_labels, unique_logits
+        vote_of_candidate = np.bincount(inverse, weights=vote_of_candidate, minlength=len(keys))
+    lv_prob = 1.0 / (1.0 + np.exp(-scale * logits))
+    weight = knn_weight if votes is not None else 0.0  # without neighbours the label vectors score alone
+    scores = (1.0 - weight) * lv_prob + weight * vote_of_candidate
+    if groups is not None:
+        rows, labels, scores = _best_of_each_group(rows, labels, scores, groups)
+    # Per-row top-k over a variable number of candidates: sort by (row, -score), keep the first k of each row.
+    order = np.lexsort((-scores, rows))
+    rows, labels, scores = rows[order], labels[order], scores[order]
+    row_start = np.searchsorted(rows, np.arange(n))
+    rank = np.arange(len(rows)) - row_start[rows]
+    keep = rank < k
+    top = np.full((n, k), -1, dtype=np.int64)
+    top_scores = np.zeros((n, k), dtype=np.float32)
+    top[rows[keep], rank[keep]] = labels[keep]
+    top_scores[rows[keep], rank[keep]] = scores[keep]
+    return top, top_scores
+
+
+def _best_of_each_group(rows: np.ndarray, labels: np.ndarray, scores: np.ndarray, groups: np.ndarray):
+    """The candidates without those beaten by a better label of the same exclusive group in the same row."""
+    group = groups[labels]
+    order = np.lexsort((-scores, group, rows))  # by row, then group, best first
+    r, g = rows[order], group[order]
+    first_of_run = np.ones(len(order), dtype=bool)
+    first_of_run[1:] = (r[1:] != r[:-1]) | (g[1:] != g[:-1])
+    keep = order[first_of_run | (g < 0)]  # ungrouped labels (-1) are never dropped
+    return rows[keep], labels[keep], scores[keep]
+
+
+def _logits(queries: np.ndarray, label_vectors: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Pre-scale label-vector logits ``<[q_row, 1], [w_l, b_l]>`` for given (row, label) pairs, in chunks."""
+    out = np.empty(len(rows), dtype=np.float64)
+    d = queries.shape[1]
+    for start in range(0, len(rows), CHUNK):
+        r, lab = rows[start:start + CHUNK], labels[start:start + CHUNK]
+        needed = np.unique(lab)  # sorted: a memory-mapped table is read in order, each row once
+        w = np.asarray(label_vectors[needed], dtype=np.float32)
+        pos = np.searchsorted(needed, lab)
+        row_ids, row_pos = np.unique(r, return_inverse=True)
+        if len(row_ids) * len(needed) <= DENSE_PAIRS_FACTOR * len(r):
+            # Few distinct labels (facets, small label sets): one matrix product beats gathering a vector per pair.
+            logits = queries[row_ids] @ w[:, :d].T + w[:, d]
+            out[start:start + CHUNK] = logits[row_pos, pos]
+        else:
+            out[start:start + CHUNK] = np.einsum("nd,nd->n", queries[r], w[pos, :d]) + w[pos, d]
+    return out
+
+
+def label_vector_candidates(k: int) -> int:
+    """How many labels the label-vector search returns before blending (the final top-k is taken among these and
+    the neighbours' labels)."""
+    return max(2 * k, 32)

@@ -1,0 +1,98 @@
+"""Image fusion at training time: which vision model, where its cache lives, and the image inputs of each item set.
+
+- ``resolve_vision(config, train_path)`` -> the ``Config`` with ``vision`` settled: ``"auto"`` becomes
+  ``DEFAULT_VISION_ENCODER`` (``builtin:efficientnet-lite0+colour``) when the training catalog has the image
+  column, else ``"none"`` (text only). The run saves the settled value, so its ``config.json`` says what was used.
+- ``image_cache_dir(config, out)``: ``config.image_cache_dir``, else ``<run dir>/image_cache``. Point several runs
+  (a nightly retraining) at one directory with ``--cache-dir`` and each picture is embedded once, ever.
+- ``prepare_images(...)``: loads the frozen vision encoder, embeds every not-yet-cached image of the train / dev /
+  label sets into the cache (a broken or missing image is counted, never fatal) and returns each set's
+  ``ImageInputs`` (features + mask per row) with a ``fusion`` description that the run saves as ``fusion.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xmctag.config import Config
+from xmctag.data import table_columns
+from xmctag.errors import UserError
+from xmctag.models.fusion import ImageInputs
+from xmctag.progress import Progress
+from xmctag.run_dir import IMAGE_CACHE
+from xmctag.vision.registry import DEFAULT_VISION_ENCODER
+
+ROWS_PER_BATCH = 512  # image values resolved (read, hashed, looked up, embedded if new) at a time
+
+
+def resolve_vision(config: Config, train: str | Path) -> Config:
+    """``config`` with ``vision`` either ``"none"`` or a vision model name (see the module docstring)."""
+    if config.vision == "none" or not Path(train).is_file():  # a missing file is reported by the data loader
+        return config
+    has_images = config.image_col in table_columns(Path(train))
+    if config.vision == "auto":
+        return dataclasses.replace(config, vision=DEFAULT_VISION_ENCODER if has_images else "none")
+    if not has_images:
+        raise UserError(f"{train}: --vision {config.vision} needs the image column {config.image_col!r} "
+                        f"(set --image-col, or --vision none for text only)")
+    return config
+
+
+def image_cache_dir(config: Config, out: Path) -> Path:
+    return Path(config.image_cache_dir).expanduser() if config.image_cache_dir else out / IMAGE_CACHE
+
+
+def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[Any] | None]], device,
+                   show: Progress) -> tuple[dict, dict[str, ImageInputs | None]]:
+    """``sets``: name -> (file, image values per kept row, or None) -> (fusion description, name -> ``ImageInputs``).
+
+    Relative image paths resolve against each file's directory, as ``xmctag embed-images`` does.
+    """
+    from xmctag.vision.encoders import load_vision_encoder
+    from xmctag.vision.onnx_export import ExportedVisionEncoder
+
+    encoder = load_vision_encoder(config.vision, device=str(device))
+    if device.type == "cpu":  # ONNX Runtime embeds EfficientNet-Lite0 about 5x faster than PyTorch eager there
+        encoder = ExportedVisionEncoder(encoder)
+    cache_dir = image_cache_dir(config, out)
+    fusion = {"vision": config.vision, "model_id": encoder.model_id, "dim": int(encoder.dim),
+              "image_col": config.image_col, "max_images": config.max_images,
+              "cache_dir": str(cache_dir.resolve()), "images": {}}
+    inputs: dict[str, ImageInputs | None] = {}
+    for name, (path, values) in sets.items():
+        if values is None:
+            inputs[name] = None
+            continue
+        inputs[name], summary = embed_values(values, Path(path).parent, encoder, cache_dir, config.max_images, show,
+                                             name)
+        fusion["images"][name] = {"products": summary.products, "with_image": summary.products_with_image,
+                                  "images": summary.images, "ok": summary.images_ok, "cached": summary.cache_hits,
+                                  "newly_embedded": summary.newly_embedded, "failures": summary.failures}
+    return fusion, inputs
+
+
+def embed_values(values: list[Any], base_dir: Path, encoder, cache_dir: Path, max_images: int, show: Progress,
+                 name: str):
+    """Image values of N items -> (``ImageInputs`` (N, max_images, dim), ``ImageEmbedSummary``), caching new ones."""
+    from xmctag.vision.embed import ImageEmbedSummary, ImageFeatures
+
+    started = time.perf_counter()
+    reader = ImageFeatures(cache_dir, encoder.model_id, encoder.dim, base_dir, max_images)
+    summary = ImageEmbedSummary(encoder.model_id)
+    features = np.zeros((len(values), max_images, encoder.dim), dtype=np.float32)
+    mask = np.zeros((len(values), max_images), dtype=np.float32)
+    with show.task(f"{name} images", total=len(values), unit="products") as update:
+        for start in range(0, len(values), ROWS_PER_BATCH):
+            part = values[start:start + ROWS_PER_BATCH]
+            features[start:start + len(part)], mask[start:start + len(part)] = reader.embed_batch(
+                part, encoder, summary, row0=start)
+            update(len(part))
+    summary.seconds = time.perf_counter() - started
+    for line in summary.lines():
+        show.log(f"{name} images: {line}")
+    return ImageInputs(features, mask), summary

@@ -1,0 +1,108 @@
+"""Second stage: per-label vectors learned on frozen product embeddings (NGAME classifiers / PRIME prototypes).
+
+The dual encoder alone scores a product q against a label by <q, e_l>, e_l the embedding of the label's text.
+Frequent labels are better served by a vector fitted to the products that carry them, so each label gets
+
+    logit(q, l) = scale * (<q, w_l> + b_l),   w_l = a * e_l + r_l,   b_l = c + d_l
+
+trained with one-vs-all binary cross-entropy over all labels seen in training. ``a`` and ``c`` are fitted
+first with r = d = 0 (a two-parameter calibration of the text scores), then frozen; ``r_l``, ``d_l`` start at 0,
+so every label starts from its text embedding, and an L2 penalty keeps rarely seen labels near it. Labels
+never seen in training keep ``w_l = a * e_l``, ``b_l = c``: still rankable zero-shot, on the same scale.
+
+``sigmoid(logit)`` is the score xmctag reports: a calibrated probability-like value in (0, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CALIBRATION_STEPS = 200
+
+
+@dataclass
+class LabelVectors:
+    """``vectors`` ``(L, d)`` and ``bias`` ``(L,)``: score(q, l) = sigmoid(scale * (<q, vectors[l]> + bias[l]))."""
+
+    vectors: np.ndarray
+    bias: np.ndarray
+    scale: float
+
+    def index_matrix(self) -> np.ndarray:
+        """``(L, d + 1)`` rows [w_l, b_l]; a query [q, 1] gets the pre-scale logit by inner product."""
+        return np.hstack([self.vectors, self.bias[:, None]]).astype(np.float32)
+
+    @classmethod
+    def from_text_embeddings(cls, label_embeddings: np.ndarray, scale: float) -> "LabelVectors":
+        """Plain dual-encoder scoring (no second stage): logit = scale * <q, e_l>."""
+        return cls(label_embeddings.astype(np.float32), np.zeros(len(label_embeddings), np.float32), scale)
+
+
+def fit_label_vectors(
+    products: np.ndarray,
+    product_labels: list[np.ndarray],
+    label_embeddings: np.ndarray,
+    scale: float = 20.0,
+    epochs: int = 20,
+    lr: float = 2e-3,
+    l2: float = 1e-4,
+    batch_size: int = 512,
+    seed: int = 0,
+    device="cpu",
+    progress=None,
+) -> LabelVectors:
+    """Fits the label vectors; ``products`` ``(n, d)`` unit-norm, ``product_labels[i]`` label indices of row i."""
+    import torch  # here, not at the top: tagging uses LabelVectors and must not load torch
+
+    generator = torch.Generator().manual_seed(seed)
+    seen = np.unique(np.concatenate(product_labels))
+    column_of = np.full(len(label_embeddings), -1, dtype=np.int64)
+    column_of[seen] = np.arange(len(seen))
+    x = torch.from_numpy(products).float().to(device)
+    e = torch.from_numpy(label_embeddings[seen]).float().to(device)
+    rows = np.repeat(np.arange(len(products)), [len(y) for y in product_labels])
+    cols = column_of[np.concatenate(product_labels)]
+    targets = torch.zeros(len(products), len(seen), dtype=torch.bool)
+    targets[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+    targets = targets.to(device)
+
+    a = torch.ones((), device=device, requires_grad=True)
+    c = torch.zeros((), device=device, requires_grad=True)
+    r = torch.zeros_like(e, requires_grad=True)
+    d = torch.zeros(len(seen), device=device, requires_grad=True)
+
+    steps_per_epoch = -(-len(products) // batch_size)
+
+    def run(params, steps, step_lr, penalty, report):
+        optimizer = torch.optim.Adam(params, lr=step_lr)
+        order = torch.randperm(len(products), generator=generator).to(device)
+        for step in range(steps):
+            start = (step % steps_per_epoch) * batch_size
+            if start == 0 and step:  # a new epoch: a new order
+                order = torch.randperm(len(products), generator=generator).to(device)
+            idx = order[start:start + batch_size]
+            logits = scale * (x[idx] @ (a * e + r).T + c + d)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, targets[idx].float(), reduction="sum") / len(idx)
+            if penalty:
+                loss = loss + l2 * (r.square().sum() + d.square().sum())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if report and progress is not None and (step + 1) % steps_per_epoch == 0:
+                progress(1)
+
+    # Calibration of the text scores, shared by all labels: a 2-parameter logistic regression, so a fixed number
+    # of steps with a large learning rate, whatever the data size.
+    run([a, c], CALIBRATION_STEPS, 0.05, penalty=False, report=False)
+    run([r, d], epochs * steps_per_epoch, lr, penalty=True, report=True)
+
+    with torch.no_grad():
+        a_, c_ = float(a), float(c)
+        vectors = a_ * label_embeddings.astype(np.float32)
+        bias = np.full(len(label_embeddings), c_, dtype=np.float32)
+        vectors[seen] += r.cpu().numpy()
+        bias[seen] += d.cpu().numpy()
+    return LabelVectors(vectors.astype(np.float32), bias, scale)

@@ -1,0 +1,113 @@
+"""Image inputs for tagging with a fused bundle: ONNX Runtime only (no torch), cache first.
+
+``BundleImages(bundle, fusion, cache_dir, workers)``; ``features(values, base_dir)`` -> ``(features (B, M, V) float32,
+mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_embedding`` and ``image_mask``. Pictures
+whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
+embed-images``) are not decoded at all; the others are read and decoded by ``workers`` threads and embedded with the
+bundle's ``vision.onnx`` (loaded on first need, so a fully cached catalog never loads it). A missing or broken
+picture only masks its slot out; ``counts`` says how many images were used, missing (could not be read: no such
+file, failed fetch) or broken (read, but no usable picture: undecodable, unsupported source).
+
+``resolve_cache_dir``: ``--cache-dir`` if given, else the cache the bundle names (the training run's), else a
+``xmctag-image-cache`` folder next to the output when that one is not writable (another machine, a read-only mount).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from xmctag.vision import images as img
+
+FALLBACK_CACHE = "xmctag-image-cache"
+MISSING_REASONS = ("missing", "fetch_failed")  # the source could not be read
+BROKEN_REASONS = ("undecodable", "unsupported")  # read, but not a picture we can use
+
+
+@dataclass
+class ImageCounts:
+    """Image slots seen while tagging (a product may have several, up to ``max_images``)."""
+
+    used: int = 0  # usable images that went into the encoder
+    missing: int = 0
+    broken: int = 0
+    cached: int = 0  # of the used ones: embedding found in the cache
+    newly_embedded: int = 0  # distinct pictures embedded with vision.onnx in this run
+    products_with_image: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class _LazyVisionGraph:
+    """The bundle's ``vision.onnx`` as an ``embed_images`` encoder, loaded on the first picture to embed."""
+
+    def __init__(self, bundle: Path, model_id: str, dim: int, device: str):
+        self.bundle, self.model_id, self.dim, self.device = bundle, model_id, dim, device
+        self._encoder = None
+
+    def embed(self, pictures: Sequence, batch_size: int = 32) -> np.ndarray:
+        if self._encoder is None:
+            from xmctag.vision.onnx_runtime import OnnxVisionEncoder
+
+            self._encoder = OnnxVisionEncoder(self.bundle, fp16=False, device=self.device)
+        return self._encoder.embed(pictures, batch_size)
+
+
+class BundleImages:
+    """See the module docstring. ``fusion``: the manifest's ``fusion`` section."""
+
+    def __init__(self, bundle: Path, fusion: dict, cache_dir: Path, device: str = "cpu", workers: int = 8):
+        from xmctag.vision.embed import ImageFeatures
+
+        self.max_images = int(fusion["max_images"])
+        self.dim = int(fusion["vision_dim"])
+        self.cache_dir = cache_dir
+        self.encoder = _LazyVisionGraph(bundle, fusion["model_id"], self.dim, device)
+        self.options = img.FetchOptions(workers=max(1, workers))
+        self._features = ImageFeatures(cache_dir, fusion["model_id"], self.dim, ".", self.max_images)
+        self.counts = ImageCounts()
+        self.slots_seen = 0  # for the images/s of the progress line
+
+    def features(self, values: Sequence[Any], base_dir: Path, row0: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        from xmctag.vision.embed import ImageEmbedSummary
+
+        self._features.base_dir = Path(base_dir)  # relative paths resolve against the catalog's directory
+        summary = ImageEmbedSummary(self.encoder.model_id)
+        features, mask = self._features.embed_batch(values, self.encoder, summary, row0=row0, options=self.options)
+        used = int(mask.sum())
+        self.counts.used += used
+        self.counts.cached += summary.cache_hits
+        self.counts.newly_embedded += summary.newly_embedded
+        self.counts.missing += sum(summary.failures.get(r, 0) for r in MISSING_REASONS)
+        self.counts.broken += sum(summary.failures.get(r, 0) for r in BROKEN_REASONS)
+        self.counts.products_with_image += int((mask.sum(axis=1) > 0).sum())
+        self.slots_seen += summary.images
+        return features, mask.astype(np.int64)
+
+
+def resolve_cache_dir(requested: str | Path | None, bundle_cache: str | None, output: Path | None) -> Path:
+    """``requested`` as given, else the bundle's cache if writable, else ``<output dir>/xmctag-image-cache``."""
+    if requested is not None:
+        return Path(requested).expanduser()
+    fallback = (output.parent if output is not None else Path.cwd()) / FALLBACK_CACHE
+    for candidate in ([Path(bundle_cache)] if bundle_cache else []) + [fallback]:
+        if _writable(candidate):
+            return candidate
+    return fallback  # let the cache report what is wrong with it
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return os.access(directory, os.W_OK)
+    except OSError:
+        return False
