@@ -296,7 +296,9 @@ def newest_bundle(directory: Path) -> Path:
 def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
     ks = sorted({int(name.split("@")[1]) for name in metrics})
     families = [f for f in ("P", "nDCG", "PSP", "R") if any(m.startswith(f + "@") for m in metrics)]
-    table = Table(title=title)
+    if title:  # a line of its own: as a table title, a long path wraps to the table's narrow width
+        out_console.print(title, highlight=False, soft_wrap=True)
+    table = Table()
     table.add_column("metric")
     for k in ks:
         table.add_column(f"@{k}", justify="right")
