@@ -5,13 +5,18 @@ it was trained. ``xmctag train`` writes it as ``config.json`` into the run direc
 into the bundle, and ``xmctag tag`` reads it back, so a model always carries the settings it was built with.
 
 Values come, lowest priority first, from the defaults below, an optional TOML file (``--config file.toml``, flat
-keys or the same keys under a ``[xmctag]`` table) and explicit keyword overrides (the CLI flags).
+keys or the same keys under a ``[xmctag]`` table) and explicit keyword overrides (the CLI flags). ``validate`` checks
+every value against its field's type first (a TOML or JSON value of the wrong type is named, never used), then the
+values themselves; unknown keys are an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,12 +129,15 @@ class Config:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
-            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+            close = difflib.get_close_matches(unknown[0], sorted(cls.field_names()), n=1)
+            raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}"
+                            + (f" (did you mean {close[0]}?)" if close else ""))
         config = cls(**values)
         config.validate(source)
         return config
 
     def validate(self, source: str = "config") -> None:
+        self._check_types(source)
         checks = [
             (self.epochs == "auto" or (isinstance(self.epochs, int) and self.epochs >= 0),
              "epochs must be \"auto\" or an integer >= 0"),
@@ -141,7 +149,8 @@ class Config:
             (self.classifier_lr > 0 and self.classifier_vector_lr > 0, "classifier learning rates must be > 0"),
             (0.0 <= self.dual_encoder_budget_share <= 1.0, "dual_encoder_budget_share must be in [0, 1]"),
             (self.batch_size >= 2, "batch_size must be >= 2"),
-            (self.max_length >= 4 and self.label_max_length >= 4, "max lengths must be >= 4"),
+            (self.max_length >= 4, f"max_length {self.max_length}: must be >= 4"),
+            (self.label_max_length >= 4, f"label_max_length {self.label_max_length}: must be >= 4"),
             (0 <= self.margin_min <= self.margin_max, "need 0 <= margin_min <= margin_max"),
             (self.loss in ("auto", "triplet", "infonce"), f"loss must be auto, triplet or infonce, not {self.loss!r}"),
             (self.temperature > 0, "temperature must be > 0"),
@@ -161,6 +170,15 @@ class Config:
             if not ok:
                 raise UserError(f"{source}: {message}")
         self._validate_decoder_settings(source)
+
+    def _check_types(self, source: str) -> None:
+        """Each value against its field's annotation: a TOML or JSON value of the wrong type (``batch_size =
+        "four"``, ``text_cols = "title"``, ``batch_size = 32.7``, ``true`` for a number) is named here rather than
+        failing later in arithmetic, or being read as something else (a string iterated as a list of columns)."""
+        for name, hint in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                raise UserError(f"{source}: {name} = {json.dumps(value, default=str)}: expected {_describe(hint)}")
 
     def _validate_decoder_settings(self, source: str) -> None:
         checks = [
@@ -190,6 +208,37 @@ class Config:
         return cls.from_dict(values, source=str(path))
 
 
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the types Config uses: int, float, str, bool, list[...],
+    unions, None). bool is not accepted as a number (it is an int in Python); an int is accepted as a float."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if set(typing.get_args(hint)) == {int, str}:  # epochs, classifier_epochs: the string is "auto"
+            return 'an integer or "auto"'
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return {str: 'a list of strings, e.g. ["title"]', int: "a list of integers, e.g. [1, 5]"}.get(
+            typing.get_args(hint)[0], str(hint))
+    return names.get(hint, str(hint))
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
@@ -197,4 +246,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e})") from None
-    return data.get("xmctag", data)
+    if "xmctag" not in data:
+        return data
+    outside = sorted(set(data) - {"xmctag"})
+    if outside or not isinstance(data["xmctag"], dict):  # flat keys beside the table would be ignored silently
+        raise UserError(f"{path}: settings outside the [xmctag] table: {', '.join(outside) or 'xmctag'}; put them "
+                        "all under [xmctag] or all at the top level")
+    return data["xmctag"]
