@@ -146,7 +146,8 @@ def test_sources_of_every_value_kind(tmp_path):
     assert [(s.kind, s.ref) for s in sources] == [
         ("bytes", f"<{len(data)} bytes>"), ("file", str(tmp_path / "a/b.jpg")), ("file", "/abs/c.png"),
         ("file", "/abs/d.webp"), ("url", "https://x.org/e.jpg"), ("file", str(tmp_path / "f.png")),
-        ("invalid", "unsupported: s3:// sources")]
+        ("invalid", "s3://bucket/g.jpg")]
+    assert img.read_source(sources[-1]) == (None, "unsupported: s3:// sources")
     assert img.sources_of(None, tmp_path) == [] and img.sources_of("", tmp_path) == []
     assert len(img.sources_of(["a.png", "b.png", "c.png"], tmp_path, max_images=2)) == 2
     assert img.sources_of({"bytes": data, "path": "ignored.png"}, tmp_path)[0].data == data
@@ -195,6 +196,40 @@ def test_fetch_urls_with_retries_timeouts_and_failures(server):
     assert server.hits["/img/1.png"] == 1  # the same URL in two products is fetched once
     assert len(products[5].images) == 2
     assert elapsed < 1.9  # the slow URL gave up after timeout + retry, not after the server's 2 s
+
+
+def closed_port_urls(n: int, monkeypatch) -> list[str]:
+    """URLs on 127.0.0.1 where nothing listens: each fetch fails at once with "connection refused"."""
+    import socket
+
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)]
+
+
+def test_fetching_stops_after_network_failures_in_a_row(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(img, "NETWORK_FAILURES_TO_GIVE_UP", 3)
+    options = img.FetchOptions(workers=2, timeout=0.5, retries=1, backoff=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        products = img.load_images(closed_port_urls(30, monkeypatch), ".", decode=False, options=options)
+    statuses = [p.slots[0].status for p in products]
+    failed = [s for s in statuses if s.startswith("fetch_failed")]
+    assert 3 <= len(failed) <= 3 + options.workers  # the ones already in flight when the third failed
+    assert statuses.count(img.NETWORK_SKIPPED) == 30 - len(failed)
+    assert [str(w.message) for w in caught if "reached no server" in str(w.message)] == [
+        f"image URLs: 3 in a row reached no server (last: {failed[0].split(': ', 1)[1]}); not fetching the others "
+        "of this run (counted as 'skipped: network unavailable')"]
+    # An answer from a server, even an error, starts the count again.
+    gate = img.NetworkGate()
+    for reached in (False, False, True, False, False):
+        gate.record(reached)
+    assert not gate.closed and gate.failures_in_a_row == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,6 +425,43 @@ def test_embed_images_user_errors(tmp_path, clip_encoder):
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(UserError, match="not a readable Parquet"):
         embed_images(tmp_path / "bad.parquet", encoder=clip_encoder, cache_dir=tmp_path / "cache")
+
+
+def test_an_unusable_cache_dir_is_a_user_error(tmp_path, clip_encoder):
+    from xmctag.vision.tagging import resolve_cache_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    pl.DataFrame({"image": [encoded(picture(1))]}).write_parquet(tmp_path / "c.parquet")
+    with pytest.raises(UserError, match=f"^--cache-dir {blocker}: not a directory$"):
+        embed_images(tmp_path / "c.parquet", encoder=clip_encoder, cache_dir=blocker)
+    with pytest.raises(UserError, match=f"^--cache-dir {blocker}/c: cannot create it \\({blocker} is not a directory"):
+        resolve_cache_dir(blocker / "c", None, None)  # xmctag tag --cache-dir
+    with pytest.raises(UserError, match=f"^image cache {blocker}: not a directory"):
+        EmbeddingCache(blocker, "model-a@1", dim=4)
+    with pytest.raises(UserError, match=f"^image cache {blocker}: not a directory"):
+        SourceIndex(blocker)
+
+
+def test_a_column_without_any_usable_image_is_an_error_naming_it(tmp_path, tiny_models, monkeypatch):
+    from typer.testing import CliRunner
+
+    from xmctag.cli import app
+
+    catalog = tmp_path / "cat.parquet"
+    pl.DataFrame({"id": ["a", "b"], "text": ["colour: red", "acme red shirt"]}).write_parquet(catalog)
+    result = CliRunner().invoke(app, ["embed-images", str(catalog), "--image-col", "text", "--vision",
+                                      str(tiny_models["clip"]), "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    # The reason once (it was printed twice), the value as written.
+    assert ("none of the 2 values of column 'text' is a usable image (e.g. row 0: colour: red: unsupported: "
+            "colour:// sources); is 'text' the image column?") in " ".join(result.output.split())
+    # Unreachable URLs: the first few fail, the rest are skipped once the network is given up on.
+    monkeypatch.setattr(img, "NETWORK_FAILURES_TO_GIVE_UP", 2)
+    pl.DataFrame({"image": closed_port_urls(12, monkeypatch)}).write_parquet(tmp_path / "urls.parquet")
+    with pytest.warns(UserWarning, match="reached no server"), pytest.raises(UserError, match="column 'image'"):
+        embed_images(tmp_path / "urls.parquet", encoder=str(tiny_models["clip"]), cache_dir=tmp_path / "c",
+                     fetch=img.FetchOptions(workers=1, timeout=0.5, retries=0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -196,10 +196,10 @@ def tag(
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
                       f"wrote {summary.output}", highlight=False, soft_wrap=True)
     if summary.images is not None:
-        i = summary.images
-        err_console.print(f"images: {i['used']} used ({i['cached']} cached, {i['newly_embedded']} newly embedded), "
-                          f"{i['missing']} missing, {i['broken']} broken; {i['products_with_image']} products with "
-                          f"an image; cache {summary.image_cache}", highlight=False, soft_wrap=True)
+        from xmctag.vision.tagging import summary_lines  # counts, then each kind of failure with an example row
+
+        err_console.print("\n".join(summary_lines(summary.images, summary.image_cache)), highlight=False,
+                          soft_wrap=True)
     if show:
         _print_examples(tagger, catalog, summary.output, show)
 

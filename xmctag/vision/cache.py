@@ -47,6 +47,36 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XMCTAG_CACHE_DIR") or Path.home() / ".cache" / "xmctag")
 
 
+def check_cache_dir(path: str | Path, option: str = "--cache-dir") -> None:
+    """A ``UserError`` naming ``option`` unless ``path`` is a writable directory or can be created as one. Creates
+    nothing (training checks its cache before it writes anything)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing == path:
+        reason = ("not a directory" if not path.is_dir() else
+                  "not writable" if not os.access(path, os.W_OK | os.X_OK) else None)
+    elif not existing.is_dir():
+        reason = f"cannot create it ({existing} is not a directory)"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"cannot create it ({existing} is not writable)"
+    else:
+        reason = None
+    if reason:
+        raise UserError(f"{option} {path}: {reason}")
+
+
+def _open_cache_dir(path: Path) -> Path:
+    """``path`` created if needed; a ``UserError`` if it is no usable directory (rather than an OSError traceback)."""
+    check_cache_dir(path, "image cache")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"image cache {path}: cannot create it ({e.strerror or e})") from None
+    return path
+
+
 def hex_to_keys(hex_digests: Sequence[str]) -> np.ndarray:
     """sha256 hex digests -> ``(N, 32)`` uint8."""
     if not len(hex_digests):
@@ -213,7 +243,7 @@ class EmbeddingCache:
     def __init__(self, cache_dir: str | Path, model_id: str, dim: int):
         self.model_id = model_id
         self.dim = int(dim)
-        directory = Path(cache_dir) / "embeddings" / hashlib.sha256(model_id.encode()).hexdigest()[:16]
+        directory = _open_cache_dir(Path(cache_dir)) / "embeddings" / hashlib.sha256(model_id.encode()).hexdigest()[:16]
         directory.mkdir(parents=True, exist_ok=True)
         _check_model_file(directory / "model.json", {"model_id": model_id, "dim": self.dim})
         self.table = ShardedTable(directory, (self.dim,), np.float32)
@@ -241,7 +271,7 @@ class SourceIndex:
     _FAILED = bytes(KEY_BYTES)  # all zeros: the source was read and was unusable
 
     def __init__(self, cache_dir: str | Path):
-        self.table = ShardedTable(Path(cache_dir) / "sources", (KEY_BYTES,), np.uint8)
+        self.table = ShardedTable(_open_cache_dir(Path(cache_dir)) / "sources", (KEY_BYTES,), np.uint8)
 
     @staticmethod
     def _keys(source_keys: Sequence[str]) -> np.ndarray:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import numpy as np
 from xmctag.errors import UserError
 from xmctag.progress import Progress
 from xmctag.vision import images as img
-from xmctag.vision.cache import EmbeddingCache, SourceIndex, default_cache_dir
+from xmctag.vision.cache import EmbeddingCache, SourceIndex, check_cache_dir, default_cache_dir
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
 if TYPE_CHECKING:  # torch is imported only when a PyTorch encoder is loaded (tagging may pass an ONNX one)
@@ -83,7 +84,8 @@ def embed_images(
     ``workers``: threads that read, fetch and decode (``fetch``: timeout, retries, ...; its ``workers`` wins when
     given). ``refetch=False`` trusts the content recorded for a URL or unchanged file on an earlier run when its
     embedding is cached (no download); ``True`` reads every source again (pictures whose content changed behind the
-    same URL are then re-embedded).
+    same URL are then re-embedded). A catalog whose image values are all unusable (none ok out of N > 0: the wrong
+    column, no network) is a ``UserError`` after the run, naming the column and an example.
     """
     import pyarrow.parquet as pq
 
@@ -97,6 +99,8 @@ def embed_images(
         raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     if image_col not in parquet.schema_arrow.names:
         raise UserError(f"{path}: missing image column {image_col!r} (has: {', '.join(parquet.schema_arrow.names)})")
+    check_cache_dir(cache_dir if cache_dir is not None else default_cache_dir(),
+                    "--cache-dir" if cache_dir is not None else "image cache")
     if isinstance(encoder, str):
         from xmctag.vision.encoders import load_vision_encoder
         from xmctag.vision.onnx_export import ExportedVisionEncoder
@@ -105,7 +109,8 @@ def embed_images(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = EmbeddingCache(cache_dir, encoder.model_id, encoder.dim)
     sources = SourceIndex(cache_dir)
-    options = fetch or img.FetchOptions(workers=workers)
+    # A gate of its own: a network given up on in an earlier run is tried again.
+    options = dataclasses.replace(fetch, gate=img.NetworkGate()) if fetch else img.FetchOptions(workers=workers)
     summary = ImageEmbedSummary(encoder.model_id)
     show = Progress(progress)
     row0 = 0
@@ -119,6 +124,10 @@ def embed_images(
     summary.seconds = time.perf_counter() - start
     for line in summary.lines():
         show.log(line)
+    if summary.images and not summary.images_ok:
+        category = max(summary.failures, key=summary.failures.get)
+        raise UserError(f"{path}: none of the {summary.images} values of column {image_col!r} is a usable image "
+                        f"(e.g. {summary.examples[category][0]}); is {image_col!r} the image column?")
     return summary
 
 
@@ -146,7 +155,8 @@ def _embed_batch(values: list[Any], base_dir: Path, row0: int, encoder: VisionEn
             summary.cache_hits += slot.sha256 not in newly
         else:
             summary.add_failure(row, slot)
-        if slot.data is not None or not slot.ok:  # read in this run: remember what the source held
+        # Read in this run (not skipped for want of a network): remember what the source held.
+        if slot.data is not None or (not slot.ok and slot.status != img.NETWORK_SKIPPED):
             key = slot.source.key()
             if key is not None:
                 record[key] = slot.sha256 if slot.ok else None

@@ -12,9 +12,11 @@ A value of the image column is one of:
 ``load_images`` turns a batch of such values into one ``ProductImages`` per product: for each image its content
 bytes, their sha256 (the cache key, so the same picture under two URLs is embedded once) and, on request, the decoded
 RGB picture. Nothing here raises for a bad image: each one carries a status, ``"ok"`` or the reason it is unusable
-(``"null"``, ``"missing"``, ``"undecodable"``, ``"fetch_failed: ..."``, ``"unsupported: ..."``), for the caller to
-count and report. URLs are fetched with the standard library (``urllib``) from a bounded thread pool, with a timeout
-and retries with exponential backoff on errors that may pass (timeouts, connection errors, HTTP 408/429/5xx).
+(``"null"``, ``"missing"``, ``"undecodable"``, ``"fetch_failed: ..."``, ``"unsupported: ..."``, ``"skipped: network
+unavailable"``), for the caller to count and report. URLs are fetched with the standard library (``urllib``) from a
+bounded thread pool, with a timeout and retries with exponential backoff on errors that may pass (timeouts,
+connection errors, HTTP 408/429/5xx). After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer
+from a server (offline machine, no DNS), the run stops fetching: its remaining URLs are skipped at once, with a warning.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import hashlib
 import io
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPException
@@ -39,8 +43,34 @@ MISSING = "missing"
 UNDECODABLE = "undecodable"
 FETCH_FAILED = "fetch_failed"
 UNSUPPORTED = "unsupported"
+NETWORK_SKIPPED = "skipped: network unavailable"
 
 _RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
+# URLs in a row that got no answer at all (connection refused, DNS, timeout) before a run stops fetching: offline,
+# each unreachable URL costs its timeout and retries, which over a million URLs is days.
+NETWORK_FAILURES_TO_GIVE_UP = 50
+
+
+class NetworkGate:
+    """Shared by a run's fetches (``FetchOptions.gate``): counts URLs in a row that reached no server, and closes
+    (no more fetching, one warning) after ``NETWORK_FAILURES_TO_GIVE_UP``. An HTTP answer, even an error, resets it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.failures_in_a_row = 0
+        self.closed = False
+
+    def record(self, reached_server: bool, reason: str = "") -> None:
+        with self._lock:
+            if reached_server:
+                self.failures_in_a_row = 0
+                return
+            self.failures_in_a_row += 1
+            if self.closed or self.failures_in_a_row < NETWORK_FAILURES_TO_GIVE_UP:
+                return
+            self.closed = True
+        warnings.warn(f"image URLs: {self.failures_in_a_row} in a row reached no server (last: {reason}); not "
+                      f"fetching the others of this run (counted as '{NETWORK_SKIPPED}')", stacklevel=2)
 
 
 @dataclass
@@ -53,18 +83,21 @@ class FetchOptions:
     backoff: float = 0.5  # seconds before the first retry, doubled each time (plus up to 25 % jitter)
     max_bytes: int = 32 * 1024 * 1024  # larger downloads are refused: no product photo needs more
     user_agent: str = "xmctag (product image fetcher)"
+    gate: NetworkGate = field(default_factory=NetworkGate, repr=False, compare=False)  # state of the run's fetches
 
 
 @dataclass(frozen=True)
 class Source:
     """Where one image comes from. ``kind`` is ``"bytes"``, ``"file"``, ``"url"`` or ``"invalid"``.
 
-    ``ref``: the absolute path (file), the URL (url), ``"<N bytes>"`` (bytes) or the reason (invalid).
+    ``ref``: the absolute path (file), the URL (url), ``"<N bytes>"`` (bytes) or the value as written (invalid, with
+    the ``reason`` it cannot be used).
     """
 
     kind: str
     ref: str
     data: bytes | None = field(default=None, repr=False, compare=False)
+    reason: str | None = field(default=None, compare=False)
 
     def key(self) -> str | None:
         """A stable name of the source's current content, for remembering which sha256 it had (``SourceIndex``).
@@ -159,7 +192,7 @@ def _source_of_item(item: Any, base_dir: Path) -> Source | None:
         data = bytes(item)
         return Source("bytes", f"<{len(data)} bytes>", data) if data else None
     if not isinstance(item, str):
-        return Source("invalid", f"{UNSUPPORTED}: value of type {type(item).__name__}")
+        return Source("invalid", repr(item)[:200], reason=f"{UNSUPPORTED}: value of type {type(item).__name__}")
     text = item.strip()
     if not text:
         return None
@@ -169,7 +202,7 @@ def _source_of_item(item: Any, base_dir: Path) -> Source | None:
     if scheme == "file":
         return _file_uri_source(text, base_dir)
     if len(scheme) > 1:  # s3://, gs://, data:, ... ("C:" style drive letters have a one-letter scheme)
-        return Source("invalid", f"{UNSUPPORTED}: {scheme}:// sources")
+        return Source("invalid", text, reason=f"{UNSUPPORTED}: {scheme}:// sources")
     path = Path(text).expanduser()
     return Source("file", str(path if path.is_absolute() else (base_dir / path).absolute()))
 
@@ -177,7 +210,7 @@ def _source_of_item(item: Any, base_dir: Path) -> Source | None:
 def _file_uri_source(uri: str, base_dir: Path) -> Source:
     parts = urllib.parse.urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
-        return Source("invalid", f"{UNSUPPORTED}: file URI on host {parts.netloc!r}")
+        return Source("invalid", uri, reason=f"{UNSUPPORTED}: file URI on host {parts.netloc!r}")
     path = Path(urllib.request.url2pathname(parts.path))
     return Source("file", str(path if path.is_absolute() else (base_dir / path).absolute()))
 
@@ -192,7 +225,7 @@ def read_source(source: Source, options: FetchOptions | None = None) -> tuple[by
     if source.kind == "bytes":
         return source.data, OK
     if source.kind == "invalid":
-        return None, source.ref
+        return None, source.reason
     if source.kind == "file":
         return _read_file(Path(source.ref), options)
     return _fetch_url(source.ref, options)
@@ -210,20 +243,26 @@ def _read_file(path: Path, options: FetchOptions) -> tuple[bytes | None, str]:
 
 
 def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
+    gate = options.gate
+    if gate.closed:
+        return None, NETWORK_SKIPPED
     request = urllib.request.Request(url, headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.5"})
-    reason = ""
+    reason, answered = "", False
     for attempt in range(options.retries + 1):
         if attempt:
             delay = options.backoff * 2 ** (attempt - 1)
             time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: retries of many threads do not line up
+            if gate.closed:
+                return None, NETWORK_SKIPPED
         try:
             with urllib.request.urlopen(request, timeout=options.timeout) as response:
                 data = response.read(options.max_bytes + 1)
+            gate.record(reached_server=True)
             if len(data) > options.max_bytes:
                 return None, f"{FETCH_FAILED}: larger than {options.max_bytes} bytes"
             return data, OK
         except urllib.error.HTTPError as e:
-            reason = f"HTTP {e.code}"
+            reason, answered = f"HTTP {e.code}", True
             if e.code not in _RETRY_HTTP_CODES:
                 break
         except urllib.error.URLError as e:
@@ -237,6 +276,7 @@ def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
             reason = type(e).__name__
         except ValueError as e:  # malformed URL
             return None, f"{FETCH_FAILED}: {e}"
+    gate.record(reached_server=answered, reason=reason)
     return None, f"{FETCH_FAILED}: {reason}"
 
 

@@ -5,8 +5,9 @@ mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_emb
 whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
 embed-images``) are not decoded at all; the others are read and decoded by ``workers`` threads and embedded with the
 bundle's ``vision.onnx`` (loaded on first need, so a fully cached catalog never loads it). A missing or broken
-picture only masks its slot out; ``counts`` says how many images were used, missing (could not be read: no such
-file, failed fetch) or broken (read, but no usable picture: undecodable, unsupported source).
+picture only masks its slot out; ``counts`` says how many images were used, missing (no such file), failed (could
+not be fetched or read, or skipped once the network was given up on) or broken (read, but no usable picture:
+undecodable, unsupported source), with the first example row of each; ``summary_lines`` words them.
 
 ``resolve_cache_dir``: ``--cache-dir`` if given, else the cache the bundle names (the training run's), else a
 ``xmctag-image-cache`` folder next to the output when that one is not writable (another machine, a read-only mount).
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from xmctag.vision import images as img
+from xmctag.vision.cache import check_cache_dir
 
 FALLBACK_CACHE = "xmctag-image-cache"
-MISSING_REASONS = ("missing", "fetch_failed")  # the source could not be read
-BROKEN_REASONS = ("undecodable", "unsupported")  # read, but not a picture we can use
+# ImageCounts field of each reason category (img.reason_category)
+KIND_OF_FAILURE = {"missing": "missing", "fetch_failed": "failed", "skipped": "failed", "undecodable": "broken",
+                   "unsupported": "broken"}
 
 
 @dataclass
@@ -34,14 +37,27 @@ class ImageCounts:
     """Image slots seen while tagging (a product may have several, up to ``max_images``)."""
 
     used: int = 0  # usable images that went into the encoder
-    missing: int = 0
-    broken: int = 0
+    missing: int = 0  # no such file
+    failed: int = 0  # could not be read: fetch failed, skipped (network given up on), read error
+    broken: int = 0  # read, but no usable picture: undecodable, unsupported source
     cached: int = 0  # of the used ones: embedding found in the cache
     newly_embedded: int = 0  # distinct pictures embedded with vision.onnx in this run
     products_with_image: int = 0
+    examples: dict[str, str] = field(default_factory=dict)  # missing / failed / broken -> "row N: source: reason"
 
-    def to_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+    def to_dict(self) -> dict:
+        return {**vars(self), "examples": dict(self.examples)}
+
+
+def summary_lines(counts: dict, cache_dir) -> list[str]:
+    """``ImageCounts.to_dict()`` in words: the totals, then one line per kind of failure with its first example."""
+    lines = [f"images: {counts['used']} used ({counts['cached']} cached, {counts['newly_embedded']} newly embedded), "
+             f"{counts['missing']} missing, {counts['failed']} failed, {counts['broken']} broken; "
+             f"{counts['products_with_image']} products with an image; cache {cache_dir}"]
+    for kind in ("missing", "failed", "broken"):
+        if counts[kind]:
+            lines.append(f"images: {counts[kind]} {kind}, e.g. {counts['examples'][kind]}")
+    return lines
 
 
 class _LazyVisionGraph:
@@ -84,8 +100,10 @@ class BundleImages:
         self.counts.used += used
         self.counts.cached += summary.cache_hits
         self.counts.newly_embedded += summary.newly_embedded
-        self.counts.missing += sum(summary.failures.get(r, 0) for r in MISSING_REASONS)
-        self.counts.broken += sum(summary.failures.get(r, 0) for r in BROKEN_REASONS)
+        for category, n in summary.failures.items():
+            kind = KIND_OF_FAILURE.get(category, "failed")
+            setattr(self.counts, kind, getattr(self.counts, kind) + n)
+            self.counts.examples.setdefault(kind, summary.examples[category][0])
         self.counts.products_with_image += int((mask.sum(axis=1) > 0).sum())
         self.slots_seen += summary.images
         return features, mask.astype(np.int64)
@@ -94,6 +112,7 @@ class BundleImages:
 def resolve_cache_dir(requested: str | Path | None, bundle_cache: str | None, output: Path | None) -> Path:
     """``requested`` as given, else the bundle's cache if writable, else ``<output dir>/xmctag-image-cache``."""
     if requested is not None:
+        check_cache_dir(Path(requested).expanduser())  # a file or a read-only place: one line, not a traceback
         return Path(requested).expanduser()
     fallback = (output.parent if output is not None else Path.cwd()) / FALLBACK_CACHE
     for candidate in ([Path(bundle_cache)] if bundle_cache else []) + [fallback]:
