@@ -261,6 +261,22 @@ def test_decoder_settings_are_validated(qwen2_dir):
         load_decoder(qwen2_dir, lora_target_modules=["q_proj", "no_such_proj"])
 
 
+
+def test_decoder_lengths_are_checked_before_writing(qwen2_dir, catalog_dir, tmp_path):
+    # The prompt's fixed parts (prefix, EOS) must leave room for text; its length must fit the positions.
+    files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet", out=tmp_path / "run",
+                 progress=False)
+    for settings, message in [
+        ({"max_length": 4}, r"max_length 4 leaves no room for the text: the prompt's fixed parts take \d+ tokens; "
+                            "raise max_length or shorten"),
+        ({"label_max_length": 4}, "label_max_length 4 leaves no room"),
+        ({"max_length": 129}, r"max_length 129 is more than the 128 positions"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            train(config=Config(encoder=qwen2_dir, epochs=0, **settings), **files)
+    assert not (tmp_path / "run").exists()
+
+
 # -- train -> export -> tag -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory, catalog_dir, qwen2_dir):

@@ -221,8 +221,9 @@ def test_tag_fused_bundle_counts_images_and_matches_pytorch(fused_bundle, fused_
     first = tagger.tag_file(image_catalog / "tag.parquet", tmp_path / "p1.parquet", top_k=3, batch_size=8,
                             progress=False, cache_dir=cache, workers=2)
     assert first.rows_tagged == 30 and first.image_cache == cache
-    assert first.images == {"used": 27, "missing": 3, "broken": 0, "cached": 0, "newly_embedded": 27,
-                            "products_with_image": 27}
+    assert first.images == {"used": 27, "missing": 3, "failed": 0, "broken": 0, "cached": 0, "newly_embedded": 27,
+                            "products_with_image": 27,
+                            "examples": {"missing": f"row 5: {image_catalog / 'img/missing.png'}: missing"}}
     second = tagger.tag_file(image_catalog / "tag.parquet", tmp_path / "p2.parquet", top_k=3, batch_size=8,
                              progress=False, cache_dir=cache)
     assert (second.images["cached"], second.images["newly_embedded"]) == (27, 0)
@@ -254,7 +255,9 @@ def test_tag_with_broken_images_and_the_cli(fused_bundle, image_catalog, tmp_pat
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     # The bundle's cache (the run's) already holds the dev images: no new embedding, broken ones counted.
-    assert "images: 32 used (32 cached, 0 newly embedded), 0 missing, 4 broken" in result.output
+    output = " ".join(result.output.split())
+    assert "images: 32 used (32 cached, 0 newly embedded), 0 missing, 0 failed, 4 broken" in output
+    assert "images: 4 broken, e.g. row 7: <18 bytes>: undecodable" in output
     assert pl.read_parquet(tmp_path / "p.parquet").height == 40
 
 
@@ -267,6 +270,53 @@ def test_cache_falls_back_next_to_the_output_when_the_bundle_cache_is_not_writab
         tmp_path / "o" / "xmctag-image-cache"
     assert resolve_cache_dir(None, str(tmp_path / "ok"), tmp_path / "p.parquet") == tmp_path / "ok"
     assert resolve_cache_dir(tmp_path / "mine", str(tmp_path / "ok"), None) == tmp_path / "mine"
+
+
+def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, monkeypatch):
+    from test_vision import closed_port_urls
+
+    from xmctag.vision.tagging import BundleImages, summary_lines
+
+    (tmp_path / "real.png").write_bytes(b"not a picture")
+    url = closed_port_urls(1, monkeypatch)[0]
+    fusion = {"max_images": 1, "vision_dim": 16, "model_id": "test-model"}  # no picture to embed: no vision graph
+    images = BundleImages(tmp_path, fusion, tmp_path / "cache", workers=2)
+    images.options.retries = 0
+    _, mask = images.features(["nope.png", url, None, "real.png", "s3://b/x.png", url], tmp_path, row0=10)
+    assert not mask.any()
+    counts = images.counts.to_dict()
+    assert (counts["missing"], counts["failed"], counts["broken"], counts["used"]) == (1, 2, 2, 0)
+    examples = counts["examples"]
+    assert examples["failed"].startswith(f"row 11: {url}: fetch_failed: ") and "refused" in examples["failed"]
+    assert examples == {"missing": f"row 10: {tmp_path / 'nope.png'}: missing", "failed": examples["failed"],
+                        "broken": f"row 13: {tmp_path / 'real.png'}: undecodable"}
+    assert summary_lines(counts, "C") == [
+        "images: 0 used (0 cached, 0 newly embedded), 1 missing, 2 failed, 2 broken; 0 products with an image; "
+        "cache C", f"images: 1 missing, e.g. {examples['missing']}", f"images: 2 failed, e.g. {examples['failed']}",
+        f"images: 2 broken, e.g. {examples['broken']}"]
+
+
+def test_auto_vision_without_a_usable_training_image_trains_text_only(tmp_path, catalog_dir, tiny_encoder_dir,
+                                                                      tiny_models, monkeypatch):  # noqa: F811
+    import xmctag.training.images as training_images
+
+    monkeypatch.setattr(training_images, "DEFAULT_VISION_ENCODER", str(tiny_models["clip"]))  # "auto" picks it
+    frame = pl.read_parquet(catalog_dir / "train.parquet").head(60)
+    frame.with_columns(pl.Series("image", [f"img/{i}.png" for i in range(60)])).write_parquet(tmp_path / "t.parquet")
+    files = dict(train=tmp_path / "t.parquet", labels=catalog_dir / "labels.parquet", progress=False)
+    config = Config(encoder=tiny_encoder_dir, epochs=0, classifier_epochs=0, max_length=16, label_max_length=12,
+                    label_vector_epochs=1, knn_neighbours=0)
+    with pytest.warns(UserWarning, match=r"t.parquet: none of the 60 training products has a usable image in column "
+                                         r"'image' \(e.g. row 0: .*img/0.png: missing\); training text only"):
+        train(out=tmp_path / "run", config=config, **files)
+    assert Config.load(tmp_path / "run" / run_dir.CONFIG).vision == "none"  # what export and tagging read
+    assert run_dir.load_fusion(tmp_path / "run") is None
+    encoder, _ = run_dir.load_run(tmp_path / "run").encoder_and_tokenizer()
+    assert not isinstance(encoder, FusedEncoder)
+    # A vision model named explicitly: an error, not a quiet text-only run.
+    with pytest.raises(UserError, match="none of the 60 training products has a usable image .*--vision none"):
+        train(out=tmp_path / "named", config=Config(**{**config.to_dict(), "vision": str(tiny_models["clip"])}),
+              **files)
 
 
 def test_text_only_bundle_has_no_image_path(trained_run):

@@ -1,6 +1,7 @@
 """Training: the run directory, learning on the synthetic catalog, resume and config checks."""
 
 import json
+import re
 
 from xmctag import run_dir as layout
 
@@ -291,3 +292,76 @@ def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_en
     epoch_1, epoch_2, final = evaluated[:3]  # after epochs 1 and 2, then the saved model
     np.testing.assert_allclose(final, epoch_1, atol=1e-5)  # the saved encoder is epoch 1's
     assert not np.allclose(final, epoch_2, atol=1e-5)
+
+
+# -- settings checked against the model and the data, before anything is written --------------------------------------
+def _with_image_column(catalog_dir, tmp_path):
+    """The training catalog with an (empty) image column: training then plans image tokens."""
+    import polars as pl
+
+    path = tmp_path / "with-images.parquet"
+    pl.read_parquet(catalog_dir / "train.parquet").with_columns(pl.lit(None, pl.String).alias("image")) \
+        .write_parquet(path)
+    return path
+
+
+def test_lengths_beyond_the_models_positions_are_refused_before_writing(tmp_path, catalog_dir, tiny_encoder_dir):
+    import pytest
+
+    from xmctag import UserError, train
+
+    out = tmp_path / "run"
+    files = dict(labels=catalog_dir / "labels.parquet", out=out, progress=False)
+    # The tiny BERT has 128 position embeddings (ONNX Runtime would fail on the first longer title when tagging).
+    for settings, message in [
+        (dict(max_length=256), r"max_length 256 is more than the 128 positions of .*tiny-bert.* "
+                               r"\(max_position_embeddings 128\); set max_length to at most 128"),
+        (dict(label_max_length=129), "label_max_length 129 is more than the 128 positions"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            train(catalog_dir / "train.parquet", config=_quick(tiny_encoder_dir, **settings), **files)
+    # Each image slot is one more position (the check comes before the vision model is even loaded).
+    with pytest.raises(UserError, match=r"max_length 127 \+ 2 image token\(s\) is more than the 128 positions .*; "
+                                        "set max_length to at most 126"):
+        train(_with_image_column(catalog_dir, tmp_path), config=_quick(
+            tiny_encoder_dir, max_length=127, max_images=2, vision="some/vision-model"), **files)
+    assert not out.exists()
+    train(catalog_dir / "train.parquet", config=_quick(tiny_encoder_dir, max_length=128, label_max_length=128),
+          **files)  # the limit itself fits
+
+
+def test_an_unusable_cache_dir_is_refused_before_writing(tmp_path, catalog_dir, tiny_encoder_dir):
+    import pytest
+
+    from xmctag import UserError, train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = tmp_path / "run"
+    for cache, message in [(blocker, f"--cache-dir {blocker}: not a directory"),
+                           (blocker / "cache", f"--cache-dir {blocker / 'cache'}: cannot create it ({blocker} is "
+                                               "not a directory)")]:
+        config = _quick(tiny_encoder_dir, vision="some/vision-model", image_cache_dir=str(cache))
+        with pytest.raises(UserError, match=re.escape(message)):
+            train(_with_image_column(catalog_dir, tmp_path), catalog_dir / "labels.parquet", out, config=config,
+                  progress=False)
+    assert not out.exists()
+
+
+def test_a_ranking_needs_two_labels(tmp_path, catalog_dir, tiny_encoder_dir):
+    import polars as pl
+    import pytest
+
+    from xmctag import UserError, train
+
+    out = tmp_path / "run"
+    one = tmp_path / "one.parquet"
+    pl.DataFrame({"label": ["colour:red"], "text": ["colour: red"]}).write_parquet(one)
+    with pytest.raises(UserError, match="one.parquet: the label table has 1 label; a ranking needs at least 2"):
+        train(catalog_dir / "train.parquet", one, out, config=_quick(tiny_encoder_dir), progress=False)
+    # Two labels, but the training rows know only one of them: the loss would be 0 all the same.
+    two = tmp_path / "two.parquet"
+    pl.DataFrame({"label": ["colour:red", "colour:teal"], "text": ["red", "teal"]}).write_parquet(two)
+    with pytest.raises(UserError, match="every training row carries the one label 'colour:red'"):
+        train(catalog_dir / "train.parquet", two, out, config=_quick(tiny_encoder_dir), progress=False)
+    assert not out.exists()

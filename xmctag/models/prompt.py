@@ -48,13 +48,15 @@ class PromptTemplate:
             out.append(list(self.prefix_ids) + title.ids[:budget] + tail)
         return out
 
-    def title_budget(self, max_length: int, has_image: bool = False) -> int:
-        """Title tokens that fit in ``max_length`` next to the fixed parts (image tokens included)."""
+    def title_budget(self, max_length: int, has_image: bool = False, setting: str = "max_length/label_max_length"
+                     ) -> int:
+        """Title tokens that fit in ``max_length`` next to the fixed parts (image tokens included); ``setting``: the
+        setting ``max_length`` comes from, for the error."""
         fixed = len(self.prefix_ids) + 1 + ((len(self.image_prefix_ids) + self.image_tokens) if has_image else 0)
         budget = max_length - fixed
         if budget < 1:
-            raise UserError(f"max length {max_length} leaves no room for the text: the prompt's fixed parts take "
-                            f"{fixed} tokens; raise max_length/label_max_length or shorten the prompt prefixes")
+            raise UserError(f"{setting} {max_length} leaves no room for the text: the prompt's fixed parts take "
+                            f"{fixed} tokens; raise {setting} or shorten the prompt prefixes")
         return budget
 
     def to_dict(self) -> dict:

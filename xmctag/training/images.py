@@ -8,12 +8,15 @@
 - ``prepare_images(...)``: loads the frozen vision encoder, embeds every not-yet-cached image of the train / dev /
   label sets into the cache (a broken or missing image is counted, never fatal) and returns each set's
   ``ImageInputs`` (features + mask per row) with a ``fusion`` description that the run saves as ``fusion.json``.
+  When no training product has a usable image, fusion would learn nothing: with ``vision = "auto"`` the run goes on
+  text only (with a warning), a vision model named explicitly is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +51,15 @@ def image_cache_dir(config: Config, out: Path) -> Path:
 
 
 def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[Any] | None]], device,
-                   show: Progress) -> tuple[dict, dict[str, ImageInputs | None]]:
+                   show: Progress, explicit: bool = True) -> tuple[dict | None, dict[str, ImageInputs | None]]:
     """``sets``: name -> (file, image values per kept row, or None) -> (fusion description, name -> ``ImageInputs``).
 
-    Relative image paths resolve against each file's directory, as ``xmctag embed-images`` does.
+    Relative image paths resolve against each file's directory, as ``xmctag embed-images`` does. ``sets["train"]``
+    comes first; if none of its products has a usable image: ``(None, {})`` with a warning, or with ``explicit``
+    (``vision`` named by the user, not "auto") a ``UserError``.
     """
     from xmctag.vision.encoders import load_vision_encoder
+    from xmctag.vision.images import FetchOptions
     from xmctag.vision.onnx_export import ExportedVisionEncoder
 
     encoder = load_vision_encoder(config.vision, device=str(device))
@@ -64,21 +70,36 @@ def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[A
               "image_col": config.image_col, "max_images": config.max_images,
               "cache_dir": str(cache_dir.resolve()), "images": {}}
     inputs: dict[str, ImageInputs | None] = {}
+    options = FetchOptions()  # one for the run: after enough network failures in a row, URLs are not fetched
     for name, (path, values) in sets.items():
         if values is None:
             inputs[name] = None
             continue
         inputs[name], summary = embed_values(values, Path(path).parent, encoder, cache_dir, config.max_images, show,
-                                             name)
+                                             name, options)
         fusion["images"][name] = {"products": summary.products, "with_image": summary.products_with_image,
                                   "images": summary.images, "ok": summary.images_ok, "cached": summary.cache_hits,
                                   "newly_embedded": summary.newly_embedded, "failures": summary.failures}
+        if name == "train" and not summary.products_with_image:
+            _no_usable_image(path, config, summary, explicit)
+            return None, {}
     return fusion, inputs
 
 
+def _no_usable_image(path: Path, config: Config, summary, explicit: bool) -> None:
+    """No training product has a usable image: an image token would carry nothing but noise."""
+    example = next((e[0] for e in summary.examples.values() if e), None)
+    problem = (f"{path}: none of the {summary.products} training products has a usable image in column "
+               f"{config.image_col!r}" + (f" (e.g. {example})" if example else ""))
+    if explicit:
+        raise UserError(f"{problem}; fix the images or train text only with --vision none")
+    warnings.warn(f"{problem}; training text only (vision none)", stacklevel=3)
+
+
 def embed_values(values: list[Any], base_dir: Path, encoder, cache_dir: Path, max_images: int, show: Progress,
-                 name: str):
-    """Image values of N items -> (``ImageInputs`` (N, max_images, dim), ``ImageEmbedSummary``), caching new ones."""
+                 name: str, options=None):
+    """Image values of N items -> (``ImageInputs`` (N, max_images, dim), ``ImageEmbedSummary``), caching new ones.
+    ``options``: the ``FetchOptions`` of the run."""
     from xmctag.vision.embed import ImageEmbedSummary, ImageFeatures
 
     started = time.perf_counter()
@@ -90,7 +111,7 @@ def embed_values(values: list[Any], base_dir: Path, encoder, cache_dir: Path, ma
         for start in range(0, len(values), ROWS_PER_BATCH):
             part = values[start:start + ROWS_PER_BATCH]
             features[start:start + len(part)], mask[start:start + len(part)] = reader.embed_batch(
-                part, encoder, summary, row0=start)
+                part, encoder, summary, row0=start, options=options)
             update(len(part))
     summary.seconds = time.perf_counter() - started
     for line in summary.lines():

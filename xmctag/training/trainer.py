@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -41,9 +42,10 @@ from xmctag.errors import UserError
 from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.label_groups import exclusive_groups, group_ids, group_names
 from xmctag.losses import make_loss
-from xmctag.models.decoder import has_lora, learning_rate, prepare_model, resolve_kind_defaults
+from xmctag.models.decoder import has_lora, is_decoder_config, learning_rate, prepare_model, resolve_kind_defaults
 from xmctag.models.embedding import encode_ids
 from xmctag.models.fusion import FusedEncoder, ImageInputs
+from xmctag.models.prompt import prompt_tokenizer
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.overwrite import check_replaceable
@@ -51,8 +53,9 @@ from xmctag.progress import Progress
 from xmctag.scoring import NeighbourLabels
 from xmctag.training.batching import balanced_clusters, batches_from_clusters, random_batches
 from xmctag.training.classifier import ClassifierStage, plan_classifier_epochs
-from xmctag.training.images import prepare_images, resolve_vision
+from xmctag.training.images import image_cache_dir, prepare_images, resolve_vision
 from xmctag.training.label_vectors import LabelVectors, fit_label_vectors
+from xmctag.vision.cache import check_cache_dir
 
 CPU_CHUNK = 32  # sequences per forward pass when training on CPU (see _embed_with_grad)
 PROBE_STEPS = 3  # timed forward+backward passes that plan the number of epochs under epochs="auto"
@@ -87,20 +90,25 @@ def train(
     """Trains a model and writes a self-contained run directory to ``out``."""
     config = config or Config()
     config.validate()
+    auto_vision = config.vision == "auto"
     config = resolve_vision(config, train)  # "auto" -> a vision model or "none", saved as such
     config = resolve_kind_defaults(config)  # loss / centering "auto" -> the encoder kind's, saved as such
     out = Path(out)
     show = Progress(progress)
     dev_ = resolve_device(device)
     replace = _check_out_dir(out, resume, overwrite, {"--train": train, "--labels": labels, "--dev": dev})
-    _check_resumed_config(out, config, resume and not replace)
+    config = _check_resumed_config(out, config, resume and not replace, auto_vision)
+    if config.vision != "none" and config.image_cache_dir:
+        check_cache_dir(image_cache_dir(config, out))
 
     # Inputs are read and the encoder loaded before anything is written to --out: a bad file or model name
     # leaves the directory as it was, and the corrected command runs as is.
     label_table = LabelTable.load(labels, config)
     train_set = load_labelled_set(train, config, label_table)
     dev_set = load_labelled_set(dev, config, label_table) if dev is not None else None
+    _check_label_count(labels, label_table, train, train_set)
     tokenizer, backbone = load_pretrained(config.encoder)
+    _check_lengths(config, tokenizer, backbone, label_images=label_table.images is not None)
     if replace:
         show.log(replace)
         layout.clear_run(out)
@@ -122,7 +130,11 @@ def train(
     if config.vision != "none":
         fusion, images = prepare_images(config, out, {
             "train": (Path(train), train_set.images), "dev": (Path(dev or train), dev_set.images if dev_set else None),
-            "labels": (Path(labels), label_table.images)}, dev_, show)
+            "labels": (Path(labels), label_table.images)}, dev_, show, explicit=not auto_vision)
+    if fusion is None and config.vision != "none":  # vision "auto", and no training product has a usable image
+        config = dataclasses.replace(config, vision="none")
+        config.save(out / layout.CONFIG)  # text only, as export and tagging will read it
+    elif fusion is not None:
         train_images, dev_images, label_images = images["train"], images["dev"], images["labels"]
         layout.save_fusion(out, fusion)  # before any save_encoder: load_encoder reads it
 
@@ -518,14 +530,59 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs: dict) -> st
     return None
 
 
-def _check_resumed_config(out: Path, config: Config, resume: bool) -> None:
-    """A resumed run must keep its settings; only ``epochs`` may change (an interrupted run may train longer)."""
+def _check_resumed_config(out: Path, config: Config, resume: bool, auto_vision: bool = False) -> Config:
+    """A resumed run must keep its settings; only ``epochs`` may change (an interrupted run may train longer).
+    Returns ``config``, text only if the run being resumed fell back to it (``vision`` "auto" without a usable
+    image, see ``prepare_images``)."""
     if not (resume and (out / layout.CONFIG).exists()):
-        return
+        return config
     saved = Config.load(out / layout.CONFIG).to_dict()
+    if auto_vision and saved["vision"] == "none":
+        config = dataclasses.replace(config, vision="none")
     changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config.to_dict().items() if k != "epochs" and saved[k] != v]
     if changed:
         raise UserError(f"--resume {out}: settings differ from the run being resumed: {'; '.join(changed)}")
+    return config
+
+
+def _check_label_count(labels_path, label_table: LabelTable, train_path, train_set: LabelledSet) -> None:
+    """A ranking needs two labels: with one, every in-batch negative is the positive itself, the loss is 0 and
+    nothing is learnt."""
+    if len(label_table) < 2:
+        raise UserError(f"{labels_path}: the label table has {len(label_table)} label; a ranking needs at least 2")
+    used = np.unique(np.concatenate(train_set.labels))
+    if len(used) < 2:
+        raise UserError(f"{train_path}: every training row carries the one label {label_table.ids[used[0]]!r}; "
+                        "a ranking needs at least 2 distinct labels in training")
+
+
+def _check_lengths(config: Config, tokenizer, backbone, label_images: bool) -> None:
+    """``max_length`` and ``label_max_length`` against the backbone, before anything is written.
+
+    A sequence longer than the model's position embeddings trains as long as no text reaches that length, then
+    crashes tagging in ONNX Runtime. Encoders read ``max_images`` image tokens on top of the text; a decoder's prompt
+    holds them and its fixed parts within the length (``xmctag.models.prompt``), which must leave room for text.
+    """
+    images = config.vision != "none"
+    lengths = [("max_length", config.max_length, images),
+               ("label_max_length", config.label_max_length, images and label_images)]
+    decoder = is_decoder_config(backbone.config)
+    if decoder:
+        template = prompt_tokenizer(tokenizer, backbone.config, config).template
+        for name, value, has_image in lengths:
+            template.title_budget(value, has_image, setting=name)
+    limit = getattr(backbone.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    # RoBERTa-style embeddings number positions from padding_idx + 1: that many fewer are usable.
+    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    usable = limit - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+    for name, value, has_image in lengths:
+        slots = config.max_images if has_image and not decoder else 0
+        if value + slots > usable:
+            plus = f" + {slots} image token(s)" if slots else ""
+            raise UserError(f"{name} {value}{plus} is more than the {usable} positions of {config.encoder} "
+                            f"(max_position_embeddings {limit}); set {name} to at most {usable - slots}")
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
