@@ -216,3 +216,66 @@ def test_train_reads_renamed_columns_and_a_csv_label_table(tmp_path, catalog_dir
     result = runner.invoke(app, ["train", "--train", str(tmp_path / "train.parquet"), "--labels",
                                  str(tmp_path / "labels.csv"), "--out", str(tmp_path / "run2"), "--label-cols", "code"])
     assert result.exit_code == 2 and "--label-cols code: give at least the id and the text column" in result.output
+
+
+def test_show_prints_ids_and_titles_as_written_and_counts_duplicate_ids(bad_inputs):
+    bad, model = bad_inputs, bad_inputs.parent / "export/tiny"
+    pl.DataFrame({"id": ["p[/x]", "q", "p[/x]"], "title": ["[bold]acme red shirt", "blue jeans [/]", "cap"]}) \
+        .write_parquet(bad / "markup.parquet")
+    result = invoke("tag", bad / "markup.parquet", "--model", model, "-o", bad / "markup.out.csv", "--quiet",
+                    "--top-k", 3, "--show", 3)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1:3] for line in result.stdout.splitlines() if line.startswith("│ ") and "│ " in line[2:]]
+    rows = [[cell.strip() for cell in row] for row in rows if row[0].strip()]  # the first line of each product
+    assert rows == [["p[/x]", "[bold]acme red shirt"], ["q", "blue jeans [/]"], ["p[/x]", "cap"]]  # as written
+    assert "top-3 labels of 3 products" in " ".join(result.stdout.split())  # the title may wrap
+    assert "warning: 1 rows share an id with an earlier row" in result.stderr.replace("\n", " ")
+    result = invoke("tag", bad / "markup.parquet", "--model", model, "-o", bad / "x.parquet", "--show", -3)
+    assert result.exit_code == 2 and "Invalid value for '--show'" in result.output
+    assert not (bad / "x.parquet").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "1.5", "-0.2"])
+def test_min_score_outside_0_1_is_refused(bad_inputs, catalog_dir, value):
+    result = invoke("tag", catalog_dir / "dev.parquet", "--model", bad_inputs.parent / "export/tiny", "-o",
+                    bad_inputs / "ms.parquet", "--min-score", value)
+    assert result.exit_code == 2 and result.stderr.startswith("error: --min-score must be between 0 and 1")
+    assert not (bad_inputs / "ms.parquet").exists()
+
+
+def test_min_score_counts_products_left_without_labels(bad_inputs, catalog_dir):
+    result = invoke("tag", catalog_dir / "dev.parquet", "--model", bad_inputs.parent / "export/tiny", "-o",
+                    bad_inputs / "ms.csv", "--min-score", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "80 products had no label above --min-score 1.0 (Parquet: an empty list; CSV/JSONL: no rows)" in \
+        result.stderr.replace("\n", " ")
+
+
+def test_an_empty_run_writes_a_readable_file_and_eval_scores_it(bad_inputs, catalog_dir):
+    bad, model, dev = bad_inputs, bad_inputs.parent / "export/tiny", catalog_dir / "dev.parquet"
+    pl.read_parquet(dev).head(0).write_parquet(bad / "empty.parquet")
+    result = invoke("tag", bad / "empty.parquet", "--model", model, "-o", bad / "empty.csv", "--quiet", "--show", 3)
+    assert result.exit_code == 0, result.output
+    assert "tagged 0 of 0 rows" in result.stderr and "top-5 labels of 0 products" in " ".join(result.stdout.split())
+    assert (bad / "empty.csv").read_text().startswith("id,rank,label")
+    result = invoke("eval", bad / "empty.csv", "--truth", dev)
+    assert result.exit_code == 0, result.output
+    assert "note: 80 truth rows had no predictions (scored 0)" in result.stderr
+
+
+def test_eval_k_beyond_the_predictions_is_noted_and_k_0_refused(bad_inputs, catalog_dir):
+    bad, dev = bad_inputs, catalog_dir / "dev.parquet"
+    assert invoke("tag", dev, "--model", bad.parent / "export/tiny", "-o", bad / "k.parquet", "--top-k", 3,
+                  "--quiet").exit_code == 0
+    result = invoke("eval", bad / "k.parquet", "--truth", dev, "--k", "1,10")
+    assert result.exit_code == 0, result.output
+    assert "note: k=10 exceeds the 3 labels predicted per product; P@10 counts the missing ones as wrong" in \
+        result.stderr.replace("\n", " ")
+    result = invoke("eval", bad / "k.parquet", "--truth", dev, "--k", "0")
+    assert result.exit_code == 2 and "error: --k needs cut-offs >= 1" in result.stderr
+
+
+def test_a_directory_as_catalog_is_named_as_such(bad_inputs):
+    result = invoke("tag", bad_inputs, "--model", bad_inputs.parent / "export/tiny")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {bad_inputs}: is a directory, not a Parquet file"

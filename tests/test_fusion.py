@@ -9,6 +9,7 @@ file or bytes that are no picture.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import polars as pl
@@ -357,11 +358,15 @@ def test_catalog_without_the_image_column_is_tagged_text_only(fused_bundle, imag
     frame = pl.read_parquet(image_catalog / "tag.parquet")
     frame.drop("image").write_parquet(tmp_path / "no-column.parquet")
     frame.with_columns(pl.lit(None, dtype=pl.String).alias("image")).write_parquet(tmp_path / "null-images.parquet")
-    summary = tagger.tag_file(tmp_path / "no-column.parquet", tmp_path / "a.parquet", top_k=3, progress=False,
-                              cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match=r"no-column.parquet has no image column 'image': products are tagged from "
+                                         r"text only"):
+        summary = tagger.tag_file(tmp_path / "no-column.parquet", tmp_path / "a.parquet", top_k=3, progress=False,
+                                  cache_dir=tmp_path / "cache")
     assert summary.rows_tagged == 30 and summary.images["used"] == 0
-    tagger.tag_file(tmp_path / "null-images.parquet", tmp_path / "b.parquet", top_k=3, progress=False,
-                    cache_dir=tmp_path / "cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the column is there, only empty: counted as missing images, no warning
+        tagger.tag_file(tmp_path / "null-images.parquet", tmp_path / "b.parquet", top_k=3, progress=False,
+                        cache_dir=tmp_path / "cache")
     assert pl.read_parquet(tmp_path / "a.parquet").equals(pl.read_parquet(tmp_path / "b.parquet"))
 
 

@@ -114,3 +114,47 @@ def test_pair_logits_are_the_same_by_either_route(monkeypatch, dense_factor):
     monkeypatch.setattr(scoring, "DENSE_PAIRS_FACTOR", dense_factor)
     expected = np.einsum("nd,nd->n", queries[rows].astype(np.float64), matrix[labels, :8]) + matrix[labels, 8]
     np.testing.assert_allclose(scoring._logits(queries, matrix, rows, labels), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exclusive_groups_widen_the_candidates_until_top_k_is_full():
+    # 200 labels: 0-59 and 60-99 are two exclusive groups whose labels all score high, 100-199 are ungrouped. The
+    # first max(2k, 32) candidates are all grouped (two places), so rank_labels must search those rows again.
+    from xmctag.scoring import rank_labels
+
+    rng = np.random.default_rng(4)
+    n_labels, dim, n_train, k = 200, 8, 100, 10
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    matrix = np.hstack([rng.normal(size=(n_labels, dim)) * 0.3, np.r_[np.full(100, 3.0), np.zeros(100)][:, None]])
+    groups = np.r_[np.zeros(60, int), np.ones(40, int), np.full(100, -1)]
+    train = unit(rng.normal(size=(n_train, dim)))
+    train_labels = [rng.choice(n_labels, size=rng.integers(1, 4), replace=False) for _ in range(n_train)]
+    queries = unit(rng.normal(size=(12, dim)))
+    calls = []
+
+    def search(q, n):  # exact, as faiss's index.search
+        calls.append((len(q), n))
+        logits = q @ matrix.T
+        top = np.argsort(-logits, axis=1, kind="stable")[:, :n]
+        return np.take_along_axis(logits, top, 1), top
+
+    for weight in (0.0, 0.5):
+        sims = queries @ train.T
+        nn = np.argsort(-sims, axis=1)[:, :5]
+        votes = NeighbourLabels.from_lists(train_labels).votes(nn, np.take_along_axis(sims, nn, 1), 10.0)
+        expected = brute_force(queries, matrix, 4.0, train_labels, train, 5, 10.0, weight, k)
+        top, scores = rank_labels(queries, matrix, 4.0, search, votes if weight else None, weight, k, groups)
+        assert (top >= 0).all()  # k labels each: two groups + eight ungrouped ones
+        for i in range(len(queries)):
+            best, used = [], set()
+            for label in np.argsort(-expected[i], kind="stable"):
+                if groups[label] >= 0 and groups[label] in used:
+                    continue
+                used.add(groups[label])
+                best.append(label)
+            assert top[i].tolist() == best[:k]
+            np.testing.assert_allclose(scores[i], expected[i, best[:k]], rtol=1e-6)
+    assert calls[0] == (12, 32) and len(calls) > 1 and max(n for _, n in calls) <= n_labels  # widened, bounded
+    # Without groups the first search is the only one.
+    calls.clear()
+    rank_labels(queries, matrix, 4.0, search, None, 0.0, k)
+    assert calls == [(12, 32)]

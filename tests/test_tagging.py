@@ -477,3 +477,112 @@ def test_a_catalog_corrupt_mid_file_fails_cleanly(tagger, tmp_path):
     with pytest.raises(UserError, match=r"corrupt.parquet: "):
         tagger.tag_file(tmp_path / "corrupt.parquet", tmp_path / "out.parquet", batch_size=500, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.parquet"]
+
+
+# -- options, duplicates and empty results -------------------------------------------------------------------------
+def test_exclusive_groups_search_again_when_the_candidates_are_one_facet(bundle, tagger, monkeypatch):
+    # One candidate per product (and no neighbour labels): one place of two. The tagger must widen its faiss search
+    # and give what a pool of every label gives.
+    from xmctag import scoring
+
+    grouped = Tagger.load(bundle, device="cpu", exclusive_groups=True)
+    grouped.knn_neighbours, grouped.knn_weight = 0, 0.0
+    full, full_scores = grouped.predict(TITLES, top_k=2)
+    monkeypatch.setattr(scoring, "label_vector_candidates", lambda k: 1)
+    narrow, narrow_scores = grouped.predict(TITLES, top_k=2)
+    np.testing.assert_array_equal(narrow, full)
+    np.testing.assert_allclose(narrow_scores, full_scores, rtol=1e-6)
+    assert (narrow >= 0).all()
+
+
+def test_top_k_is_capped_at_the_number_of_labels(tagger, tmp_path):
+    n_labels = len(tagger.label_ids)
+    indices, scores = tagger.predict(TITLES, top_k=100_000)
+    assert indices.shape == scores.shape == (len(TITLES), n_labels) and (indices >= 0).all()
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=10**9, progress=False)
+    assert (pl.read_parquet(tmp_path / "out.parquet")["labels"].list.len() == n_labels).all()
+    assert read_parquet_metadata(tmp_path / "out.parquet")["top_k"] == str(n_labels)
+
+
+@pytest.mark.parametrize("min_score", [-0.1, 1.5, float("nan")])
+def test_min_score_must_be_a_score(tagger, tmp_path, min_score):
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    with pytest.raises(UserError, match=r"--min-score must be between 0 and 1 \(scores are in \[0, 1\]\), not"):
+        tagger.tag_file(catalog, tmp_path / "out.parquet", min_score=min_score, progress=False)
+    with pytest.raises(UserError, match="--min-score must be between 0 and 1"):
+        tagger.predict(TITLES, min_score=min_score)
+    assert list(tmp_path.iterdir()) == [catalog]
+
+
+def test_products_without_a_label_above_min_score_are_counted(tagger, tmp_path):
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    summary = tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=3, min_score=1.0, progress=False)
+    assert summary.rows_tagged == len(TITLES) and summary.without_labels == len(TITLES)
+    out = pl.read_parquet(tmp_path / "out.parquet")  # Parquet: every product, with an empty list
+    assert out["id"].to_list() == [f"c{i}" for i in range(len(TITLES))] and (out["labels"].list.len() == 0).all()
+    summary = tagger.tag_file(catalog, tmp_path / "out.csv", top_k=3, min_score=0.0, progress=False)
+    assert summary.without_labels == 0
+
+
+def test_duplicate_ids_are_tagged_counted_and_refused_by_eval(tagger, tmp_path):
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    ids = ["a", "b", "a", "c", "b", "a", "d"]
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES, ids=ids)
+    pl.DataFrame({"id": ["a", "b", "c", "d"], "labels": [["colour:red"]] * 4}).write_parquet(tmp_path / "t.parquet")
+    for fmt, message in (("parquet", r"id 'a' is in more than one row \(5 rows share an id\)"),
+                         ("csv", r"id 'a' has rank 1 twice"), ("jsonl", r"id 'a' has rank 1 twice")):
+        summary = tagger.tag_file(catalog, tmp_path / f"p.{fmt}", top_k=2, batch_size=3, progress=False)
+        assert summary.rows_tagged == 7 and summary.duplicate_ids == 3  # every row tagged, repeats counted
+        with pytest.raises(UserError, match=rf"p.{fmt}: {message}.*one prediction list per product"):
+            evaluate_predictions(tmp_path / f"p.{fmt}", tmp_path / "t.parquet")
+    assert pl.read_parquet(tmp_path / "p.parquet")["id"].to_list() == ids
+    unique = write_catalog(tmp_path / "u.parquet", TITLES)
+    assert tagger.tag_file(unique, tmp_path / "u.csv", progress=False).duplicate_ids == 0
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_run_that_tags_nothing_writes_a_file_eval_reads(tagger, tmp_path, fmt):
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    pl.DataFrame({"id": ["a", "b"], "labels": [["colour:red"], ["article:cap"]]}).write_parquet(tmp_path / "t.parquet")
+    empty = pl.DataFrame({"id": [], "title": []}, schema={"id": pl.String, "title": pl.String})
+    empty.write_parquet(tmp_path / "none.parquet")
+    pl.DataFrame({"id": ["a", "b"], "title": [None, " "]}).write_parquet(tmp_path / "no-text.parquet")
+    for name in ("none", "no-text"):
+        output = tmp_path / f"{name}.out.{fmt}"
+        summary = tagger.tag_file(tmp_path / f"{name}.parquet", output, top_k=3, progress=False)
+        assert summary.rows_tagged == 0
+        if fmt == "csv":
+            assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle\n"
+        report = evaluate_predictions(output, tmp_path / "t.parquet")
+        assert report.rows == 2 and report.rows_without_predictions == 2 and report.metrics["P@1"] == 0.0
+        assert report.notes == ["2 truth rows had no predictions (scored 0)"]
+
+
+def test_eval_notes_and_refusals(dev_predictions, tmp_path):
+    from xmctag.evaluation.predictions import evaluate_predictions
+
+    preds, truth = dev_predictions / "p.csv", dev_predictions / "truth.parquet"
+    dev = pl.read_parquet(truth)
+    dev.with_columns(pl.when(pl.int_range(pl.len()) < 3).then(pl.lit([], pl.List(pl.String)))
+                     .otherwise(pl.col("labels")).alias("labels")).write_parquet(tmp_path / "truth.parquet")
+    report = evaluate_predictions(preds, tmp_path / "truth.parquet", ks=(1, 5, 100))
+    assert report.truth_rows_without_labels == 3
+    assert report.notes == ["3 truth rows have no labels (scored 0)",
+                            "k=100 exceeds the 5 labels predicted per product; P@100 counts the missing ones as wrong"]
+    assert report.metrics["P@100"] == pytest.approx(report.metrics["P@5"] * 5 / 100)
+    assert evaluate_predictions(preds, truth).notes == []
+    dev.with_columns(("other-" + pl.col("id")).alias("id")).write_parquet(tmp_path / "other.parquet")
+    with pytest.raises(UserError, match=r"p.csv: no predicted id is in the truth file .*other.parquet .*wrong file\?"):
+        evaluate_predictions(preds, tmp_path / "other.parquet")
+    with pytest.raises(UserError, match="--k needs cut-offs >= 1"):
+        evaluate_predictions(preds, truth, ks=(0, 1))
+    with pytest.raises(UserError, match="is a directory, not a prediction file"):
+        evaluate_predictions(tmp_path, truth)
+
+
+def test_a_directory_as_catalog_says_so(tagger, tmp_path):
+    with pytest.raises(UserError, match=rf"{tmp_path}: is a directory, not a Parquet file"):
+        tagger.tag_file(tmp_path, tmp_path / "out.parquet", progress=False)

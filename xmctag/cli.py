@@ -162,20 +162,22 @@ def export(
 def tag(
     catalog: Path = typer.Argument(..., help="Catalog to tag (Parquet with id and the model's text columns)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Bundle directory [default: newest in ./export]."),
-    top_k: int = typer.Option(5, "--top-k", min=1),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Labels per product (at most the number of labels)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o",
                                           help="[default: <catalog>.predictions.<format> beside the catalog]"),
     fmt: Optional[str] = typer.Option(None, "--format", help="parquet, csv or jsonl [default: from the --output "
                                       "extension (.parquet, .csv, .jsonl/.ndjson/.json), else parquet]; must agree "
                                       "with a known extension."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop labels scoring below this (0-1)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop labels scoring below this (0-1). A "
+                                              "product left without labels keeps an empty list in Parquet and has "
+                                              "no rows in CSV/JSONL."),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Rows read per batch."),
     strict: bool = typer.Option(False, "--strict", help="Fail on a row without an id or text instead of "
                                 "skipping it."),
     device: str = DeviceOption,
     precision: str = typer.Option("auto", "--precision", help="Graph: auto (fp16 on CUDA, fp32 on CPU), fp32, "
                                   "fp16 or int8 (CPU, ~2x the fp32 graph, approximate)."),
-    show: int = typer.Option(0, "--show", help="Print the top labels of the first N products."),
+    show: int = typer.Option(0, "--show", min=0, help="Print the top labels of the first N products."),
     exclusive_groups: bool = typer.Option(False, "--exclusive-groups/--no-exclusive-groups",
                                           help="At most one label per product of each facet that training found "
                                           "exclusive (e.g. one colour) [default: all labels ranked freely]."),
@@ -185,8 +187,9 @@ def tag(
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
-    from xmctag.tagger import Tagger
+    from xmctag.tagger import Tagger, check_options
 
+    check_options(top_k, min_score)  # before the bundle is loaded
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
                          exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
@@ -195,13 +198,19 @@ def tag(
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
                       f"wrote {summary.output}", highlight=False, soft_wrap=True)
+    if summary.without_labels:
+        err_console.print(f"{summary.without_labels} products had no label above --min-score {min_score} (Parquet: "
+                          "an empty list; CSV/JSONL: no rows)", highlight=False, soft_wrap=True)
+    if summary.duplicate_ids:
+        _warn(f"{summary.duplicate_ids} rows share an id with an earlier row (all were tagged, so the output has "
+              "those ids more than once, which eval refuses)")
     if summary.images is not None:
         from xmctag.vision.tagging import summary_lines  # counts, then each kind of failure with an example row
 
         err_console.print("\n".join(summary_lines(summary.images, summary.image_cache)), highlight=False,
                           soft_wrap=True)
     if show:
-        _print_examples(tagger, catalog, summary.output, show)
+        _print_examples(tagger, catalog, summary.output, show, min(top_k, len(tagger.label_ids)))
 
 
 @app.command("eval")
@@ -234,13 +243,8 @@ def eval_(
     out_console.print(f"{escape(str(predictions))} vs {escape(str(truth))} ({report.rows} rows)\n"
                       f"PSP propensities from {escape(report.propensity_source)}", highlight=False, soft_wrap=True)
     _print_metrics(report.metrics, title=None)
-    notes = []
-    if report.rows_without_predictions:
-        notes.append(f"{report.rows_without_predictions} truth rows had no predictions (scored 0)")
-    if report.predictions_not_in_truth:
-        notes.append(f"{report.predictions_not_in_truth} predicted ids are not in the truth file (ignored)")
-    if notes:
-        err_console.print("; ".join(notes), highlight=False, soft_wrap=True)
+    for note in report.notes:
+        err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
 
 @app.command("embed-images")
@@ -308,34 +312,40 @@ def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
     out_console.print(table)
 
 
-def _print_examples(tagger, catalog: Path, output: Path, n: int) -> None:
+def _print_examples(tagger, catalog: Path, output: Path, n: int, top_k: int) -> None:
     import polars as pl
 
     from xmctag.data import product_text_expr
     from xmctag.evaluation.predictions import read_predictions
 
-    preds = read_predictions(output).head(n)
+    # The k-th product of an id in the output is the k-th tagged catalog row with that id (ids can repeat).
+    nth = pl.int_range(pl.len()).over("id").alias("nth")
+    preds = read_predictions(output, one_per_id=False).head(n).with_columns(nth)
     texts = (pl.scan_parquet(catalog).select(pl.col(tagger.config.id_col).cast(pl.String).alias("id"),
                                              product_text_expr(tagger.config.text_cols).alias("text"))
-             .join(preds.lazy().select("id"), on="id").collect())
-    text_of = dict(zip(texts["id"], texts["text"]))
+             .filter(pl.col("id").str.strip_chars().str.len_chars() > 0, pl.col("text").is_not_null())  # tagged
+             .join(preds.lazy().select("id").unique(), on="id", how="semi", maintain_order="left")
+             .with_columns(nth).collect())
+    text_of = {(row_id, k): text for row_id, text, k in texts.iter_rows()}
     label_text = dict(zip(tagger.label_ids.tolist(), tagger.label_texts.tolist()))
-    table = Table(title=f"top-{tagger_top(preds)} labels of {len(preds)} products")
+    table = Table(title=f"top-{top_k} labels of {len(preds)} products")
     table.add_column("id")
     table.add_column("text", max_width=50)
     table.add_column("labels")
-    for row_id, labels in zip(preds["id"], preds["labels"]):
-        table.add_row(row_id, text_of.get(row_id, ""), "\n".join(label_text.get(x, x) for x in labels))
+    for row_id, labels, k in preds.iter_rows():
+        # Catalog and label texts are data, not rich markup: "[/x]" would raise, "[bold]" would format.
+        table.add_row(escape(row_id), escape(text_of.get((row_id, k)) or ""),
+                      escape("\n".join(str(label_text.get(x, x)) for x in labels)))
     out_console.print(table)
-
-
-def tagger_top(preds) -> int:
-    return max((len(x) for x in preds["labels"]), default=0)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     # Warnings (a fallback taken, an option with nothing to do) are for the user: one yellow line, no source line.
-    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    _warn(str(message))
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

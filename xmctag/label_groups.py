@@ -16,8 +16,9 @@ on Myntra dev it never raised P@5 and lowered it on two-word titles (README, "Fa
 - ``group_ids``: those names -> ``(L,)`` int64 ids, -1 for unconstrained labels (what ``scoring.blend_top_k`` takes),
   or None when no label is in an exclusive group.
 
-The choice is made among the scored candidates (the top labels by label vector plus the neighbours' labels), so a
-top-k can come out short only if the candidates hold fewer groups than k (none of Myntra's 4,417 dev products).
+The choice is made among the scored candidates (the top labels by label vector plus the neighbours' labels); where
+those hold fewer than k places (ungrouped labels plus one per group), ``scoring.rank_labels`` searches that product
+again with more candidates, so a top-k comes out short only when the whole label set has fewer places than k.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ The score xmctag reports is ``(1 - knn_weight) * p_lv + knn_weight * p_nn``, in 
 --exclusive-groups``), labels of an exclusive group (a facet no training product has two values of,
 ``label_groups.py``) compete for one place: only the best of each such group stays in the ranking. Only candidates are
 scored: the top labels by label vector plus every label of a neighbour, so the cost does not grow with the
-number of labels. This module is numpy only: dev evaluation (exact search in torch) and tagging (faiss) share it.
+number of labels (``rank_labels`` widens the candidates only for products whose best labels crowd into exclusive
+groups). This module is numpy only: dev evaluation (exact search in torch) and tagging (faiss) share it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,50 @@ class NeighbourLabels:
         n_labels = int(labels.max()) + 1 if len(labels) else 1
         keys, inverse = np.unique(rows * n_labels + labels, return_inverse=True)
         return keys // n_labels, keys % n_labels, np.bincount(inverse, weights=pair_weights, minlength=len(keys))
+
+
+def rank_labels(queries: np.ndarray, label_vectors: np.ndarray, scale: float, search,
+                votes: tuple[np.ndarray, np.ndarray, np.ndarray] | None, knn_weight: float, k: int,
+                groups: np.ndarray | None = None, pool: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` labels ``(n, k)`` (-1 where fewer labels) and scores of unit-norm ``queries``, as ``blend_top_k``,
+    with the label-vector candidates from ``search(queries_with_a_1_column, n) -> (logits, indices)`` (faiss's
+    ``index.search``, or an exact search).
+
+    The top ``pool`` >= k labels by label vector (default ``label_vector_candidates(k)``) and the neighbours' labels
+    hold the exact top-k: any other label has no vote and a lower logit, so it scores below each of those ``pool``.
+    With ``groups`` that holds only while the ``pool`` labels leave at least ``k`` places (one per exclusive group);
+    rows where they do not (a product whose best 32 labels are all colours) are searched again with twice as many
+    candidates, until ``k`` places or every label: the extra cost is only for those rows.
+    """
+    n_labels = len(label_vectors)
+    pool = min(pool or label_vector_candidates(k), n_labels)
+    logits, top = search(np.hstack([queries, np.ones((len(queries), 1), queries.dtype)]), pool)
+    indices, scores = blend_top_k(queries, label_vectors, scale, top, logits, votes, knn_weight, k, groups)
+    if groups is not None and pool < n_labels:
+        short = np.flatnonzero(_places(top, groups) < k)
+        if len(short):
+            indices[short], scores[short] = rank_labels(queries[short], label_vectors, scale, search,
+                                                        _votes_of_rows(votes, short), knn_weight, k, groups, 2 * pool)
+    return indices, scores
+
+
+def _places(top: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, how many of the labels ``top`` (-1 = none) survive one-per-exclusive-group: the ungrouped ones plus
+    one per group."""
+    group = np.where(top >= 0, groups[np.maximum(top, 0)], -2)  # -2: no label, -1: ungrouped
+    group.sort(axis=1)
+    first = np.ones(group.shape, dtype=bool)
+    first[:, 1:] = group[:, 1:] != group[:, :-1]
+    return ((group == -1) | ((group >= 0) & first)).sum(axis=1)
+
+
+def _votes_of_rows(votes, rows: np.ndarray):
+    """``NeighbourLabels.votes`` output restricted to ``rows`` (sorted), renumbered 0..len(rows) - 1."""
+    if votes is None:
+        return None
+    v_rows, v_labels, v_votes = votes
+    keep = np.isin(v_rows, rows)
+    return np.searchsorted(rows, v_rows[keep]), v_labels[keep], v_votes[keep]
 
 
 def blend_top_k(queries: np.ndarray, label_vectors: np.ndarray, scale: float, lv_top: np.ndarray,

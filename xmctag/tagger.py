@@ -40,7 +40,7 @@ from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import pad
 from xmctag.progress import Progress
-from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
+from xmctag.scoring import NeighbourLabels, rank_labels
 
 SKIP_EMPTY_TEXT = "empty text"
 SKIP_NO_ID = "no id"
@@ -55,6 +55,8 @@ class TagSummary:
     seconds: float = 0.0
     images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
     image_cache: Path | None = None
+    duplicate_ids: int = 0  # rows tagged whose id an earlier tagged row already had (both are written)
+    without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
 
     @property
     def products_per_second(self) -> float:
@@ -204,20 +206,20 @@ class Tagger:
 
     def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None,
                 images: tuple[np.ndarray, np.ndarray] | None = None):
-        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first."""
-        if top_k < 1:
-            raise UserError("--top-k must be >= 1")
+        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first;
+        ``k`` is ``top_k``, at most the number of labels."""
+        check_options(top_k, min_score)
         return self.rank(self.embed(texts, images), top_k, min_score)
 
     def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None):
         """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k."""
-        queries = np.hstack([embeddings, np.ones((len(embeddings), 1), np.float32)])
-        logits, candidates = self.index.search(queries, min(label_vector_candidates(top_k), self.index.ntotal))
+        check_options(top_k, min_score)
+        top_k = min(top_k, len(self.label_ids))  # more would only be -1 padding, and memory grows with batch x k
         votes = None
         if self.knn_neighbours:
             sims, neighbours = self.neighbour_index.search(embeddings, self.knn_neighbours)
             votes = self.neighbour_labels.votes(neighbours, sims, self.knn_temperature)
-        indices, scores = blend_top_k(embeddings, self.label_vectors, self.scale, candidates, logits, votes,
+        indices, scores = rank_labels(embeddings, self.label_vectors, self.scale, self.index.search, votes,
                                       self.knn_weight, top_k, self.groups)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
@@ -247,14 +249,20 @@ class Tagger:
         ``.jsonl``/``.ndjson``/``.json``), parquet when it has none of those or there is no ``output``. A ``fmt``
         that contradicts a known extension is an error (``xmctag.io.writers.resolve_format``).
         Rows without an id or without text are skipped and counted in ``TagSummary.skipped`` (``strict``: an error
-        naming the row).
+        naming the row). Rows with the id of an earlier row are tagged too, and counted (``duplicate_ids``; by
+        64-bit hash, 8 bytes per catalog row held until the end). ``top_k`` is at most the number of labels.
 
         Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
         """
         catalog = Path(catalog)
+        check_options(top_k, min_score)
+        top_k = min(top_k, len(self.label_ids))
         fmt = resolve_format(Path(output) if output is not None else None, fmt)
         columns = self._check_catalog(catalog)
+        if self.fusion is not None and self.fusion["image_col"] not in columns:  # fine, but not what it was made for
+            warnings.warn(f"{catalog} has no image column {self.fusion['image_col']!r}: products are tagged from "
+                          "text only", stacklevel=2)
         output = Path(output) if output is not None else default_output_path(catalog, fmt)
         if output.resolve() == catalog.resolve():
             raise UserError(f"--output {output}: would overwrite the catalog being tagged")
@@ -275,6 +283,7 @@ class Tagger:
         show = Progress(progress)
         started = time.perf_counter()
         images = self.images(cache_dir, summary.output, workers) if self.fusion is not None else None
+        id_hashes = np.empty(total, np.uint64)  # for the duplicate-id count: 8 bytes a row, pages touched as filled
 
         def prepared():
             """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
@@ -297,13 +306,19 @@ class Tagger:
                 for reason, n in skipped.items():
                     summary.skipped[reason] = summary.skipped.get(reason, 0) + n
                 if len(batch):
-                    writer.write(*self._tag_prepared(batch, top_k, min_score, features))
+                    ids, labels, texts, scores = self._tag_prepared(batch, top_k, min_score, features)
+                    writer.write(ids, labels, texts, scores)
+                    id_hashes[summary.rows_tagged:summary.rows_tagged + len(batch)] = batch["id"].hash(0).to_numpy()
                     summary.rows_tagged += len(batch)
+                    summary.without_labels += sum(not row for row in labels)
                 if images is None:
                     update(n_read)
                 else:
                     rate = images.slots_seen / max(time.perf_counter() - started, 1e-9)
                     update(n_read, **{"images/s": f"{rate:,.0f}"})
+        id_hashes = id_hashes[:summary.rows_tagged]
+        id_hashes.sort()
+        summary.duplicate_ids = int((id_hashes[1:] == id_hashes[:-1]).sum())
         summary.seconds = time.perf_counter() - started
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
@@ -311,6 +326,8 @@ class Tagger:
     def _check_catalog(self, catalog: Path) -> list[str]:
         """The columns to read from ``catalog``, after checking that it is a Parquet file with the model's id and
         text columns, of types that read as strings."""
+        if catalog.is_dir():
+            raise UserError(f"{catalog}: is a directory, not a Parquet file")
         if not catalog.is_file():
             raise UserError(f"{catalog}: no such file")
         if not is_parquet(catalog):  # by content: a CSV named .parquet, or a Parquet file named .csv, is caught
@@ -365,6 +382,13 @@ class Tagger:
         labels = [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)]
         texts = [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)]
         return batch["id"].to_list(), labels, texts, [s[k] for s, k in zip(scores, keep)]
+
+
+def check_options(top_k: int, min_score: float | None) -> None:
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1, not {top_k}")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:  # also refuses nan, which would cut every label
+        raise UserError(f"--min-score must be between 0 and 1 (scores are in [0, 1]), not {min_score}")
 
 
 def _choose_graph(files: list[str], device: str, precision: str) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from xmctag.config import Config
 from xmctag.evaluation.metrics import evaluate_rankings
-from xmctag.scoring import NeighbourLabels, blend_top_k, label_vector_candidates
+from xmctag.scoring import NeighbourLabels, rank_labels
 from xmctag.training.label_vectors import LabelVectors
 
 
@@ -39,15 +39,14 @@ def predict_exact(products: np.ndarray, vectors: LabelVectors, k: int, config: C
     ``neighbours``: the training products' embeddings and labels, for the kNN part (None: label vectors only);
     ``groups``: exclusive-group id per label (``label_groups.group_ids``), or None.
     """
-    queries = np.hstack([products, np.ones((len(products), 1), np.float32)])
     matrix = vectors.index_matrix()
-    logits, top = exact_search(queries, matrix, label_vector_candidates(k))
     votes = None
     if neighbours is not None and config.knn_neighbours > 0 and config.knn_weight > 0:
         embeddings, labels = neighbours
         sims, ids = exact_search(products, embeddings, config.knn_neighbours)
         votes = labels.votes(ids, sims, config.knn_temperature)
-    return blend_top_k(products, matrix, vectors.scale, top, logits, votes, config.knn_weight, k, groups)
+    return rank_labels(products, matrix, vectors.scale, lambda queries, n: exact_search(queries, matrix, n), votes,
+                       config.knn_weight, k, groups)
 
 
 def evaluate_scores(products: np.ndarray, vectors: LabelVectors, truth: list[np.ndarray], config: Config,

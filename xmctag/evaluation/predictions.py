@@ -2,7 +2,10 @@
 
 Predictions: any file ``xmctag tag`` writes (Parquet ``id, labels, scores``; CSV/JSONL one row per rank).
 Truth: a catalog with ``id`` and ``labels`` (a list of label ids: Parquet). Every truth row counts; a truth row
-without predictions scores zero. Propensities for PSP@k come from ``train`` (label counts of a training catalog)
+without predictions scores zero, and so does one without labels (both counted in the report's notes). A prediction
+file has one prediction list per product: a repeated id (Parquet) or (id, rank) (CSV/JSONL) is an error, and so is
+a file none of whose ids is in the truth. A file with no predictions at all (``tag`` on a catalog with nothing to
+tag) is scored as such. Propensities for PSP@k come from ``train`` (label counts of a training catalog)
 when given, else from the bundle that made the predictions (its label table keeps training counts), found the same
 way for every format: the bundle directory the file records (Parquet metadata, the ``bundle`` column of CSV/JSONL),
 used only when that directory still holds the bundle id the file records; else from the truth itself, with a
@@ -12,7 +15,7 @@ warning when the file names a bundle that could not be used. The report says whi
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +33,14 @@ class EvalReport:
     rows_without_predictions: int
     predictions_not_in_truth: int
     propensity_source: str
+    truth_rows_without_labels: int = 0
+    notes: list[str] = field(default_factory=list)  # what the reader should know about these numbers, one line each
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "rows": self.rows, "rows_without_predictions": self.rows_without_predictions,
                 "predictions_not_in_truth": self.predictions_not_in_truth,
-                "propensity_source": self.propensity_source}
+                "truth_rows_without_labels": self.truth_rows_without_labels,
+                "propensity_source": self.propensity_source, "notes": self.notes}
 
 
 @dataclass
@@ -62,22 +68,30 @@ def _prediction_format(path: Path) -> str:
         return "jsonl" if f.read(64).lstrip().startswith(b"{") else "csv"
 
 
-def read_predictions(path: str | Path) -> pl.DataFrame:
+def read_predictions(path: str | Path, one_per_id: bool = True) -> pl.DataFrame:
     """``id``, ``labels`` (best first) from any prediction format."""
-    return read_prediction_file(path)[0]
+    return read_prediction_file(path, one_per_id)[0]
 
 
-def read_prediction_file(path: str | Path) -> tuple[pl.DataFrame, PredictionSource]:
-    """``id``, ``labels`` (best first) from any prediction format, and the bundle the file says made it."""
+def read_prediction_file(path: str | Path, one_per_id: bool = True) -> tuple[pl.DataFrame, PredictionSource]:
+    """``id``, ``labels`` (best first) from any prediction format, and the bundle the file says made it.
+
+    ``one_per_id``: a repeated id is an error (eval). False (``tag --show``): a row per product as written, the rows
+    of a CSV/JSONL file grouped in file order (a product's ranks are consecutive rows from 1, as ``tag`` writes them).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a prediction file")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     fmt = _prediction_format(path)
     if fmt == "parquet":
-        return _read_parquet_predictions(path)
+        return _read_parquet_predictions(path, one_per_id)
     strings = ("id", "label", "bundle_id", "bundle")
     try:
-        if fmt == "csv":  # read as strings from the start: an id such as 007 stays 007
+        if path.stat().st_size == 0:  # JSON Lines of a run that tagged no product (polars cannot read it)
+            long = pl.DataFrame(schema={"id": pl.String, "rank": pl.Int32, "label": pl.String})
+        elif fmt == "csv":  # read as strings from the start: an id such as 007 stays 007
             long = pl.read_csv(path, schema_overrides=dict.fromkeys(strings, pl.String))
         else:  # JSON values carry their type; read_ndjson rejects overrides of columns the file lacks
             long = pl.read_ndjson(path)
@@ -91,8 +105,17 @@ def read_prediction_file(path: str | Path) -> tuple[pl.DataFrame, PredictionSour
         if column in long.columns:
             check_text_column(path, column, long.schema[column], "strings")
     long = long.with_columns(pl.col(c).cast(pl.String) for c in strings if c in long.columns)
+    if long.is_empty():  # a header only: nothing to infer the rank's type from
+        long = long.with_columns(pl.col("rank").cast(pl.Int32))
     if not long.schema["rank"].is_integer():
         raise UserError(f"{path}: column 'rank' has type {long.schema['rank']}; expected integers (1 = best)")
+    if not one_per_id:
+        return _group_in_file_order(long), PredictionSource()
+    repeated = long.select("id", "rank").is_duplicated()
+    if repeated.any():
+        row = long.row(int(repeated.arg_true()[0]), named=True)
+        raise UserError(f"{path}: id {row['id']!r} has rank {row['rank']} twice ({int(repeated.sum())} rows share an "
+                        "(id, rank)); eval needs one prediction list per product")
     source = PredictionSource()
     for key in ("bundle_id", "bundle"):
         values = long[key].drop_nulls().unique().to_list() if key in long.columns else []
@@ -107,7 +130,14 @@ def _group_long(long: pl.DataFrame) -> pl.DataFrame:
     return long.sort("id", "rank").group_by("id", maintain_order=True).agg(pl.col("label").alias("labels"))
 
 
-def _read_parquet_predictions(path: Path) -> tuple[pl.DataFrame, PredictionSource]:
+def _group_in_file_order(long: pl.DataFrame) -> pl.DataFrame:
+    new_product = (pl.col("id") != pl.col("id").shift(1)) | (pl.col("rank") <= pl.col("rank").shift(1))
+    return (long.with_columns(product=new_product.fill_null(True).cum_sum())
+            .group_by("product", maintain_order=True).agg(pl.col("id").first(), pl.col("label").alias("labels"))
+            .drop("product"))
+
+
+def _read_parquet_predictions(path: Path, one_per_id: bool = True) -> tuple[pl.DataFrame, PredictionSource]:
     from xmctag.io.writers import read_parquet_metadata
 
     try:
@@ -123,6 +153,10 @@ def _read_parquet_predictions(path: Path) -> tuple[pl.DataFrame, PredictionSourc
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
     frame = frame.with_columns(pl.col("id").cast(pl.String), pl.col("labels").list.eval(pl.element().cast(pl.String)))
+    repeated = frame["id"].is_duplicated()
+    if one_per_id and repeated.any():
+        raise UserError(f"{path}: id {frame['id'][int(repeated.arg_true()[0])]!r} is in more than one row "
+                        f"({int(repeated.sum())} rows share an id); eval needs one prediction list per product")
     return frame, PredictionSource(metadata.get("bundle_id") or None, metadata.get("bundle") or None)
 
 
@@ -133,6 +167,8 @@ def _first_line(e: Exception) -> str:
 def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str | Path | None = None,
                          ks: tuple[int, ...] = (1, 3, 5), psp_a: float = 0.55, psp_b: float = 1.5,
                          id_col: str = "id", labels_col: str = "labels") -> EvalReport:
+    if not ks or min(ks) < 1:
+        raise UserError("--k needs cut-offs >= 1")
     preds, made_by = read_prediction_file(predictions)
     truth_frame = read_table(truth, [id_col, labels_col])
     check_text_column(truth, id_col, truth_frame.schema[id_col], "a product id")
@@ -144,6 +180,8 @@ def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str 
         raise UserError(f"{truth}: duplicate ids in column {id_col}")
     joined = truth_frame.join(preds, on="id", how="left")
     not_in_truth = preds.join(truth_frame, on="id", how="anti").height
+    if preds.height and not_in_truth == preds.height:
+        raise UserError(f"{predictions}: no predicted id is in the truth file {truth} (column {id_col}): wrong file?")
 
     counts, n_train, source = _label_counts(train, predictions, made_by, truth_frame, labels_col)
     vocabulary: dict[str, int] = {label: i for i, label in enumerate(counts)}
@@ -154,7 +192,9 @@ def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str 
         return vocabulary[label]
 
     k_max = max(ks)
-    predicted = np.full((len(joined), k_max), -1, dtype=np.int64)
+    depth = int(preds["labels"].list.len().max() or 0)  # the most labels any product got
+    # Columns past the depth would all be -1 (the metrics divide by k all the same): memory stays rows x depth.
+    predicted = np.full((len(joined), max(1, min(k_max, depth))), -1, dtype=np.int64)
     truth_sets = []
     for row, (true_labels, labels) in enumerate(zip(joined["truth"].to_list(), joined["labels"].to_list())):
         truth_sets.append(np.array(sorted({index_of(x) for x in (true_labels or [])}), dtype=np.int64))
@@ -164,7 +204,19 @@ def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str 
     label_counts[: len(counts)] = list(counts.values())
     inv_p = inverse_propensity(label_counts, n_train, psp_a, psp_b)
     metrics = evaluate_rankings(predicted, truth_sets, ks, inv_p)
-    return EvalReport(metrics, len(joined), int(joined["labels"].is_null().sum()), not_in_truth, source)
+    without_predictions = int(joined["labels"].is_null().sum())
+    without_labels = sum(len(t) == 0 for t in truth_sets)
+    notes = []
+    if without_predictions:
+        notes.append(f"{without_predictions} truth rows had no predictions (scored 0)")
+    if not_in_truth:
+        notes.append(f"{not_in_truth} predicted ids are not in the truth file (ignored)")
+    if without_labels:
+        notes.append(f"{without_labels} truth rows have no labels (scored 0)")
+    if 0 < depth < k_max:
+        notes.append(f"k={k_max} exceeds the {depth} label{'s' if depth > 1 else ''} predicted per product; "
+                     f"P@{k_max} counts the missing ones as wrong")
+    return EvalReport(metrics, len(joined), without_predictions, not_in_truth, source, without_labels, notes)
 
 
 TRUTH_COUNTS = "the truth file (pass --train for training counts)"

@@ -89,7 +89,8 @@ class PredictionWriter:
             self._schema = schema
         else:
             self._file = open(self._tmp, "wb")
-            self._header = True
+            if self.fmt == "csv":  # the header now: a run that tags no product still writes a readable CSV
+                self._long([], [], [], []).write_csv(self._file, include_header=True)
 
     def write(self, ids: list[str], labels: list[list[str]], label_texts: list[list[str]],
               scores: list[np.ndarray]) -> None:
@@ -101,8 +102,17 @@ class PredictionWriter:
                              schema=self._schema)
             self._parquet.write_table(table)
             return
+        long = self._long(ids, labels, label_texts, scores)
+        if self.fmt == "csv":
+            long.write_csv(self._file, include_header=False)
+        else:
+            long.write_ndjson(self._file)
+
+    def _long(self, ids: list[str], labels: list[list[str]], label_texts: list[list[str]],
+              scores: list[np.ndarray]) -> pl.DataFrame:
+        """One row per (product, rank), the CSV/JSONL layout."""
         counts = [len(x) for x in labels]
-        long = pl.DataFrame({
+        return pl.DataFrame({
             "id": pl.Series(np.repeat(np.array(ids, dtype=object), counts).tolist(), dtype=pl.String),
             "rank": pl.Series([r for n in counts for r in range(1, n + 1)], dtype=pl.Int32),
             "label": pl.Series([x for row in labels for x in row], dtype=pl.String),
@@ -110,11 +120,6 @@ class PredictionWriter:
             "score": pl.Series(np.concatenate(scores) if scores else [], dtype=pl.Float32),
         }).with_columns(bundle_id=pl.lit(self.metadata.get("bundle_id", ""), pl.String),
                         bundle=pl.lit(self.metadata.get("bundle", ""), pl.String))
-        if self.fmt == "csv":
-            long.write_csv(self._file, include_header=self._header)
-            self._header = False
-        else:
-            long.write_ndjson(self._file)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
