@@ -201,9 +201,6 @@ def tag(
     if summary.without_labels:
         err_console.print(f"{summary.without_labels} products had no label above --min-score {min_score} (Parquet: "
                           "an empty list; CSV/JSONL: no rows)", highlight=False, soft_wrap=True)
-    if summary.duplicate_ids:
-        _warn(f"{summary.duplicate_ids} rows share an id with an earlier row (all were tagged, so the output has "
-              "those ids more than once, which eval refuses)")
     if summary.images is not None:
         from xmctag.vision.tagging import summary_lines  # counts, then each kind of failure with an example row
 

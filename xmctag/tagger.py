@@ -55,7 +55,6 @@ class TagSummary:
     seconds: float = 0.0
     images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
     image_cache: Path | None = None
-    duplicate_ids: int = 0  # rows tagged whose id an earlier tagged row already had (both are written)
     without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
 
     @property
@@ -249,8 +248,9 @@ class Tagger:
         ``.jsonl``/``.ndjson``/``.json``), parquet when it has none of those or there is no ``output``. A ``fmt``
         that contradicts a known extension is an error (``xmctag.io.writers.resolve_format``).
         Rows without an id or without text are skipped and counted in ``TagSummary.skipped`` (``strict``: an error
-        naming the row). Rows with the id of an earlier row are tagged too, and counted (``duplicate_ids``; by
-        64-bit hash, 8 bytes per catalog row held until the end). ``top_k`` is at most the number of labels.
+        naming the row). Rows repeating an earlier row's id are tagged like any other (catching them would take
+        memory that grows with the catalog; ``xmctag eval`` refuses such a file). ``top_k`` is at most the number
+        of labels.
 
         Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
@@ -283,7 +283,6 @@ class Tagger:
         show = Progress(progress)
         started = time.perf_counter()
         images = self.images(cache_dir, summary.output, workers) if self.fusion is not None else None
-        id_hashes = np.empty(total, np.uint64)  # for the duplicate-id count: 8 bytes a row, pages touched as filled
 
         def prepared():
             """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
@@ -308,7 +307,6 @@ class Tagger:
                 if len(batch):
                     ids, labels, texts, scores = self._tag_prepared(batch, top_k, min_score, features)
                     writer.write(ids, labels, texts, scores)
-                    id_hashes[summary.rows_tagged:summary.rows_tagged + len(batch)] = batch["id"].hash(0).to_numpy()
                     summary.rows_tagged += len(batch)
                     summary.without_labels += sum(not row for row in labels)
                 if images is None:
@@ -316,9 +314,6 @@ class Tagger:
                 else:
                     rate = images.slots_seen / max(time.perf_counter() - started, 1e-9)
                     update(n_read, **{"images/s": f"{rate:,.0f}"})
-        id_hashes = id_hashes[:summary.rows_tagged]
-        id_hashes.sort()
-        summary.duplicate_ids = int((id_hashes[1:] == id_hashes[:-1]).sum())
         summary.seconds = time.perf_counter() - started
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
