@@ -278,3 +278,9 @@ def test_a_directory_as_catalog_is_named_as_such(bad_inputs):
     result = invoke("tag", bad_inputs, "--model", bad_inputs.parent / "export/tiny")
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {bad_inputs}: is a directory, not a Parquet file"
+
+
+def test_help_shows_bracketed_defaults():
+    # Rich markup would read "[default: ...]" in a help text as a style tag and drop it.
+    result = invoke("tag", "--help")
+    assert result.exit_code == 0 and "[default: newest in" in result.output

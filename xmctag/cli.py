@@ -20,7 +20,7 @@ from rich.table import Table
 from xmctag.errors import UserError
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,  # help "[default: x]" as written
                   help="Tag product catalogs with extreme multi-label classification (ViXML dual encoders).")
 out_console = Console()
 err_console = Console(stderr=True)
