@@ -284,3 +284,28 @@ def test_help_shows_bracketed_defaults():
     # Rich markup would read "[default: ...]" in a help text as a style tag and drop it.
     result = invoke("tag", "--help")
     assert result.exit_code == 0 and "[default: newest in" in result.output
+
+
+def test_resume_checks_a_config_file_like_flags(tmp_path, monkeypatch):
+    # A resumed run keeps its saved settings: a --config that changes one is refused, as a changed flag is.
+    from types import SimpleNamespace
+
+    from xmctag import Config
+    from xmctag.training import trainer
+
+    (tmp_path / "run").mkdir()
+    Config(lr=1e-3).save(tmp_path / "run/config.json")
+    (tmp_path / "lr.toml").write_text("lr = 0.01\n")
+    (tmp_path / "same.toml").write_text("lr = 0.001\n")
+    seen = []
+
+    def fake_train(train, labels, out, config, resume, **kwargs):  # the API's own check, without training
+        trainer._check_resumed_config(out, config, resume)
+        seen.append(config)
+        return SimpleNamespace(dev_metrics=None, run_dir=out)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    args = ["train", "--train", "t.parquet", "--labels", "l.parquet", "--out", tmp_path / "run", "--resume"]
+    result = invoke(*args, "--config", tmp_path / "lr.toml")
+    assert result.exit_code == 2 and "settings differ from the run being resumed: lr" in result.output
+    assert invoke(*args, "--config", tmp_path / "same.toml").exit_code == 0 and seen[-1].lr == 1e-3

@@ -127,12 +127,9 @@ def train(
                      max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
                      **_label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
                      image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
-    if resume and (out / CONFIG).exists():
-        # A resumed run keeps its saved settings; flags given now must agree (the API checks).
-        saved = Config.load(out / CONFIG).to_dict()
-        config = Config.from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
-    else:
-        config = Config.create(config_file, **overrides)
+    # A resumed run keeps its saved settings; what --config and the flags set now must agree (the API checks).
+    saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None
+    config = Config.create(config_file, base=saved, **overrides)
     result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
                        device=device, progress=not quiet)
     if result.dev_metrics:

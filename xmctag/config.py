@@ -117,9 +117,11 @@ class Config:
         return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod
-    def create(cls, toml_path: str | Path | None = None, **overrides: Any) -> "Config":
-        """Defaults, then the TOML file, then the non-None ``overrides``."""
-        values: dict[str, Any] = {}
+    def create(cls, toml_path: str | Path | None = None, base: dict[str, Any] | None = None,
+               **overrides: Any) -> "Config":
+        """Defaults (or the settings ``base``, e.g. a resumed run's), then the TOML file, then the non-None
+        ``overrides``."""
+        values: dict[str, Any] = dict(base or {})
         if toml_path is not None:
             values.update(_read_toml(Path(toml_path)))
         values.update({k: v for k, v in overrides.items() if v is not None})
