@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled sample (catalogs/myntra-sample): set up, train with the bundled MiniLM, export to ONNX,
 # tag the sample's dev products, show the top-5 labels of a few, and evaluate (P@k table). The sample has images, so
-# training first embeds them (EfficientNet-Lite0, cached). About 7 minutes on 2 cores, pip install included.
+# training first embeds them (EfficientNet-Lite0, cached). About 5-7 minutes on 2 cores, pip install included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -8,7 +8,7 @@ Python API (the CLI is a thin layer over it):
     tagger = xmctag.Tagger.load("export/demo")
     predictions = tagger.tag(frame)           # polars DataFrame in, DataFrame out
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
-    metrics = xmctag.evaluate("preds.parquet", "truth.parquet")
+    metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
 """
 
 from xmctag.config import Config

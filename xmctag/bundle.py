@@ -4,7 +4,7 @@
     encoder.fp16.onnx      the same graph with fp16 weights, for CUDA (optional)
     encoder.int8.onnx      the fp32 graph with int8 weights (dynamic quantisation): faster on CPU, approximate
     tokenizer/             tokenizer files (tokenizer.json is what tagging uses)
-    labels.parquet         label, text, encoder_text, train_count
+    labels.parquet         label, text, encoder_text, exclusive_group, train_count
     label_embeddings.npy   (L, d) label-text embeddings
     label_vectors.npy      (L, d + 1) rows [w_l, b_l]
     labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])

@@ -2,7 +2,7 @@
 
     config.json            the Config the model was trained with
     model/                 encoder weights (safetensors) and tokenizer, Hugging Face format
-    labels.parquet         label, text, encoder_text (what the encoder read), train_count
+    labels.parquet         label, text, encoder_text (what the encoder read), exclusive_group, train_count
     label_embeddings.npy   (L, d) float32, encoder embedding of each label's text
     label_vectors.npy      (L, d + 1) float32 rows [w_l, b_l]: the vectors searched at tagging time
     train_embeddings.npy   (n, d) float32 embeddings of the training products (kNN votes; absent if knn_neighbours=0)
