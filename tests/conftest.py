@@ -81,6 +81,22 @@ def trained_run(tmp_path_factory, catalog_dir, tiny_encoder_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sys_is_unwritable() -> bool:
+    """Whether files cannot be created in /sys (true on most machines, even as root): the real unwritable output
+    directory the bad-output tests use."""
+    import os
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return True
+    os.close(fd)
+    os.unlink(name)
+    return False
+
+
 @pytest.fixture()
 def copy_of(tmp_path):
     def copy(path: Path) -> Path:

@@ -1,7 +1,6 @@
 """The CLI contract end to end: train -> export -> tag -> eval, and bad input as one-line errors."""
 
 import json
-import os
 import shutil
 
 import polars as pl
@@ -130,18 +129,6 @@ def bad_inputs(cli_run, catalog_dir):
     return bad
 
 
-def unwritable_sys() -> bool:
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(dir="/sys")
-    except OSError:
-        return True
-    os.close(fd)
-    os.unlink(name)
-    return False
-
-
 @pytest.mark.parametrize("args,message", [
     (["tag", "{bad}/list-title.parquet"], "{bad}/list-title.parquet: column 'title' has type List(String); expected "
                                           "product text"),
@@ -160,8 +147,8 @@ def unwritable_sys() -> bool:
     (["eval", "{bad}/p.parquet", "--truth", "{bad}/list-title.parquet", "--labels-col", "title", "--id-col",
       "labels"], "{bad}/list-title.parquet: column 'labels' has type List(String); expected a product id"),
 ])
-def test_bad_input_is_one_line_on_stderr_naming_the_file(bad_inputs, catalog_dir, args, message):
-    if "/sys/x.parquet" in args and not unwritable_sys():
+def test_bad_input_is_one_line_on_stderr_naming_the_file(bad_inputs, catalog_dir, sys_is_unwritable, args, message):
+    if "/sys/x.parquet" in args and not sys_is_unwritable:
         pytest.skip("/sys is writable here")
     bad, dev = bad_inputs, catalog_dir / "dev.parquet"
     if not (bad / "p.parquet").exists():

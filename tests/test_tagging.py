@@ -228,19 +228,6 @@ def test_exclusive_groups_on_a_bundle_without_any_say_so(bundle, tagger, copy_of
 
 
 # -- bad input: clear errors naming the file and column, or counted skips ------------------------------------------
-def sys_is_unwritable() -> bool:
-    import os
-    import tempfile
-
-    try:
-        fd, name = tempfile.mkstemp(dir="/sys")
-    except OSError:
-        return True
-    os.close(fd)
-    os.unlink(name)
-    return False
-
-
 @pytest.mark.parametrize("column,values,dtype", [
     ("title", [["red", "shirt"], ["blue"]], pl.List(pl.String)),
     ("title", [{"a": "red"}, {"a": "blue"}], pl.Struct({"a": pl.String})),
@@ -278,7 +265,7 @@ def test_a_catalog_that_is_not_parquet_is_caught_by_its_content(tagger, tmp_path
     assert tagger.tag_file(tmp_path / "parquet-named.csv", tmp_path / "out.parquet", progress=False).rows_tagged == 2
 
 
-def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeypatch):
+def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeypatch, sys_is_unwritable):
     from xmctag import tagger as tagger_module
 
     catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
@@ -287,7 +274,7 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
         raise AssertionError("the catalog was read before the output was checked")
 
     monkeypatch.setattr(tagger_module, "_read_batches", no_reading)
-    if sys_is_unwritable():
+    if sys_is_unwritable:
         with pytest.raises(UserError, match=r"--output /sys/x.parquet: cannot write in /sys \("):
             tagger.tag_file(catalog, "/sys/x.parquet", progress=False)
     with pytest.raises(UserError, match="--output .*nowhere/x.parquet: directory .*nowhere does not exist"):
