@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from xmctag.config import Config
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import polars as pl
@@ -50,7 +50,7 @@ def table_columns(path: Path) -> list[str]:
         return pq.read_schema(path).names
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable {'CSV' if _is_csv(path) else 'Parquet'} file "
-                        f"({_first_line(e)})") from None
+                        f"({first_line(e)})") from None
 
 
 def check_columns(path: Path, names: list[str], columns: list[str]) -> None:
@@ -114,7 +114,7 @@ def read_arrow(path: str | Path, columns: list[str], optional: list[str] | tuple
             return pa_csv.read_csv(path, convert_options=options)
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot read ({first_line(e)})") from None
 
 
 def read_table(path: str | Path, columns: list[str]) -> "pl.DataFrame":
@@ -287,7 +287,3 @@ def load_labelled_set(path: str | Path, config: Config, labels: LabelTable) -> L
                         f"from the label table)")
     return LabelledSet(ids, texts, label_lists, {k: v for k, v in skipped.items() if v}, unknown,
                        images if image_column is not None else None)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -34,7 +34,7 @@ from xmctag import run_dir
 from xmctag.backend import runtime
 from xmctag.config import Config
 from xmctag.data import check_columns, check_text_column, is_parquet, product_text_expr
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 from xmctag.io.writers import PredictionWriter, resolve_format
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
@@ -330,8 +330,7 @@ class Tagger:
         try:
             schema = pl.read_parquet_schema(catalog)
         except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
-            raise UserError(f"{catalog}: not a readable Parquet file "
-                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+            raise UserError(f"{catalog}: not a readable Parquet file ({first_line(e)})") from None
         columns = [self.config.id_col, *self.config.text_cols]
         check_columns(catalog, list(schema), columns)
         self._check_types(catalog, schema)
@@ -407,7 +406,7 @@ def _read_batches(catalog: Path, columns: list[str], batch_size: int):
     try:
         yield from pl.scan_parquet(catalog).select(columns).collect_batches(chunk_size=batch_size)
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{catalog}: cannot read ({str(e).strip().splitlines()[0]})") from None
+        raise UserError(f"{catalog}: cannot read ({first_line(e)})") from None
 
 
 def _prefetch(items, depth: int = 2):

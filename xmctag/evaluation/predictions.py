@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 
 from xmctag.data import check_columns, check_label_list_column, check_text_column, is_parquet, read_table
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 from xmctag.evaluation.metrics import evaluate_rankings, inverse_propensity
 
 
@@ -96,7 +96,7 @@ def read_prediction_file(path: str | Path, one_per_id: bool = True) -> tuple[pl.
         else:  # JSON values carry their type; read_ndjson rejects overrides of columns the file lacks
             long = pl.read_ndjson(path)
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: cannot read predictions as {fmt.upper()} ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot read predictions as {fmt.upper()} ({first_line(e)})") from None
     missing = {"id", "rank", "label"} - set(long.columns)
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} (a {fmt.upper()} prediction file "
@@ -144,24 +144,20 @@ def _read_parquet_predictions(path: Path, one_per_id: bool = True) -> tuple[pl.D
         schema = pl.read_parquet_schema(path)
         metadata = read_parquet_metadata(path)
     except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
-        raise UserError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     check_columns(path, list(schema), ["id", "labels"])
     check_text_column(path, "id", schema["id"], "a product id")
     check_label_list_column(path, "labels", schema["labels"])
     try:
         frame = pl.read_parquet(path, columns=["id", "labels"])
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: cannot read ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot read ({first_line(e)})") from None
     frame = frame.with_columns(pl.col("id").cast(pl.String), pl.col("labels").list.eval(pl.element().cast(pl.String)))
     repeated = frame["id"].is_duplicated()
     if one_per_id and repeated.any():
         raise UserError(f"{path}: id {frame['id'][int(repeated.arg_true()[0])]!r} is in more than one row "
                         f"({int(repeated.sum())} rows share an id); eval needs one prediction list per product")
     return frame, PredictionSource(metadata.get("bundle_id") or None, metadata.get("bundle") or None)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str | Path | None = None,

@@ -12,7 +12,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 from xmctag.models.gguf_cache import BUILTIN_GGUF_MODELS, cached_model_dir
 
 # builtin name -> (python module, pip package, function of the module returning the model directory)
@@ -74,7 +74,7 @@ def _offline(name: str, path: str):
         yield
     except (OSError, ValueError) as e:  # ValueError: a directory whose config.json names no known model type
         if Path(path).exists():
-            raise UserError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load model from {path}: {first_line(e)}") from None
         if isinstance(e, ValueError):
             raise
         raise UserError(

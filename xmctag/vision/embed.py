@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 from xmctag.progress import Progress
 from xmctag.vision import images as img
 from xmctag.vision.cache import EmbeddingCache, SourceIndex, check_cache_dir, default_cache_dir
@@ -96,7 +96,7 @@ def embed_images(
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a non-Parquet file
-        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     if image_col not in parquet.schema_arrow.names:
         raise UserError(f"{path}: missing image column {image_col!r} (has: {', '.join(parquet.schema_arrow.names)})")
     check_cache_dir(cache_dir if cache_dir is not None else default_cache_dir(),
