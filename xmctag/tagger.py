@@ -230,6 +230,7 @@ class Tagger:
 
         Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``).
         """
+        self._check_schema("frame", frame.schema)
         batch = self._prepare(frame, source="frame")
         images = None
         if self.fusion is not None and "image" in batch.columns:
@@ -331,14 +332,15 @@ class Tagger:
             schema = pl.read_parquet_schema(catalog)
         except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
             raise UserError(f"{catalog}: not a readable Parquet file ({first_line(e)})") from None
+        self._check_schema(catalog, schema)
         columns = [self.config.id_col, *self.config.text_cols]
-        check_columns(catalog, list(schema), columns)
-        self._check_types(catalog, schema)
         if self.fusion is not None and self.fusion["image_col"] in schema:  # no image column: text only, still fine
             columns.append(self.fusion["image_col"])
         return columns
 
-    def _check_types(self, source, schema) -> None:
+    def _check_schema(self, source, schema) -> None:
+        """The model's id and text columns are in ``schema``, of types that read as strings."""
+        check_columns(Path(source), list(schema), [self.config.id_col, *self.config.text_cols])
         check_text_column(source, self.config.id_col, schema[self.config.id_col], "a product id")
         for column in self.config.text_cols:
             check_text_column(source, column, schema[column], "product text")
@@ -346,9 +348,8 @@ class Tagger:
     def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False,
                  skipped: dict[str, int] | None = None) -> pl.DataFrame:
         """``id``, ``text`` of the rows that have an id and text; the others are counted in ``skipped`` by reason
-        (``SKIP_NO_ID``, ``SKIP_EMPTY_TEXT``), or under ``strict`` the first of them is an error."""
-        check_columns(Path(source), frame.columns, [self.config.id_col, *self.config.text_cols])
-        self._check_types(source, frame.schema)
+        (``SKIP_NO_ID``, ``SKIP_EMPTY_TEXT``), or under ``strict`` the first of them is an error. The callers
+        check the columns (``_check_schema``): once per file, not once per batch."""
         columns = [pl.col(self.config.id_col).cast(pl.String).alias("id"),
                    product_text_expr(self.config.text_cols).alias("text")]
         if self.fusion is not None and self.fusion["image_col"] in frame.columns:
