@@ -204,7 +204,7 @@ def tag(
         err_console.print("\n".join(summary_lines(summary.images, summary.image_cache)), highlight=False,
                           soft_wrap=True)
     if show:
-        _print_examples(tagger, catalog, summary.output, show, min(top_k, len(tagger.label_ids)))
+        _print_examples(tagger, catalog, summary.output, show, summary.top_k)
 
 
 @app.command("eval")

@@ -56,6 +56,7 @@ class TagSummary:
     images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
     image_cache: Path | None = None
     without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
+    top_k: int = 0  # labels per product asked for, capped at the number of labels
 
     @property
     def products_per_second(self) -> float:
@@ -267,7 +268,7 @@ class Tagger:
         output = Path(output) if output is not None else default_output_path(catalog, fmt)
         if output.resolve() == catalog.resolve():
             raise UserError(f"--output {output}: would overwrite the catalog being tagged")
-        summary = TagSummary(output=output)
+        summary = TagSummary(output=output, top_k=top_k)
         metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
                     "top_k": top_k, "min_score": min_score, "text_cols": ",".join(self.config.text_cols)}
         # Opened (its temporary file created) before any work: an output that cannot be written fails now, not
