@@ -277,7 +277,7 @@ def test_resume_checks_a_config_file_like_flags(tmp_path, monkeypatch):
     # A resumed run keeps its saved settings: a --config that changes one is refused, as a changed flag is.
     from types import SimpleNamespace
 
-    from xmctag import Config
+    from xmctag import Config, run_dir
     from xmctag.training import trainer
 
     (tmp_path / "run").mkdir()
@@ -287,7 +287,7 @@ def test_resume_checks_a_config_file_like_flags(tmp_path, monkeypatch):
     seen = []
 
     def fake_train(train, labels, out, config, resume, **kwargs):  # the API's own check, without training
-        trainer._check_resumed_config(out, config, resume)
+        run_dir.check_resumed_config(out, config, resume)
         seen.append(config)
         return SimpleNamespace(dev_metrics=None, run_dir=out)
 

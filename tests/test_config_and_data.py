@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from xmctag import Config, UserError, train
-from xmctag.data import LabelTable, load_labelled_set
+from xmctag.io.datasets import LabelTable, load_labelled_set
 
 
 def test_config_layers_defaults_toml_and_overrides(tmp_path):
@@ -125,7 +125,7 @@ def test_training_and_tagging_build_the_same_product_text():
     # Training reads with pyarrow (product_text), tagging streams with polars (product_text_expr): same text.
     import polars as pl
 
-    from xmctag.data import product_text, product_text_expr
+    from xmctag.io.datasets import product_text, product_text_expr
 
     frame = pl.DataFrame({"title": ["  a ", None, "", "b", "  ", 7], "desc": ["x", "y", None, " ", "", None]},
                          schema={"title": pl.String, "desc": pl.String}, strict=False)

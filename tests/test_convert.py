@@ -48,7 +48,7 @@ def test_convert_writes_the_data_contract(xc_dir, tmp_path):
 
 def test_converted_data_loads_for_training(xc_dir, tmp_path):
     from xmctag import Config
-    from xmctag.data import LabelTable, load_labelled_set
+    from xmctag.io.datasets import LabelTable, load_labelled_set
 
     convert_xc_raw(xc_dir, tmp_path / "out")
     config = Config()

@@ -16,7 +16,9 @@ from conftest import ARTICLES, BRANDS, COLOURS
 
 from xmctag import Config, Tagger, UserError, export, run_dir, train
 from xmctag import bundle as layout
-from xmctag.models.decoder import has_lora, is_decoder_config, merged_state_dict, prepare_model
+from xmctag.models.backbone import is_decoder_config
+from xmctag.models.build import prepare_model
+from xmctag.models.lora import has_lora, merged_state_dict
 from xmctag.models.embedding import encode_ids, encode_texts
 from xmctag.models.encoder import insert_before_last
 from xmctag.models.prompt import PromptTemplate
@@ -296,7 +298,7 @@ def decoder_bundle(decoder_run, tmp_path_factory):
 
 
 def test_auto_loss_and_centering_follow_the_model_kind(qwen2_dir, tiny_encoder_dir, decoder_run, trained_run):
-    from xmctag.models.decoder import resolve_kind_defaults
+    from xmctag.models.build import resolve_kind_defaults
 
     decoder = resolve_kind_defaults(Config(encoder=qwen2_dir))
     assert (decoder.loss, decoder.centering) == ("infonce", "ema")
@@ -371,21 +373,19 @@ def test_onnx_tagger_matches_pytorch_and_is_batch_invariant(decoder_bundle, deco
 
 
 def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, catalog_dir, qwen2_dir, monkeypatch):
-    import xmctag.training.trainer as trainer
-
     config = Config(encoder=qwen2_dir, epochs=2, batch_size=32, lora_lr=1e-3, warmup_steps=2, max_length=16,
                     label_max_length=12, label_vector_epochs=1, lora_rank=4)
     pl.read_parquet(catalog_dir / "train.parquet").head(64).write_parquet(tmp_path / "train.parquet")
     files = dict(train=tmp_path / "train.parquet", labels=catalog_dir / "labels.parquet", config=config,
                  progress=False)
-    save_checkpoint = trainer._save_checkpoint
+    save_checkpoint = run_dir.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         save_checkpoint(*args, **kwargs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # stop after epoch 1: the checkpoint holds the LoRA weights
-        patch.setattr(trainer, "_save_checkpoint", save_then_stop)
+        patch.setattr(run_dir, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             train(out=tmp_path / "resumed", **files)
     train(out=tmp_path / "resumed", resume=True, **files)

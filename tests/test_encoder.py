@@ -8,7 +8,7 @@ from xmctag import UserError
 from xmctag.models.encoder import TextEncoder, mean_pool
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
-from xmctag.training.trainer import _embed_with_grad
+from xmctag.models.embedding import embed_with_grad
 
 TEXTS = ["red shirt", "a rather long title of blue jeans for men with many words in it", "cap", "green bag"]
 
@@ -52,7 +52,7 @@ def test_masked_extra_token_changes_nothing_and_unmasked_one_does(model):
 def test_chunked_training_embeddings_equal_whole_batch(model):
     encoder, tokenizer = model
     ids = token_ids(tokenizer, TEXTS * 20, 32)
-    chunked = _embed_with_grad(encoder, ids, pad_id_of(tokenizer), torch.device("cpu"))
+    chunked = embed_with_grad(encoder, ids, pad_id_of(tokenizer), torch.device("cpu"))
     assert chunked.requires_grad
     np.testing.assert_allclose(chunked.detach().numpy(), embed(encoder, tokenizer, TEXTS * 20), atol=1e-5)
 

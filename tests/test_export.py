@@ -99,9 +99,9 @@ def test_export_does_not_pass_on_onnx_runtime_noise(trained_run, tmp_path, caplo
 
 
 def test_export_fails_loudly_past_the_parity_bar_and_writes_nothing(trained_run, tmp_path, monkeypatch):
-    from xmctag.backend import onnx_export
+    from xmctag.backend import parity
 
-    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", 1e-12)  # no real graph matches PyTorch this closely
+    monkeypatch.setattr(parity, "FP32_TOLERANCE", 1e-12)  # no real graph matches PyTorch this closely
     with pytest.raises(UserError, match=r"parity check: encoder.onnx differs from PyTorch by .* no bundle written"):
         export(trained_run, tmp_path / "bundle", fp16=False, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory

@@ -23,7 +23,8 @@ from xmctag import Config, Tagger, UserError, export, run_dir, train
 from xmctag import bundle as layout
 from xmctag.backend.runtime import create_session
 from xmctag.models.embedding import encode_ids, encode_texts
-from xmctag.models.fusion import FusedEncoder, ImageInputs
+from xmctag.models.fusion import FusedEncoder
+from xmctag.models.image_inputs import ImageInputs
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
@@ -93,7 +94,7 @@ def run_images(run, catalog) -> ImageInputs:
 
 # -- config and data ---------------------------------------------------------------------------------------------
 def test_vision_auto_none_and_explicit(image_catalog, catalog_dir):
-    from xmctag.training.images import resolve_vision
+    from xmctag.training.settings import resolve_vision
 
     assert resolve_vision(Config(), image_catalog / "train.parquet").vision == DEFAULT_VISION_ENCODER
     assert resolve_vision(Config(), catalog_dir / "train.parquet").vision == "none"  # no image column: text only
@@ -106,7 +107,7 @@ def test_vision_auto_none_and_explicit(image_catalog, catalog_dir):
 
 
 def test_labelled_set_keeps_image_values_aligned_with_rows(image_catalog):
-    from xmctag.data import LabelTable, load_labelled_set
+    from xmctag.io.datasets import LabelTable, load_labelled_set
 
     config = Config()
     labels = LabelTable.load(image_catalog / "labels.parquet", config)
@@ -137,11 +138,10 @@ def test_fused_run_holds_projection_fusion_info_and_image_counts(fused_run, tiny
 
 def test_projection_has_its_own_learning_rate(tiny_encoder_dir):
     from xmctag.models.registry import load_pretrained
-    from xmctag.training.trainer import _param_groups
 
     _, backbone = load_pretrained(tiny_encoder_dir)
     encoder = FusedEncoder(backbone, vision_dim=16)
-    groups = _param_groups(encoder, Config(lr=1e-3, image_lr=7e-4))
+    groups = encoder.param_groups(Config(lr=1e-3, image_lr=7e-4))
     assert [g["lr"] for g in groups] == [1e-3, 7e-4]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in encoder.image_projection.parameters()}
     assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in groups[1]["params"]}
@@ -299,9 +299,9 @@ def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, mon
 
 def test_auto_vision_without_a_usable_training_image_trains_text_only(tmp_path, catalog_dir, tiny_encoder_dir,
                                                                       tiny_models, monkeypatch):  # noqa: F811
-    import xmctag.training.images as training_images
+    import xmctag.training.settings as training_settings
 
-    monkeypatch.setattr(training_images, "DEFAULT_VISION_ENCODER", str(tiny_models["clip"]))  # "auto" picks it
+    monkeypatch.setattr(training_settings, "DEFAULT_VISION_ENCODER", str(tiny_models["clip"]))  # "auto" picks it
     frame = pl.read_parquet(catalog_dir / "train.parquet").head(60)
     frame.with_columns(pl.Series("image", [f"img/{i}.png" for i in range(60)])).write_parquet(tmp_path / "t.parquet")
     files = dict(train=tmp_path / "t.parquet", labels=catalog_dir / "labels.parquet", progress=False)
@@ -330,7 +330,7 @@ def test_fused_decoder_puts_the_image_before_the_eos_and_is_batch_invariant(tmp_
     from test_decoder import SMALL, TEXTS, make_tokenizer
     from transformers import Qwen2Config, Qwen2Model
 
-    from xmctag.models.decoder import prepare_model
+    from xmctag.models.build import prepare_model
 
     tokenizer = make_tokenizer(bos=False)
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xmctag import Config, UserError
-from xmctag.data import LabelTable
+from xmctag.io.datasets import LabelTable
 from xmctag.label_groups import exclusive_groups, group_ids, group_names
 
 

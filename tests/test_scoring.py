@@ -104,16 +104,16 @@ def test_with_only_exclusive_groups_top_k_stops_at_one_label_per_group():
 
 @pytest.mark.parametrize("dense_factor", [0, 10**9])  # always gather a vector per pair / always one matrix product
 def test_pair_logits_are_the_same_by_either_route(monkeypatch, dense_factor):
-    from xmctag import scoring
+    from xmctag.scoring import ranking
 
     rng = np.random.default_rng(3)
     queries = rng.standard_normal((50, 8)).astype(np.float32)
     matrix = rng.standard_normal((300, 9)).astype(np.float32)
     rows, labels = rng.integers(0, 50, 2000), rng.integers(0, 300, 2000)
-    monkeypatch.setattr(scoring, "CHUNK", 512)  # several chunks
-    monkeypatch.setattr(scoring, "DENSE_PAIRS_FACTOR", dense_factor)
+    monkeypatch.setattr(ranking, "CHUNK", 512)  # several chunks
+    monkeypatch.setattr(ranking, "DENSE_PAIRS_FACTOR", dense_factor)
     expected = np.einsum("nd,nd->n", queries[rows].astype(np.float64), matrix[labels, :8]) + matrix[labels, 8]
-    np.testing.assert_allclose(scoring._logits(queries, matrix, rows, labels), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ranking.pair_logits(queries, matrix, rows, labels), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_exclusive_groups_widen_the_candidates_until_top_k_is_full():

@@ -11,7 +11,7 @@ import torch
 
 from xmctag import Tagger, UserError, export, run_dir
 from xmctag.evaluation.evaluator import exact_top_k, predict_exact
-from xmctag.io.writers import read_parquet_metadata
+from xmctag.io.predictions import read_parquet_metadata
 from xmctag.label_groups import group_ids
 from xmctag.models.embedding import encode_texts
 
@@ -273,7 +273,7 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
     def no_reading(*args, **kwargs):
         raise AssertionError("the catalog was read before the output was checked")
 
-    monkeypatch.setattr(tagger_module, "_read_batches", no_reading)
+    monkeypatch.setattr(tagger_module, "read_batches", no_reading)
     if sys_is_unwritable:
         with pytest.raises(UserError, match=r"--output /sys/x.parquet: cannot write in /sys \("):
             tagger.tag_file(catalog, "/sys/x.parquet", progress=False)
@@ -295,7 +295,7 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
     ("OUT.CSV", "csv", "csv"), (None, None, "parquet"), (None, "jsonl", "jsonl"),
 ])
 def test_format_follows_the_output_extension(tagger, tmp_path, name, fmt, expected):
-    from xmctag.evaluation.predictions import read_predictions
+    from xmctag.io.predictions import read_predictions
 
     catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
     summary = tagger.tag_file(catalog, tmp_path / name if name else None, top_k=2, fmt=fmt, progress=False)
@@ -470,12 +470,12 @@ def test_a_catalog_corrupt_mid_file_fails_cleanly(tagger, tmp_path):
 def test_exclusive_groups_search_again_when_the_candidates_are_one_facet(bundle, tagger, monkeypatch):
     # One candidate per product (and no neighbour labels): one place of two. The tagger must widen its faiss search
     # and give what a pool of every label gives.
-    from xmctag import scoring
+    from xmctag.scoring import ranking
 
     grouped = Tagger.load(bundle, device="cpu", exclusive_groups=True)
     grouped.knn_neighbours, grouped.knn_weight = 0, 0.0
     full, full_scores = grouped.predict(TITLES, top_k=2)
-    monkeypatch.setattr(scoring, "label_vector_candidates", lambda k: 1)
+    monkeypatch.setattr(ranking, "label_vector_candidates", lambda k: 1)
     narrow, narrow_scores = grouped.predict(TITLES, top_k=2)
     np.testing.assert_array_equal(narrow, full)
     np.testing.assert_allclose(narrow_scores, full_scores, rtol=1e-6)

@@ -41,34 +41,34 @@ def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny
     import torch
 
     from xmctag import Config
-    from xmctag.data import LabelTable, load_labelled_set
-    from xmctag.models.decoder import prepare_model
+    from xmctag.models.build import prepare_model
     from xmctag.models.embedding import encode_ids
     from xmctag.models.registry import load_pretrained
-    from xmctag.models.tokens import pad_id_of, token_ids
     from xmctag.progress import Progress
     from xmctag.training.classifier import ClassifierStage
+    from xmctag.training.data import TrainingData
     from xmctag.training.label_vectors import fit_label_vectors
+    from xmctag.training.stage import run_epochs
 
     torch.manual_seed(0)
     config = Config(encoder=tiny_encoder_dir, batch_size=32, classifier_lr=1e-3, classifier_vector_lr=1e-2,
-                    warmup_steps=2)
-    labels = LabelTable.load(catalog_dir / "labels.parquet", config)
-    data = load_labelled_set(catalog_dir / "train.parquet", config, labels)
+                    warmup_steps=2, max_length=16, label_max_length=12, vision="none")
+    data = TrainingData.read(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", None, config)
     tokenizer, encoder = prepare_model(*load_pretrained(tiny_encoder_dir), config, torch.device("cpu"))
-    ids, pad_id = token_ids(tokenizer, data.texts, 16), pad_id_of(tokenizer)
-    vectors = fit_label_vectors(encode_ids(encoder, ids, pad_id), data.labels,
-                                encode_ids(encoder, token_ids(tokenizer, labels.texts, 12), pad_id), epochs=2)
-    stage = ClassifierStage(encoder, ids, data.labels, vectors, pad_id, torch.device("cpu"), config)
+    data.tokenize(tokenizer, config)
+    vectors = fit_label_vectors(encode_ids(encoder, data.product_ids, data.pad_id), data.train.labels,
+                                encode_ids(encoder, data.label_ids, data.pad_id), epochs=2)
+    stage = ClassifierStage(encoder, data, vectors, config, torch.device("cpu"), save_encoder=lambda model: None)
     np.testing.assert_array_equal(stage.head().vectors, vectors.vectors)
     np.testing.assert_array_equal(stage.head().bias, vectors.bias)
-    everything = np.arange(len(ids))
+    everything = np.arange(len(data.product_ids))
     with torch.no_grad():
-        before = float(stage._loss(everything))
-    history = stage.run(2, Progress(False))
+        before = float(stage.loss(everything))
+    stage.start(2)
+    run_epochs(stage, None, checkpoint=lambda: None, show=Progress(False))
     with torch.no_grad():
-        after = float(stage._loss(everything))
-    assert [h["classifier_epoch"] for h in history] == [1, 2]
+        after = float(stage.loss(everything))
+    assert [h["classifier_epoch"] for h in stage.progress.history] == [1, 2]
     assert after < 0.8 * before
 
 
@@ -150,8 +150,8 @@ def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encod
     import polars as pl
     import pytest
 
-    import xmctag.training.trainer as trainer
     from xmctag import UserError, train
+    from xmctag.training.dual_encoder import DualEncoderStage
 
     config, out = _quick(tiny_encoder_dir, epochs=1), tmp_path / "run"
     files = dict(train=catalog_dir / "train.parquet", out=out, config=config, progress=False)
@@ -165,7 +165,7 @@ def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encod
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # stopped during epoch 1: before the first checkpoint
-        patch.setattr(trainer, "_train_step", stop)
+        patch.setattr(DualEncoderStage, "train_step", stop)
         with pytest.raises(KeyboardInterrupt):
             train(labels=catalog_dir / "labels.parquet", **files)
     assert layout.run_state(out) == "started"
@@ -201,11 +201,12 @@ def _classifier_config(tiny_encoder_dir):
 def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
+    import xmctag.training.stage as stage
     import xmctag.training.trainer as trainer
     from xmctag import train
 
     scores = iter([0.0, 1.0, 0.5])  # dual-encoder epoch 1, classifier epochs 1 and 2: the classifier's first wins
-    monkeypatch.setattr(trainer, "_dev_score", lambda metrics: next(scores))
+    monkeypatch.setattr(stage, "dev_score", lambda metrics: next(scores))
     evaluated = []  # (dev product embeddings, label vectors) of each dev evaluation
     evaluate = trainer.evaluate_scores
     monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
@@ -232,20 +233,21 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
     import pytest
 
     import xmctag.training.trainer as trainer
-    from xmctag import train
+    from xmctag import run_dir, train
     from xmctag.training.classifier import ClassifierStage
+    from xmctag.training.dual_encoder import DualEncoderStage
 
     files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet",
                  dev=catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
-    save_checkpoint = trainer._save_checkpoint
+    save_checkpoint = run_dir.save_checkpoint
 
-    def save_then_stop(path, state):
-        save_checkpoint(path, state)
+    def save_then_stop(out, state):
+        save_checkpoint(out, state)
         if state["stage"] == "classifier":
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:  # interrupted after classifier epoch 1 of 2
-        patch.setattr(trainer, "_save_checkpoint", save_then_stop)
+        patch.setattr(run_dir, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             train(out=tmp_path / "resumed", **files)
 
@@ -253,12 +255,12 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
         raise AssertionError("a finished stage ran again")
 
     ran = []
-    run = ClassifierStage.run
+    train_epoch = ClassifierStage.train_epoch
     with monkeypatch.context() as patch:  # the dual encoder and the label vectors are behind the checkpoint
-        patch.setattr(trainer, "_train_step", not_again)
+        patch.setattr(DualEncoderStage, "train_step", not_again)
         patch.setattr(trainer, "fit_label_vectors", not_again)
-        patch.setattr(ClassifierStage, "run", lambda self, *args, **kwargs: ran.extend(run(self, *args, **kwargs))
-                      or ran)
+        patch.setattr(ClassifierStage, "train_epoch", lambda self, *args: ran.append(train_epoch(self, *args))
+                      or ran[-1])
         train(out=tmp_path / "resumed", resume=True, **files)
     assert [r["classifier_epoch"] for r in ran] == [2]
     train(out=tmp_path / "straight", **files)
@@ -275,11 +277,12 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
 def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
+    import xmctag.training.stage as stage
     import xmctag.training.trainer as trainer
     from xmctag import train
 
     scores = iter([1.0, 0.5])  # epoch 1 beats epoch 2 on dev
-    monkeypatch.setattr(trainer, "_dev_score", lambda metrics: next(scores))
+    monkeypatch.setattr(stage, "dev_score", lambda metrics: next(scores))
     evaluated = []  # dev product embeddings of each dev evaluation
     evaluate = trainer.evaluate_scores
     monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (

@@ -26,7 +26,7 @@ def __getattr__(name):
 
         return train
     if name == "export":
-        from xmctag.backend.onnx_export import export
+        from xmctag.exporter import export
 
         return export
     if name == "Tagger":

@@ -15,20 +15,25 @@
     config.json            the training Config
     manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
     README.md              model card of the run
+
+``Bundle.open(path)`` reads a bundle for tagging: the manifest is checked (format, the keys tagging needs, every file
+present and, unless ``verify=False``, unchanged by its sha256) before anything else is read, and each part is then
+read with its size checked against the manifest's ``dims``. ``xmctag.exporter`` writes bundles.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from xmctag import run_dir
+from xmctag.config import Config
 from xmctag.errors import UserError
+from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
+from xmctag.vision.onnx_runtime import VISION_META
 
 FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
@@ -38,8 +43,6 @@ TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
 MANIFEST = "manifest.json"
-VISION_FP32 = "vision.onnx"
-VISION_META = "vision.json"
 IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
@@ -54,87 +57,6 @@ def is_bundle(path: Path) -> bool:
         return False
     names = {name.split("/")[0] for name in manifest.get("files", {})} | {MANIFEST}
     return {entry.name for entry in path.iterdir()} <= names
-
-
-def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
-    """Real rows for the export parity check: sampled training products, then label texts."""
-    sample = run_dir.load_sample_texts(trained.path)
-    labels = trained.labels.texts[:: max(1, len(trained.labels) // n)]
-    return (sample + labels)[:n]
-
-
-def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity: dict, pad_id: int,
-                       prompt: dict | None = None, fusion: dict | None = None) -> None:
-    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest.
-
-    ``prompt``: a decoder's ``PromptTemplate.to_dict()``, stored as ``tokenization.prompt`` (the tagger then builds
-    ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
-    ``fusion``: the run's ``fusion.json`` (image fusion): stored as the manifest's ``fusion`` section, with the
-    vision graph's files; the text graph then has the ``image_embedding`` and ``image_mask`` inputs.
-    """
-    from xmctag.backend import runtime
-
-    faiss = runtime.faiss()
-    for name in COPIED_FROM_RUN:
-        shutil.copy2(trained.path / name, target / name)
-    vectors = trained.vectors.index_matrix()
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    faiss.write_index(index, str(target / INDEX))
-    neighbours = run_dir.load_neighbours(trained.path)
-    n_neighbours = 0
-    if neighbours is not None:
-        embeddings, labels = neighbours
-        neighbour_index = faiss.IndexFlatIP(embeddings.shape[1])
-        neighbour_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-        faiss.write_index(neighbour_index, str(target / NEIGHBOUR_INDEX))
-        shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
-        n_neighbours = len(labels)
-    files = sorted(p for p in target.rglob("*") if p.is_file())
-    hashes = {str(p.relative_to(target)): _sha256(p) for p in files}
-    config = trained.config
-    manifest = {
-        "format": FORMAT,
-        "bundle_id": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(trained.path.resolve()),
-        "versions": _versions(),
-        "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
-                 "neighbours": n_neighbours},
-        "graph": {"inputs": ["input_ids", "attention_mask"] + (list(IMAGE_INPUTS) if fusion else []),
-                  "outputs": ["embedding"],
-                  "files": [n for n in (ONNX_FP32, ONNX_FP16, ONNX_INT8) if (target / n).exists()]},
-        "tokenization": {"tokenizer": f"{TOKENIZER}/tokenizer.json", "max_length": config.max_length, "pad_id": pad_id,
-                         "text_cols": config.text_cols, "separator": " ; ", "padding": "right", "truncation": True},
-        "training": {"rows": trained.n_train, "encoder": config.encoder},
-        "scoring": {"score": "(1 - knn_weight) * sigmoid(scale * <[embedding, 1], label vector>) + knn_weight * "
-                             "neighbour vote (see xmctag/scoring.py)",
-                    "scale": trained.vectors.scale,
-                    "knn_neighbours": config.knn_neighbours if n_neighbours else 0,
-                    "knn_temperature": config.knn_temperature,
-                    "knn_weight": config.knn_weight if n_neighbours else 0.0},
-        "parity_max_abs": parity,
-        "files": hashes,
-    }
-    if prompt is not None:
-        manifest["tokenization"]["prompt"] = prompt
-    if fusion is not None:
-        manifest["fusion"] = fusion_manifest(fusion, decoder=prompt is not None)
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def fusion_manifest(fusion: dict, decoder: bool) -> dict:
-    """The manifest's ``fusion`` section: what the tagger needs to build the image inputs (see ``xmctag.tagger``)."""
-    return {
-        "vision": fusion["vision"], "model_id": fusion["model_id"], "vision_dim": fusion["dim"],
-        "image_col": fusion["image_col"], "max_images": fusion["max_images"],
-        "cache_dir": fusion["cache_dir"],  # the training run's image cache: tagging's default
-        "image_token": "after the text, before the EOS" if decoder else "before the text",
-        "inputs": {"image_embedding": "float32 (batch, max_images, vision_dim): cached vision features",
-                   "image_mask": "int64 (batch, max_images): 1 = usable image in that slot"},
-        "vision_graph": {"files": [VISION_FP32], "meta": VISION_META,
-                         "precision": "fp32 only: EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar"},
-    }
 
 
 def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
@@ -161,7 +83,7 @@ def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
         file = bundle / name
         if not file.is_file():
             raise UserError(f"{bundle}: bundle is incomplete, {name} is missing")
-        if verify_hashes and _sha256(file) != digest:
+        if verify_hashes and file_sha256(file) != digest:
             raise UserError(f"{bundle}: {name} does not match the manifest (modified or corrupt bundle)")
     return manifest
 
@@ -205,7 +127,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         fail("graph.files", "invalid")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -213,24 +135,95 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    import xmctag
-
-    versions = {"xmctag": xmctag.__version__}
-    for dist in ("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "faiss-cpu",
-                 "faiss-gpu", "tokenizers", "polars"):
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
+GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 
 
-def label_count(manifest: dict) -> int:
-    return int(manifest["dims"]["labels"])
+class Bundle:
+    """A bundle directory with a checked manifest (``Bundle.open``); its parts are read on request."""
 
+    def __init__(self, path: Path, manifest: dict, config: Config):
+        self.path, self.manifest, self.config = path, manifest, config
 
-def load_label_vectors(bundle: Path) -> np.ndarray:
-    return np.load(bundle / run_dir.LABEL_VECTORS)
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"--model {path}: no such bundle directory")
+        manifest = read_manifest(path, verify_hashes=verify)
+        return cls(path, manifest, Config.load(path / run_dir.CONFIG))
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def dims(self) -> dict:
+        return self.manifest["dims"]
+
+    @property
+    def fusion(self) -> dict | None:
+        """The manifest's ``fusion`` section for a bundle with image fusion, else None (text only)."""
+        return self.manifest.get("fusion")
+
+    def graph(self, device: str, precision: str = "auto") -> Path:
+        """The encoder graph for ``device`` (``cpu``/``cuda``) and ``precision`` (``auto``: fp16 on CUDA when the
+        bundle has it, else fp32; ``fp32``, ``fp16``, ``int8``)."""
+        files = self.manifest["graph"]["files"]
+        if precision == "auto":
+            return self.path / (ONNX_FP16 if device == "cuda" and ONNX_FP16 in files else ONNX_FP32)
+        if precision not in GRAPHS_BY_PRECISION:
+            raise UserError(f"--precision must be auto, fp32, fp16 or int8, not {precision!r}")
+        if GRAPHS_BY_PRECISION[precision] not in files:
+            raise UserError(f"--precision {precision}: this bundle has no {GRAPHS_BY_PRECISION[precision]} "
+                            "(re-export it)")
+        return self.path / GRAPHS_BY_PRECISION[precision]
+
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` tagging uses: no padding, truncation at ``max_length``."""
+        from tokenizers import Tokenizer
+
+        tokenization = self.manifest["tokenization"]
+        tokenizer = Tokenizer.from_file(str(self.path / tokenization["tokenizer"]))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(tokenization["max_length"])
+        return tokenizer
+
+    def labels(self, columns: list[str]):
+        """The label table's ``columns`` that it has (a polars frame; not ``encoder_text``: synonyms can be
+        large), after checking its length against the manifest."""
+        import polars as pl
+
+        table = self.path / run_dir.LABELS
+        labels = pl.read_parquet(table, columns=[c for c in columns if c in pl.read_parquet_schema(table)])
+        if len(labels) != self.dims["labels"]:
+            raise UserError(f"{self.path}: label table ({len(labels)} rows) does not match the manifest "
+                            f"({self.dims['labels']} labels)")
+        return labels
+
+    def label_index(self):
+        """The faiss index over the label vectors, its size checked against the manifest."""
+        from xmctag.backend import runtime
+
+        index = runtime.faiss().read_index(str(self.path / INDEX))
+        if index.d != self.dims["index"] or index.ntotal != self.dims["labels"]:
+            raise UserError(f"{self.path}: index ({index.ntotal} x {index.d}) does not match the manifest "
+                            f"({self.dims['labels']} x {self.dims['index']})")
+        return index
+
+    def label_vectors(self) -> np.ndarray:
+        """``(L, d + 1)`` rows [w_l, b_l], memory-mapped: only the rows of candidate labels are read."""
+        return np.load(self.path / run_dir.LABEL_VECTORS, mmap_mode="r")
+
+    def neighbours(self):
+        """``(faiss index over the training products, their NeighbourLabels)``, or None when the bundle has none."""
+        from xmctag.backend import runtime
+        from xmctag.scoring import NeighbourLabels
+
+        if not self.dims.get("neighbours"):
+            return None
+        index = runtime.faiss().read_index(str(self.path / NEIGHBOUR_INDEX))
+        labels = NeighbourLabels.load(self.path / run_dir.TRAIN_LABELS)
+        if index.ntotal != self.dims["neighbours"] or len(labels) != self.dims["neighbours"]:
+            raise UserError(f"{self.path}: neighbour index ({index.ntotal}) and training labels ({len(labels)}) do "
+                            f"not match the manifest ({self.dims['neighbours']})")
+        return index, labels

@@ -148,7 +148,7 @@ def export(
     quiet: bool = QuietOption,
 ):
     """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""
-    from xmctag.backend.onnx_export import export as export_api
+    from xmctag.exporter import export as export_api
 
     export_api(run, out or DEFAULT_EXPORT_DIR / run.resolve().name, fp16=fp16, overwrite=overwrite,
                progress=not quiet)
@@ -309,8 +309,8 @@ def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
 def _print_examples(tagger, catalog: Path, output: Path, n: int, top_k: int) -> None:
     import polars as pl
 
-    from xmctag.data import product_text_expr
-    from xmctag.evaluation.predictions import read_predictions
+    from xmctag.io.datasets import product_text_expr
+    from xmctag.io.predictions import read_predictions
 
     # The k-th product of an id in the output is the k-th tagged catalog row with that id (ids can repeat).
     nth = pl.int_range(pl.len()).over("id").alias("nth")

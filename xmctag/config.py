@@ -52,7 +52,7 @@ class Config:
     max_images: int = 1  # images per product, one token each (list columns: the first ones that are not null)
     image_lr: float = 5e-4  # learning rate of the image projection (its own AdamW group)
     image_cache_dir: str | None = None  # image-embedding cache; None: <run dir>/image_cache
-    # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/decoder.py and prompt.py) ---------------
+    # --- pooling and decoder LLMs (Qwen2, Llama, ...; see xmctag/models/build.py and prompt.py) -----------------
     pooling: str = "mean"  # "mean" over real tokens, or "last" real token (decoders: the EOS closing the prompt)
     centering: str = "auto"  # "ema": pooled minus a running mean, then L2 norm; "auto": decoders ema, encoders none
     center_momentum: float = 0.9  # of the running mean, per forward pass in training (0.99 lagged: collapsed)

@@ -17,11 +17,16 @@
     checkpoint.pt          only while training (for --resume): the state after the last finished epoch
 
 A directory holding anything else is not (only) a run: ``is_run_dir`` says no, and ``--overwrite`` leaves it alone.
+
+This module owns a run's lifecycle: what ``--out`` may hold before training (``check_out_dir``: new, replaced,
+resumed or refused), the settings of a resumed run (``check_resumed_config``), checkpoints, and reading and writing
+the files above. The encoder saves and loads itself (``xmctag.models``); the model card is the training's
+(``xmctag.training.model_card``).
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -32,14 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmctag.config import Config
-from xmctag.data import LabelledSet, LabelTable
 from xmctag.errors import UserError
-from xmctag.evaluation.metrics import inverse_propensity
-from xmctag.scoring import NeighbourLabels
-from xmctag.training.label_vectors import LabelVectors
+from xmctag.io.datasets import LabelTable
+from xmctag.models.files import MODEL_DIR as MODEL
+from xmctag.models.files import POOLING_CENTER, PROJECTION_FILE as PROJECTION
+from xmctag.overwrite import check_replaceable
+from xmctag.scoring import LabelVectors, NeighbourLabels
 
 CONFIG = "config.json"
-MODEL = "model"
 LABELS = "labels.parquet"
 LABEL_EMBEDDINGS = "label_embeddings.npy"
 LABEL_VECTORS = "label_vectors.npy"
@@ -50,11 +55,9 @@ SAMPLE_TEXTS = "sample_texts.json"
 TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
 FUSION = "fusion.json"
-PROJECTION = "image_projection.safetensors"
-POOLING_CENTER = "pooling_center.npy"  # centering = "ema": the mean subtracted before the L2 norm (TextEncoder)
 SAMPLE_IMAGES = "sample_images.npz"
 IMAGE_CACHE = "image_cache"  # the default image-embedding cache (training.images.image_cache_dir)
-CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (trainer._save_checkpoint)
+CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (save_checkpoint)
 SAMPLE_ROWS = 96
 # Every name a run writes at its top level.
 RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
@@ -101,34 +104,15 @@ def clear_run(path: Path) -> None:
 
 
 def save_encoder(out: Path, encoder, tokenizer) -> None:
-    from xmctag.models.decoder import save_backbone
-    from xmctag.models.fusion import FusedEncoder, save_projection
-
-    save_backbone(encoder.backbone, out / MODEL)  # LoRA adapters (decoders) merged: a plain HF model
-    tokenizer.save_pretrained(out / MODEL)
-    if isinstance(encoder, FusedEncoder):
-        save_projection(encoder, out / PROJECTION)
-    if encoder.center is not None:
-        np.save(out / POOLING_CENTER, encoder.center.detach().float().cpu().numpy())
+    """The encoder (``TextEncoder.save``: backbone, centre, projection) and its tokenizer, into the run."""
+    encoder.save(out, tokenizer)
 
 
 def load_encoder(out: Path):
-    """The run's encoder: a ``TextEncoder``, or a ``FusedEncoder`` with its trained projection (``fusion.json``)."""
-    import torch
-    from transformers import AutoModel
+    """The run's encoder: a ``TextEncoder``, or a ``FusedEncoder`` with its trained projection."""
+    from xmctag.models.build import load_encoder as load
 
-    from xmctag.models.fusion import load_projection, make_encoder
-
-    backbone = AutoModel.from_pretrained(out / MODEL, local_files_only=True)
-    fusion = load_fusion(out)
-    encoder = make_encoder(backbone, fusion["dim"] if fusion else None, pooling=Config.load(out / CONFIG).pooling,
-                           centering=(out / POOLING_CENTER).exists())
-    if fusion is not None:
-        load_projection(encoder, out / PROJECTION)
-    if encoder.center is not None:
-        encoder.center.copy_(torch.from_numpy(np.load(out / POOLING_CENTER)))
-        encoder.center_updates.fill_(1)
-    return encoder
+    return load(out, pooling=Config.load(out / CONFIG).pooling)
 
 
 def save_fusion(out: Path, fusion: dict) -> None:
@@ -136,13 +120,13 @@ def save_fusion(out: Path, fusion: dict) -> None:
 
 
 def load_fusion(out: Path) -> dict | None:
-    """What ``xmctag.training.images.Fusion.to_dict`` wrote, or None for a text-only run."""
+    """What ``save_fusion`` wrote (``xmctag.training.images.prepare_images``), or None for a text-only run."""
     path = out / FUSION
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vectors: LabelVectors,
-                train_counts: np.ndarray, n_train: int) -> None:
+                train_counts: np.ndarray) -> None:
     table = labels.to_arrow().append_column("train_count", pa.array(train_counts.astype(np.int64)))
     pq.write_table(table, out / LABELS)
     np.save(out / LABEL_EMBEDDINGS, label_embeddings.astype(np.float32))
@@ -228,62 +212,87 @@ def load_run(path: str | Path) -> TrainedRun:
                       np.load(path / LABEL_EMBEDDINGS), vectors, n_train)
 
 
-def inverse_propensities(train_counts: np.ndarray, n_train: int, config: Config) -> np.ndarray:
-    return inverse_propensity(train_counts, n_train, config.psp_a, config.psp_b)
+# -- lifecycle: what --out holds before training, resumed settings, checkpoints -----------------------------------------
+def check_out_dir(out: Path, resume: bool, overwrite: bool, inputs: dict) -> str | None:
+    """Checks what ``--out`` holds before anything is read or written; returns why its contents are to be replaced
+    (a line for the log), or None to keep them.
+
+    Empty or absent: a new run. ``--overwrite``: replaces a run directory, nothing else (``xmctag.overwrite``).
+    ``--resume`` (which wins over ``--overwrite``): continues an interrupted run; a finished one is an error. A run
+    that stopped before its first checkpoint has nothing to resume: it is replaced, with or without ``--resume``.
+    ``inputs``: flag -> path read.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    state = run_state(out)
+    if (overwrite and not resume) or state == "started":
+        check_replaceable(out, is_run_dir, "an xmctag run directory", inputs)
+        return (f"replacing the run in {out}" if overwrite else
+                f"replacing the run in {out}: it stopped before its first checkpoint, nothing to resume")
+    if state is None:
+        raise UserError(f"--out {out}: directory is not empty and not an xmctag run directory")
+    if state == "finished":
+        done = json.loads((out / METRICS).read_text())
+        stages = f"{done.get('epochs')} epoch(s) + {done.get('classifier_epochs', 0)} classifier epoch(s)"
+        if resume:
+            raise UserError(f"--resume {out}: run already finished ({stages}); --resume only continues an "
+                            "interrupted run (--overwrite trains it again)")
+        raise UserError(f"--out {out}: directory is not empty: it holds a finished run ({stages}); use --overwrite "
+                        "to replace it")
+    if not resume:
+        raise UserError(f"--out {out}: directory is not empty: it holds an interrupted run (use --resume to continue "
+                        "it or --overwrite)")
+    return None
 
 
-def write_model_card(out: Path, config: Config, train_set: LabelledSet, dev_set: LabelledSet | None,
-                     dev_metrics: dict[str, float] | None, epochs: int,
-                     exclusive_groups: list[str | None] | None = None, classifier_epochs: int = 0) -> None:
-    centred = ", minus the running mean of training (pooling_center.npy)" if (out / POOLING_CENTER).exists() else ""
-    loss = ("a triplet loss over hard in-batch negatives" if config.loss == "triplet"
-            else f"a softmax (InfoNCE) loss over the in-batch labels, temperature {config.temperature}")
-    lines = [
-        f"# xmctag model `{out.name}`",
-        "",
-        f"Trained {datetime.date.today().isoformat()} with xmctag: a Siamese dual encoder (`{config.encoder}`, "
-        f"{config.pooling} pooling{centred}, L2 norm) trained with {loss}, plus per-label vectors fitted "
-        "on frozen product embeddings. Score = (1 − w) · sigmoid(scale × (⟨product, w_label⟩ + b_label)) + w · vote "
-        f"of the {config.knn_neighbours} most similar training products (w = {config.knn_weight}).",
-        "",
-        f"- Training rows: {len(train_set)}; labels seen in training: {int((train_set.label_counts(1) > 0).sum())}",
-        f"- Input text: columns {', '.join(config.text_cols)} (max {config.max_length} tokens)",
-        f"- Epochs: {epochs} (setting: {config.epochs}), batch size {config.batch_size}, learning rate {config.lr}",
-        f"- Classifier stage: {classifier_epochs} epoch(s) (setting: {config.classifier_epochs}); "
-        + ("the encoder was fine-tuned through a one-vs-all head that became the label vectors, learning rate "
-           f"{config.classifier_lr}" if classifier_epochs else "off"),
-    ]
-    lines += _decoder_card_lines(out, config)
-    groups = sorted({g for g in exclusive_groups or [] if g is not None})
-    if groups:
-        lines += ["- Exclusive facets (`tag --exclusive-groups` keeps the best label of each): " + ", ".join(groups)]
-    fusion = load_fusion(out)
-    if fusion is not None:
-        lines += [f"- Image fusion: `{fusion['vision']}` features ({fusion['dim']}-d, frozen, cached) projected to one "
-                  f"token per image (up to {fusion['max_images']}, column `{fusion['image_col']}`), placed "
-                  f"{'after the text, before the EOS' if _is_decoder(out) else 'before the text'}; projection "
-                  f"learning rate {config.image_lr}"]
-    if dev_set is not None and dev_metrics:
-        table = " | ".join(f"{k} {100 * v:.2f}" for k, v in dev_metrics.items())
-        lines += [f"- Dev set ({len(dev_set)} rows): {table}"]
-    lines += ["", "All settings: `config.json`. Per-epoch history: `metrics.json`.", ""]
-    (out / CARD).write_text("\n".join(lines))
+def check_resumed_config(out: Path, config: Config, resume: bool, auto_vision: bool = False) -> Config:
+    """A resumed run must keep its settings; only ``epochs`` may change (an interrupted run may train longer).
+    Returns ``config``, text only if the run being resumed fell back to it (``vision`` "auto" without a usable
+    image, see ``xmctag.training.images.prepare_images``)."""
+    if not (resume and (out / CONFIG).exists()):
+        return config
+    saved = Config.load(out / CONFIG).to_dict()
+    if auto_vision and saved["vision"] == "none":
+        config = dataclasses.replace(config, vision="none")
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config.to_dict().items() if k != "epochs" and saved[k] != v]
+    if changed:
+        raise UserError(f"--resume {out}: settings differ from the run being resumed: {'; '.join(changed)}")
+    return config
 
 
-def _is_decoder(out: Path) -> bool:
-    from transformers import AutoConfig
+def start(out: Path, config: Config, replace: str | None, log) -> None:
+    """Makes ``out`` a run directory of ``config`` (after ``check_out_dir``; ``replace``: its reason, logged)."""
+    if replace:
+        log(replace)
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / CONFIG)
 
-    from xmctag.models.decoder import is_decoder_config
 
-    return is_decoder_config(AutoConfig.from_pretrained(out / MODEL, local_files_only=True))
+def save_checkpoint(out: Path, state: dict) -> None:
+    """Writes the state after an epoch (either stage's: see ``xmctag.training.trainer``), with the torch RNG, for
+    ``--resume``. A crash while saving never leaves a truncated checkpoint (written aside, then renamed)."""
+    import torch
+
+    tmp = out / CHECKPOINT_TMP
+    torch.save({**state, "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(out / CHECKPOINT)
 
 
-def _decoder_card_lines(out: Path, config: Config) -> list[str]:
-    """For a decoder backbone: how it was trained (LoRA adapters at ``lora_lr``, merged) and its prompt."""
-    if not _is_decoder(out):
-        return []
-    training = (f"LoRA rank {config.lora_rank} (alpha {config.lora_alpha}) on {', '.join(config.lora_target_modules)}"
-                f", learning rate {config.lora_lr}, merged into the saved weights" if config.lora_rank > 0
-                else f"all weights, learning rate {config.lr}")
-    return [f"- Decoder backbone: {training}; {config.pooling} pooling over the prompt \"{config.prompt_prefix} "
-            f"<title> <eos>\""]
+def load_checkpoint(out: Path) -> dict | None:
+    """What ``save_checkpoint`` wrote, the torch RNG restored; None when the run has no checkpoint."""
+    import torch
+
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+def finish(out: Path) -> None:
+    """The run is complete: its checkpoint goes."""
+    (out / CHECKPOINT).unlink(missing_ok=True)

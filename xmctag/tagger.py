@@ -7,7 +7,8 @@
 Per product: text from the model's text columns -> tokens -> ONNX encoder -> embedding q -> faiss searches of the
 label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``)
 -> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its size (the bundle's
-indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``).
+indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``). The bundle is read and
+checked by ``xmctag.bundle.Bundle``; the catalog by ``xmctag.io.catalog``.
 
 Bundles with image fusion (manifest ``fusion``) also read the catalog's image column: cached image embeddings are
 looked up, new pictures decoded by a thread pool and embedded with the bundle's ``vision.onnx``
@@ -19,8 +20,6 @@ bundles never touch any of it.
 from __future__ import annotations
 
 import functools
-import queue
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,21 +28,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from xmctag import bundle as layout
-from xmctag import run_dir
 from xmctag.backend import runtime
-from xmctag.config import Config
-from xmctag.data import check_columns, check_text_column, is_parquet, product_text_expr
-from xmctag.errors import UserError, first_line
+from xmctag.bundle import Bundle
+from xmctag.errors import UserError
+from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
 from xmctag.io.writers import PredictionWriter, resolve_format
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import pad
+from xmctag.prefetch import prefetch
 from xmctag.progress import Progress
-from xmctag.scoring import NeighbourLabels, rank_labels
-
-SKIP_EMPTY_TEXT = "empty text"
-SKIP_NO_ID = "no id"
+from xmctag.scoring import rank_labels
 
 
 @dataclass
@@ -70,40 +65,39 @@ ENCODE_BATCH_CUDA = 512
 class Tagger:
     """A bundle ready to tag: ONNX session, tokenizer, faiss indexes (labels, training products), label table."""
 
-    def __init__(self, path: Path, manifest: dict, config: Config, session, tokenizer, pad_id: int, index,
-                 label_ids: list[str], label_texts: list[str], device: str, encode_batch_size: int = ENCODE_BATCH_CPU,
-                 neighbour_index=None, neighbour_labels: NeighbourLabels | None = None,
-                 exclusive_groups: list[str | None] | None = None):
-        self.path = path
-        self.manifest = manifest
-        self.config = config
+    def __init__(self, bundle: Bundle, session, tokenizer, index, labels: pl.DataFrame, device: str,
+                 encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False):
+        self.bundle = bundle
+        self.path, self.manifest, self.config = bundle.path, bundle.manifest, bundle.config
         self.session = session
         self.tokenizer = tokenizer
-        self.pad_id = pad_id
+        self.pad_id = int(self.manifest["tokenization"]["pad_id"])
         self.index = index
-        self.label_ids = np.array(label_ids, dtype=object)
-        self.label_texts = np.array(label_texts, dtype=object)
+        self.label_ids = np.array(labels["label"].to_list(), dtype=object)
+        self.label_texts = np.array(labels["text"].to_list(), dtype=object)
         self.device = device
-        scoring = manifest["scoring"]
+        scoring = self.manifest["scoring"]
         self.scale = float(scoring["scale"])
-        self.knn_neighbours = int(scoring.get("knn_neighbours", 0)) if neighbour_index is not None else 0
+        self.neighbour_index, self.neighbour_labels = neighbours if neighbours is not None else (None, None)
+        self.knn_neighbours = int(scoring.get("knn_neighbours", 0)) if neighbours is not None else 0
         self.knn_temperature = float(scoring.get("knn_temperature", 0.0))
         self.knn_weight = float(scoring.get("knn_weight", 0.0)) if self.knn_neighbours else 0.0
-        self.neighbour_index = neighbour_index
-        self.neighbour_labels = neighbour_labels
-        # [w_l, b_l] rows, memory-mapped: only the rows of candidate labels are read (see scoring.blend_top_k)
-        self.label_vectors = np.load(path / run_dir.LABEL_VECTORS, mmap_mode="r")
+        self.label_vectors = bundle.label_vectors()  # memory-mapped: only candidate rows are read
         self.encode_batch_size = encode_batch_size
-        self.groups = group_ids(exclusive_groups)  # at most one label of each exclusive facet per product
+        groups = labels["exclusive_group"].to_list() if exclusive_groups and "exclusive_group" in labels else None
+        self.groups = group_ids(groups)  # at most one label of each exclusive facet per product
+        fusion = bundle.fusion
+        self.catalog = CatalogColumns(self.config.id_col, tuple(self.config.text_cols),
+                                      fusion["image_col"] if fusion is not None else None)
 
     @property
     def bundle_id(self) -> str:
-        return self.manifest["bundle_id"]
+        return self.bundle.bundle_id
 
     @property
     def fusion(self) -> dict | None:
         """The manifest's ``fusion`` section for a bundle with image fusion, else None (text only)."""
-        return self.manifest.get("fusion")
+        return self.bundle.fusion
 
     def images(self, cache_dir: str | Path | None = None, output: Path | None = None, workers: int = 8):
         """A ``BundleImages`` reading the image cache (``xmctag.vision.tagging.resolve_cache_dir``)."""
@@ -127,54 +121,28 @@ class Tagger:
         most one label of each exclusive facet per product (``xmctag.label_groups``); False (default) ranks all
         labels freely.
         ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA)."""
-        from tokenizers import Tokenizer
-
         runtime.check_runtime_packages()  # both or neither of onnxruntime(-gpu) / faiss-cpu(-gpu): say so first
-        path = Path(path)
-        if not path.is_dir():
-            raise UserError(f"--model {path}: no such bundle directory")
-        manifest = layout.read_manifest(path, verify_hashes=verify)
-        config = Config.load(path / run_dir.CONFIG)
+        bundle = Bundle.open(path, verify=verify)
         requested, device = device, runtime.resolve_device(device)
-        graph = _choose_graph(manifest["graph"]["files"], device, precision)
+        graph = bundle.graph(device, precision)
         try:
-            session = runtime.create_session(path / graph, device, threads)
+            session = runtime.create_session(graph, device, threads)
         except runtime.CudaUnavailable as e:
             if requested != "auto":  # --device cuda was asked for: a CPU run would not be what the user wanted
                 raise
             warnings.warn(f"{e}; tagging on the CPU", stacklevel=2)
             device = "cpu"
-            graph = _choose_graph(manifest["graph"]["files"], device, precision)
-            session = runtime.create_session(path / graph, device, threads)
-        tokenization = manifest["tokenization"]
-        tokenizer = Tokenizer.from_file(str(path / tokenization["tokenizer"]))
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(tokenization["max_length"])
-        index = runtime.faiss().read_index(str(path / layout.INDEX))
-        wanted = ["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"]
-        labels = pl.read_parquet(path / run_dir.LABELS,  # not encoder_text: synonyms can be large
-                                 columns=[c for c in wanted if c in pl.read_parquet_schema(path / run_dir.LABELS)])
-        dims = manifest["dims"]
-        if index.d != dims["index"] or index.ntotal != dims["labels"] or len(labels) != dims["labels"]:
-            raise UserError(f"{path}: index ({index.ntotal} x {index.d}) and label table ({len(labels)} rows) do not "
-                            f"match the manifest ({dims['labels']} x {dims['index']})")
-        neighbour_index = neighbour_labels = None
-        if dims.get("neighbours"):
-            neighbour_index = runtime.faiss().read_index(str(path / layout.NEIGHBOUR_INDEX))
-            neighbour_labels = NeighbourLabels.load(path / run_dir.TRAIN_LABELS)
-            if neighbour_index.ntotal != dims["neighbours"] or len(neighbour_labels) != dims["neighbours"]:
-                raise UserError(f"{path}: neighbour index ({neighbour_index.ntotal}) and training labels "
-                                f"({len(neighbour_labels)}) do not match the manifest ({dims['neighbours']})")
-        groups = labels["exclusive_group"].to_list() if "exclusive_group" in labels else None
-        if exclusive_groups and group_ids(groups) is None:  # asked for, but there is nothing to enforce
-            warnings.warn(f"--exclusive-groups: {path} has no exclusive label groups (training found none, or the "
-                          "bundle predates them); all labels are ranked freely", stacklevel=2)
+            session = runtime.create_session(bundle.graph(device, precision), device, threads)
+        labels = bundle.labels(["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"])
+        index = bundle.label_index()
+        if exclusive_groups and ("exclusive_group" not in labels
+                                 or group_ids(labels["exclusive_group"].to_list()) is None):
+            warnings.warn(f"--exclusive-groups: {bundle.path} has no exclusive label groups (training found none, "
+                          "or the bundle predates them); all labels are ranked freely", stacklevel=2)
         if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
             encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
-        return cls(path, manifest, config, session, tokenizer, int(tokenization["pad_id"]), index,
-                   labels["label"].to_list(), labels["text"].to_list(), device, encode_batch_size,
-                   neighbour_index=neighbour_index, neighbour_labels=neighbour_labels,
-                   exclusive_groups=groups)
+        return cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
+                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -231,8 +199,8 @@ class Tagger:
 
         Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``).
         """
-        self._check_schema("frame", frame.schema)
-        batch = self._prepare(frame, source="frame")
+        self.catalog.check_schema("frame", frame.schema)
+        batch = self.catalog.prepare(frame, source="frame")
         images = None
         if self.fusion is not None and "image" in batch.columns:
             images = self.images(cache_dir).features(batch["image"].to_list(), Path(base_dir))
@@ -261,7 +229,7 @@ class Tagger:
         check_options(top_k, min_score)
         top_k = min(top_k, len(self.label_ids))
         fmt = resolve_format(Path(output) if output is not None else None, fmt)
-        columns = self._check_catalog(catalog)
+        columns = self.catalog.check_file(catalog)
         if self.fusion is not None and self.fusion["image_col"] not in columns:  # fine, but not what it was made for
             warnings.warn(f"{catalog} has no image column {self.fusion['image_col']!r}: products are tagged from "
                           "text only", stacklevel=2)
@@ -281,7 +249,7 @@ class Tagger:
     def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
                   top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,
                   cache_dir: str | Path | None, workers: int) -> None:
-        total = pl.scan_parquet(catalog).select(pl.len()).collect().item()
+        total = count_rows(catalog)
         show = Progress(progress)
         started = time.perf_counter()
         images = self.images(cache_dir, summary.output, workers) if self.fusion is not None else None
@@ -289,9 +257,10 @@ class Tagger:
         def prepared():
             """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
             rows = 0
-            for frame in _read_batches(catalog, columns, batch_size):
+            for frame in read_batches(catalog, columns, batch_size):
                 skipped: dict[str, int] = {}
-                batch = self._prepare(frame, source=str(catalog), row_offset=rows, strict=strict, skipped=skipped)
+                batch = self.catalog.prepare(frame, source=str(catalog), row_offset=rows, strict=strict,
+                                             skipped=skipped)
                 features = None
                 # A catalog without the image column is tagged text only (``embed`` masks every image slot).
                 if images is not None and len(batch) and "image" in batch.columns:
@@ -300,7 +269,7 @@ class Tagger:
                 yield len(frame), batch, skipped, features
 
         # Fused: the image work (cache lookups, decoding, vision graph) runs a batch ahead in a background thread.
-        batches = prepared() if images is None else _prefetch(prepared())
+        batches = prepared() if images is None else prefetch(prepared(), name="xmctag-images")
         with show.task("tagging", total=total, unit="products") as update:
             for n_read, batch, skipped, features in batches:
                 summary.rows_read += n_read
@@ -320,58 +289,6 @@ class Tagger:
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
 
-    def _check_catalog(self, catalog: Path) -> list[str]:
-        """The columns to read from ``catalog``, after checking that it is a Parquet file with the model's id and
-        text columns, of types that read as strings."""
-        if catalog.is_dir():
-            raise UserError(f"{catalog}: is a directory, not a Parquet file")
-        if not catalog.is_file():
-            raise UserError(f"{catalog}: no such file")
-        if not is_parquet(catalog):  # by content: a CSV named .parquet, or a Parquet file named .csv, is caught
-            raise UserError(f"{catalog}: not a Parquet file (xmctag tag reads Parquet catalogs)")
-        try:
-            schema = pl.read_parquet_schema(catalog)
-        except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
-            raise UserError(f"{catalog}: not a readable Parquet file ({first_line(e)})") from None
-        self._check_schema(catalog, schema)
-        columns = [self.config.id_col, *self.config.text_cols]
-        if self.fusion is not None and self.fusion["image_col"] in schema:  # no image column: text only, still fine
-            columns.append(self.fusion["image_col"])
-        return columns
-
-    def _check_schema(self, source, schema) -> None:
-        """The model's id and text columns are in ``schema``, of types that read as strings."""
-        check_columns(Path(source), list(schema), [self.config.id_col, *self.config.text_cols])
-        check_text_column(source, self.config.id_col, schema[self.config.id_col], "a product id")
-        for column in self.config.text_cols:
-            check_text_column(source, column, schema[column], "product text")
-
-    def _prepare(self, frame: pl.DataFrame, source: str, row_offset: int = 0, strict: bool = False,
-                 skipped: dict[str, int] | None = None) -> pl.DataFrame:
-        """``id``, ``text`` of the rows that have an id and text; the others are counted in ``skipped`` by reason
-        (``SKIP_NO_ID``, ``SKIP_EMPTY_TEXT``), or under ``strict`` the first of them is an error. The callers
-        check the columns (``_check_schema``): once per file, not once per batch."""
-        columns = [pl.col(self.config.id_col).cast(pl.String).alias("id"),
-                   product_text_expr(self.config.text_cols).alias("text")]
-        if self.fusion is not None and self.fusion["image_col"] in frame.columns:
-            columns.append(pl.col(self.fusion["image_col"]).alias("image"))
-        prepared = frame.select(columns)
-        no_id = prepared["id"].str.strip_chars().str.len_chars().fill_null(0) == 0  # null, empty or blank
-        empty = prepared["text"].is_null() & ~no_id  # a row without either counts once, as "no id"
-        bad = no_id | empty
-        if strict and bad.any():
-            row = int(bad.arg_true()[0])
-            if no_id[row]:
-                raise UserError(f"{source}: row {row_offset + row} has no id in column {self.config.id_col!r} "
-                                f"(--strict)")
-            raise UserError(f"{source}: row {row_offset + row} (id {prepared['id'][row]!r}) has no text in "
-                            f"{', '.join(self.config.text_cols)} (--strict)")
-        if skipped is not None:
-            for reason, mask in ((SKIP_NO_ID, no_id), (SKIP_EMPTY_TEXT, empty)):
-                if n := int(mask.sum()):
-                    skipped[reason] = skipped.get(reason, 0) + n
-        return prepared.filter(~bad)
-
     def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None):
         indices, scores = self.predict(batch["text"].to_list(), top_k, min_score, images)
         keep = indices >= 0
@@ -385,70 +302,3 @@ def check_options(top_k: int, min_score: float | None) -> None:
         raise UserError(f"--top-k must be >= 1, not {top_k}")
     if min_score is not None and not 0.0 <= min_score <= 1.0:  # also refuses nan, which would cut every label
         raise UserError(f"--min-score must be between 0 and 1 (scores are in [0, 1]), not {min_score}")
-
-
-def _choose_graph(files: list[str], device: str, precision: str) -> str:
-    by_precision = {"fp32": layout.ONNX_FP32, "fp16": layout.ONNX_FP16, "int8": layout.ONNX_INT8}
-    if precision == "auto":
-        return layout.ONNX_FP16 if device == "cuda" and layout.ONNX_FP16 in files else layout.ONNX_FP32
-    if precision not in by_precision:
-        raise UserError(f"--precision must be auto, fp32, fp16 or int8, not {precision!r}")
-    if by_precision[precision] not in files:
-        raise UserError(f"--precision {precision}: this bundle has no {by_precision[precision]} (re-export it)")
-    return by_precision[precision]
-
-
-def default_output_path(catalog: Path, fmt: str) -> Path:
-    suffix = {"parquet": ".parquet", "csv": ".csv", "jsonl": ".jsonl"}.get(fmt, f".{fmt}")
-    return catalog.with_name(f"{catalog.stem}.predictions{suffix}")
-
-
-def _read_batches(catalog: Path, columns: list[str], batch_size: int):
-    """Polars streaming read: frames of about ``batch_size`` rows, memory bounded by the batch, not the file."""
-    try:
-        yield from pl.scan_parquet(catalog).select(columns).collect_batches(chunk_size=batch_size)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{catalog}: cannot read ({first_line(e)})") from None
-
-
-def _prefetch(items, depth: int = 2):
-    """Iterates ``items`` in a background thread, up to ``depth`` items ahead; its exceptions are re-raised here.
-
-    ONNX Runtime and PIL release the GIL, so the producer's image decoding and vision graph run while the consumer
-    encodes text. Stopping early (an error downstream) tells the producer to stop at its next item.
-    """
-    done = object()
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                buffer.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not put((None, item)):
-                    return
-            put((None, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put((e, None))
-
-    thread = threading.Thread(target=produce, name="xmctag-images", daemon=True)
-    thread.start()
-    try:
-        while True:
-            error, item = buffer.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)

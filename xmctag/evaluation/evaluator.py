@@ -7,8 +7,7 @@ import torch
 
 from xmctag.config import Config
 from xmctag.evaluation.metrics import evaluate_rankings
-from xmctag.scoring import NeighbourLabels, rank_labels
-from xmctag.training.label_vectors import LabelVectors
+from xmctag.scoring import LabelVectors, NeighbourLabels, rank_labels
 
 
 @torch.inference_mode()

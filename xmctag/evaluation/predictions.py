@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from xmctag.data import check_columns, check_label_list_column, check_text_column, is_parquet, read_table
-from xmctag.errors import UserError, first_line
+from xmctag.io.datasets import check_label_list_column, check_text_column, read_table
+from xmctag.io.predictions import PredictionSource, read_prediction_file
+from xmctag.errors import UserError
 from xmctag.evaluation.metrics import evaluate_rankings, inverse_propensity
 
 
@@ -41,123 +42,6 @@ class EvalReport:
                 "predictions_not_in_truth": self.predictions_not_in_truth,
                 "truth_rows_without_labels": self.truth_rows_without_labels,
                 "propensity_source": self.propensity_source, "notes": self.notes}
-
-
-@dataclass
-class PredictionSource:
-    """Which bundle made a prediction file, as the file records it (None: not recorded)."""
-
-    bundle_id: str | None = None
-    bundle: str | None = None  # its directory when tagged
-    note: str | None = None  # why neither can be trusted (e.g. rows from several bundles)
-
-
-LONG_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-
-
-def _prediction_format(path: Path) -> str:
-    """parquet, csv or jsonl: by content for Parquet (magic bytes), else by extension, else by the first byte."""
-    if is_parquet(path):
-        return "parquet"
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        raise UserError(f"{path}: not a Parquet file (and not a prediction file xmctag writes)")
-    if suffix in LONG_SUFFIXES:
-        return LONG_SUFFIXES[suffix]
-    with open(path, "rb") as f:
-        return "jsonl" if f.read(64).lstrip().startswith(b"{") else "csv"
-
-
-def read_predictions(path: str | Path, one_per_id: bool = True) -> pl.DataFrame:
-    """``id``, ``labels`` (best first) from any prediction format."""
-    return read_prediction_file(path, one_per_id)[0]
-
-
-def read_prediction_file(path: str | Path, one_per_id: bool = True) -> tuple[pl.DataFrame, PredictionSource]:
-    """``id``, ``labels`` (best first) from any prediction format, and the bundle the file says made it.
-
-    ``one_per_id``: a repeated id is an error (eval). False (``tag --show``): a row per product as written, the rows
-    of a CSV/JSONL file grouped in file order (a product's ranks are consecutive rows from 1, as ``tag`` writes them).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a prediction file")
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    fmt = _prediction_format(path)
-    if fmt == "parquet":
-        return _read_parquet_predictions(path, one_per_id)
-    strings = ("id", "label", "bundle_id", "bundle")
-    try:
-        if path.stat().st_size == 0:  # JSON Lines of a run that tagged no product (polars cannot read it)
-            long = pl.DataFrame(schema={"id": pl.String, "rank": pl.Int32, "label": pl.String})
-        elif fmt == "csv":  # read as strings from the start: an id such as 007 stays 007
-            long = pl.read_csv(path, schema_overrides=dict.fromkeys(strings, pl.String))
-        else:  # JSON values carry their type; read_ndjson rejects overrides of columns the file lacks
-            long = pl.read_ndjson(path)
-    except (pl.exceptions.PolarsError, OSError) as e:
-        raise UserError(f"{path}: cannot read predictions as {fmt.upper()} ({first_line(e)})") from None
-    missing = {"id", "rank", "label"} - set(long.columns)
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))} (a {fmt.upper()} prediction file "
-                        f"has one row per product and rank: id, rank, label, ...)")
-    for column in strings:
-        if column in long.columns:
-            check_text_column(path, column, long.schema[column], "strings")
-    long = long.with_columns(pl.col(c).cast(pl.String) for c in strings if c in long.columns)
-    if long.is_empty():  # a header only: nothing to infer the rank's type from
-        long = long.with_columns(pl.col("rank").cast(pl.Int32))
-    if not long.schema["rank"].is_integer():
-        raise UserError(f"{path}: column 'rank' has type {long.schema['rank']}; expected integers (1 = best)")
-    if not one_per_id:
-        return _group_in_file_order(long), PredictionSource()
-    repeated = long.select("id", "rank").is_duplicated()
-    if repeated.any():
-        row = long.row(int(repeated.arg_true()[0]), named=True)
-        raise UserError(f"{path}: id {row['id']!r} has rank {row['rank']} twice ({int(repeated.sum())} rows share an "
-                        "(id, rank)); eval needs one prediction list per product")
-    source = PredictionSource()
-    for key in ("bundle_id", "bundle"):
-        values = long[key].drop_nulls().unique().to_list() if key in long.columns else []
-        values = [v for v in values if v]
-        if len(values) > 1:
-            return _group_long(long), PredictionSource(note=f"its rows come from {len(values)} different bundles")
-        setattr(source, key, values[0] if values else None)
-    return _group_long(long), source
-
-
-def _group_long(long: pl.DataFrame) -> pl.DataFrame:
-    return long.sort("id", "rank").group_by("id", maintain_order=True).agg(pl.col("label").alias("labels"))
-
-
-def _group_in_file_order(long: pl.DataFrame) -> pl.DataFrame:
-    new_product = (pl.col("id") != pl.col("id").shift(1)) | (pl.col("rank") <= pl.col("rank").shift(1))
-    return (long.with_columns(product=new_product.fill_null(True).cum_sum())
-            .group_by("product", maintain_order=True).agg(pl.col("id").first(), pl.col("label").alias("labels"))
-            .drop("product"))
-
-
-def _read_parquet_predictions(path: Path, one_per_id: bool = True) -> tuple[pl.DataFrame, PredictionSource]:
-    from xmctag.io.writers import read_parquet_metadata
-
-    try:
-        schema = pl.read_parquet_schema(path)
-        metadata = read_parquet_metadata(path)
-    except Exception as e:  # noqa: BLE001 - polars, pyarrow and OS errors all mean the same thing here
-        raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
-    check_columns(path, list(schema), ["id", "labels"])
-    check_text_column(path, "id", schema["id"], "a product id")
-    check_label_list_column(path, "labels", schema["labels"])
-    try:
-        frame = pl.read_parquet(path, columns=["id", "labels"])
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: cannot read ({first_line(e)})") from None
-    frame = frame.with_columns(pl.col("id").cast(pl.String), pl.col("labels").list.eval(pl.element().cast(pl.String)))
-    repeated = frame["id"].is_duplicated()
-    if one_per_id and repeated.any():
-        raise UserError(f"{path}: id {frame['id'][int(repeated.arg_true()[0])]!r} is in more than one row "
-                        f"({int(repeated.sum())} rows share an id); eval needs one prediction list per product")
-    return frame, PredictionSource(metadata.get("bundle_id") or None, metadata.get("bundle") or None)
 
 
 def evaluate_predictions(predictions: str | Path, truth: str | Path, train: str | Path | None = None,

@@ -15,7 +15,6 @@ Without an explicit format it follows the output's extension (``resolve_format``
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -136,15 +135,3 @@ class PredictionWriter:
                     raise UserError(f"--output {self.path}: cannot replace it ({e.strerror or e})") from None
             else:
                 self._tmp.unlink(missing_ok=True)
-
-
-def read_parquet_metadata(path: str | Path) -> dict[str, str]:
-    """The ``xmctag.*`` key-value metadata of a prediction Parquet file (prefix stripped)."""
-    import pyarrow.parquet as pq
-
-    raw = pq.read_schema(path).metadata or {}
-    return {k.decode().removeprefix("xmctag."): v.decode() for k, v in raw.items() if k.startswith(b"xmctag.")}
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

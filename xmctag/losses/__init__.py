@@ -16,4 +16,4 @@ def make_loss(config: Config) -> nn.Module:
         return InfoNCELoss(config.temperature)
     if config.loss == "triplet":
         return TripletOHNMLoss(config.num_negatives, config.margin_min, config.margin_max)
-    raise ValueError(f"loss {config.loss!r}: resolve \"auto\" first (xmctag.models.decoder.resolve_kind_defaults)")
+    raise ValueError(f"loss {config.loss!r}: resolve \"auto\" first (xmctag.training.settings.resolve_settings)")

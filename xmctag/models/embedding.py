@@ -1,4 +1,6 @@
-"""Batched inference with the PyTorch encoder: texts in, ``(n, dim)`` float32 unit-norm embeddings out."""
+"""The PyTorch encoder over token ids: batched inference (``encode_ids``, ``encode_texts``) and the training-time
+forward pass that keeps the graph for backward (``embed_with_grad``). Both pad sequences in length order and return
+rows in input order; both run under the same ``autocast`` (bf16 on a GPU, fp32 on a CPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,16 @@ import numpy as np
 import torch
 
 from xmctag.models.encoder import TextEncoder
-from xmctag.models.fusion import ImageInputs
+from xmctag.models.image_inputs import ImageInputs
 from xmctag.models.tokens import pad, pad_id_of, token_ids
+
+CPU_CHUNK = 32  # sequences per forward pass when training on CPU (see embed_with_grad)
+
+
+def autocast(device) -> torch.autocast:
+    """bf16 autocast on a GPU; on a CPU fp32 (these CPUs have no fast bf16, and parity checks need fp32)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
 
 
 @torch.inference_mode()
@@ -25,7 +35,7 @@ def encode_ids(encoder: TextEncoder, ids: list[list[int]], pad_id: int, batch_si
         rows = order[start:start + batch_size]
         input_ids, mask = pad([ids[i] for i in rows], pad_id)
         extra = images.take(rows).tensors(device) if images is not None else {}
-        with _autocast(device):
+        with autocast(device):
             emb = encoder(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device),
                           **extra)["embedding"]
         out[rows] = emb.float().cpu().numpy()
@@ -42,7 +52,21 @@ def encode_texts(encoder: TextEncoder, tokenizer, texts: list[str], max_length: 
                       device, progress, images)
 
 
-def _autocast(device) -> torch.autocast:
-    device_type = torch.device(device).type
-    # bf16 autocast on GPU; on CPU fp32 (these CPUs have no fast bf16, and parity checks need fp32).
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+def embed_with_grad(encoder: TextEncoder, ids: list[list[int]], pad_id: int, device,
+                    images: ImageInputs | None = None) -> torch.Tensor:
+    """Embeddings of ``ids`` in input order, keeping the graph for backward (the caller sets ``autocast``).
+
+    On CPU the sequences go through in length-sorted chunks of ``CPU_CHUNK``: each chunk is padded only to its own
+    longest sequence, which saves much of the work on short label texts and mixed-length titles. A GPU takes the
+    whole batch at once (padding is cheap there, kernel launches are not).
+    """
+    chunk = len(ids) if device.type == "cuda" else CPU_CHUNK
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    parts = []
+    for start in range(0, len(ids), chunk):
+        rows = order[start:start + chunk]
+        input_ids, mask = pad([ids[i] for i in rows], pad_id)
+        extra = images.take(rows).tensors(device) if images is not None else {}
+        parts.append(encoder(torch.from_numpy(input_ids).to(device), torch.from_numpy(mask).to(device),
+                             **extra)["embedding"])
+    return torch.cat(parts)[torch.from_numpy(np.argsort(order)).to(device)]

@@ -1,8 +1,13 @@
 """The Siamese text encoder: one transformer embeds both products and label texts.
 
 ``TextEncoder`` wraps a Hugging Face backbone, a BERT-like encoder or a decoder LLM (Qwen2, Llama, Mistral, ...:
-``xmctag.models.decoder``), and returns the pooled, L2-normalised embedding of each sequence: mean over the real
+``xmctag.models.build``), and returns the pooled, L2-normalised embedding of each sequence: mean over the real
 tokens (default) or the last real token (``pooling="last"``, decoders: the EOS that closes the prompt).
+
+Each encoder saves and loads itself (``save(directory)`` / ``load(directory)``): its backbone under ``model/`` (a
+plain Hugging Face model, LoRA adapters merged) and, when centring is on, ``pooling_center.npy`` beside it; and it
+configures its own optimiser (``param_groups`` / ``configure_optimizers``, nanoGPT's pattern), so that the training
+stages need not know which weights train at which rate.
 
 Decoders keep their causal attention and read right-padded sequences; position ids are always taken from the
 attention mask (``cumsum - 1``), so a row's embedding does not depend on its batch neighbours or on padding.
@@ -18,10 +23,15 @@ a masked-out extra token (a product without an image) leaves the embedding exact
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
-from xmctag.models.decoder import is_decoder_config
+from xmctag.config import Config
+from xmctag.models.backbone import is_decoder_config
+from xmctag.models.files import MODEL_DIR, POOLING_CENTER
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -156,6 +166,49 @@ class TextEncoder(nn.Module):
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
         return self._embedding(hidden, mask)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def learning_rate(self, config: Config) -> float:
+        """``lora_lr`` when LoRA adapters are what trains (a decoder with ``lora_rank`` > 0), else ``lr``."""
+        return config.lora_lr if self.is_decoder and config.lora_rank > 0 else config.lr
+
+    def param_groups(self, config: Config, lr: float | None = None) -> list[dict]:
+        """AdamW parameter groups: the trainable weights at ``lr`` (default: ``learning_rate(config)``)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad],
+                 "lr": self.learning_rate(config) if lr is None else lr}]
+
+    def configure_optimizers(self, config: Config, lr: float | None = None,
+                             extra_groups: list[dict] = ()) -> torch.optim.AdamW:
+        """AdamW over ``param_groups(config, lr)`` and ``extra_groups`` (e.g. a classifier head), with
+        ``config.weight_decay``."""
+        return torch.optim.AdamW([*self.param_groups(config, lr), *extra_groups],
+                                 lr=self.learning_rate(config), weight_decay=config.weight_decay)
+
+    # -- saving and loading ----------------------------------------------------------------------------------------
+    def save(self, directory: Path, tokenizer=None) -> None:
+        """Writes ``directory/model/`` (backbone with any LoRA adapters merged, and ``tokenizer`` when given) and,
+        with centring, ``directory/pooling_center.npy``."""
+        from xmctag.models.lora import save_backbone
+
+        directory = Path(directory)
+        save_backbone(self.backbone, directory / MODEL_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory / MODEL_DIR)
+        if self.center is not None:
+            np.save(directory / POOLING_CENTER, self.center.detach().float().cpu().numpy())
+
+    @classmethod
+    def load(cls, directory: Path, pooling: str = "mean", **kwargs) -> "TextEncoder":
+        """What ``save`` wrote; ``kwargs`` go to the constructor (e.g. a ``FusedEncoder``'s ``vision_dim``)."""
+        from transformers import AutoModel
+
+        directory = Path(directory)
+        backbone = AutoModel.from_pretrained(directory / MODEL_DIR, local_files_only=True)
+        encoder = cls(backbone, pooling=pooling, centering=(directory / POOLING_CENTER).exists(), **kwargs)
+        if encoder.center is not None:
+            encoder.center.copy_(torch.from_numpy(np.load(directory / POOLING_CENTER)))
+            encoder.center_updates.fill_(1)
+        return encoder
 
     def _decoder_forward(self, input_ids, attention_mask, extra_embeds, extra_mask) -> dict[str, torch.Tensor]:
         """Causal attention over right-padded rows; extras (if any) just before each row's EOS; positions from mask."""

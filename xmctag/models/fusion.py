@@ -1,52 +1,28 @@
 """Image fusion (ViXML early fusion): frozen vision features -> a learned projection -> extra tokens of the encoder.
 
-- ``ImageInputs``: the image side of a set of items, numpy only: ``features`` ``(N, M, V)`` float32 (the frozen vision
-  encoder's pooled features, from the cache) and ``mask`` ``(N, M)`` float32 0/1 (0: empty slot, missing, broken or
-  never-embedded image). ``M`` is ``max_images``.
-- ``FusedEncoder``: a ``TextEncoder`` with ``image_projection = nn.Linear(V, hidden)``. ``forward(input_ids,
-  attention_mask, image_embedding (B, M, V), image_mask (B, M))`` -> ``{"embedding": (B, hidden)}``. Each image slot
-  becomes one token (several images: several tokens, as the ViXML reference code does, rather than their mean: the
-  encoder's attention weighs them, and a masked slot simply drops out). The tokens go through ``TextEncoder``'s seam:
-  before the text for encoders, after the text and before the EOS for decoders; positions come from the mask, so a
-  product without a usable image is encoded exactly as text-only, whatever its batch neighbours have.
-- ``save_projection`` / ``load_projection``: the projection's weights as ``image_projection.safetensors``.
+``FusedEncoder``: a ``TextEncoder`` with ``image_projection = nn.Linear(V, hidden)``. ``forward(input_ids,
+attention_mask, image_embedding (B, M, V), image_mask (B, M))`` -> ``{"embedding": (B, hidden)}``. Each image slot
+becomes one token (several images: several tokens, as the ViXML reference code does, rather than their mean: the
+encoder's attention weighs them, and a masked slot simply drops out). The tokens go through ``TextEncoder``'s seam:
+before the text for encoders, after the text and before the EOS for decoders; positions come from the mask, so a
+product without a usable image is encoded exactly as text-only, whatever its batch neighbours have. The image inputs
+themselves are plain data (``xmctag.models.image_inputs.ImageInputs``).
+
+Saving and loading extend ``TextEncoder``'s: the projection's weights go to ``image_projection.safetensors`` (with
+``vision_dim`` in its metadata), and its own AdamW group trains at ``image_lr``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from xmctag.config import Config
 from xmctag.models.encoder import TextEncoder
-
-
-@dataclass
-class ImageInputs:
-    """``features`` ``(N, M, V)`` float32 and ``mask`` ``(N, M)`` float32 0/1 of N items (see the module docstring)."""
-
-    features: np.ndarray
-    mask: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.mask)
-
-    @property
-    def has_image(self) -> np.ndarray:
-        """``(N,)`` bool: the item has at least one usable image (decoders: its prompt has the image prefix)."""
-        return self.mask.sum(axis=1) > 0
-
-    def take(self, rows) -> "ImageInputs":
-        rows = np.asarray(rows)
-        return ImageInputs(self.features[rows], self.mask[rows])
-
-    def tensors(self, device) -> dict[str, torch.Tensor]:
-        """The keyword arguments of ``FusedEncoder.forward``."""
-        return {"image_embedding": torch.from_numpy(np.ascontiguousarray(self.features)).to(device),
-                "image_mask": torch.from_numpy(np.ascontiguousarray(self.mask)).to(device)}
+from xmctag.models.files import PROJECTION_FILE
 
 
 class FusedEncoder(TextEncoder):
@@ -81,24 +57,30 @@ class FusedEncoder(TextEncoder):
             norm = torch.tensor(float(self.vision_dim) ** 0.5)
         weight.mul_((token_norm / norm).to(weight.dtype))
 
+    def param_groups(self, config: Config, lr: float | None = None) -> list[dict]:
+        """The encoder's trainable weights at ``lr`` (default: its training rate), the projection at ``image_lr``."""
+        projection = list(self.image_projection.parameters())
+        skip = {id(p) for p in projection}
+        return [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in skip],
+                 "lr": self.learning_rate(config) if lr is None else lr},
+                {"params": projection, "lr": config.image_lr}]
 
-def make_encoder(backbone: nn.Module, vision_dim: int | None = None, **options) -> TextEncoder:
-    """A ``FusedEncoder`` when ``vision_dim`` is given (image fusion), else a ``TextEncoder``; ``options`` go to
-    ``TextEncoder`` (``pooling``, ``centering``, ``center_momentum``)."""
-    return FusedEncoder(backbone, vision_dim, **options) if vision_dim else TextEncoder(backbone, **options)
+    def save(self, directory: Path, tokenizer=None) -> None:
+        from safetensors.torch import save_file
 
+        super().save(directory, tokenizer)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.image_projection.state_dict().items()}
+        save_file(state, str(Path(directory) / PROJECTION_FILE),
+                  metadata={"vision_dim": str(self.vision_dim), "hidden": str(self.dim)})
 
-PROJECTION_FILE = "image_projection.safetensors"
+    @classmethod
+    def load(cls, directory: Path, pooling: str = "mean", **kwargs) -> "FusedEncoder":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-
-def save_projection(encoder: FusedEncoder, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().float().cpu().contiguous() for k, v in encoder.image_projection.state_dict().items()}
-    save_file(state, str(path), metadata={"vision_dim": str(encoder.vision_dim), "hidden": str(encoder.dim)})
-
-
-def load_projection(encoder: FusedEncoder, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    encoder.image_projection.load_state_dict(load_file(str(path)))
+        path = Path(directory) / PROJECTION_FILE
+        with safe_open(str(path), framework="pt") as f:
+            vision_dim = int(f.metadata()["vision_dim"])
+        encoder = super().load(directory, pooling=pooling, vision_dim=vision_dim, **kwargs)
+        encoder.image_projection.load_state_dict(load_file(str(path)))
+        return encoder

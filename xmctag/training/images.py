@@ -1,8 +1,6 @@
-"""Image fusion at training time: which vision model, where its cache lives, and the image inputs of each item set.
+"""Image fusion at training time: where the image cache lives, and the image inputs of each item set. (Which vision
+model, ``vision = "auto"`` included, is settled with the other settings in ``xmctag.training.settings``.)
 
-- ``resolve_vision(config, train_path)`` -> the ``Config`` with ``vision`` settled: ``"auto"`` becomes
-  ``DEFAULT_VISION_ENCODER`` (``builtin:efficientnet-lite0+colour``) when the training catalog has the image
-  column, else ``"none"`` (text only). The run saves the settled value, so its ``config.json`` says what was used.
 - ``image_cache_dir(config, out)``: ``config.image_cache_dir``, else ``<run dir>/image_cache``. Point several runs
   (a nightly retraining) at one directory with ``--cache-dir`` and each picture is embedded once, ever.
 - ``prepare_images(...)``: loads the frozen vision encoder, embeds every not-yet-cached image of the train / dev /
@@ -10,6 +8,7 @@
   ``ImageInputs`` (features + mask per row) with a ``fusion`` description that the run saves as ``fusion.json``.
   When no training product has a usable image, fusion would learn nothing: with ``vision = "auto"`` the run goes on
   text only (with a warning), a vision model named explicitly is an error.
+- ``prepare_fusion(config, data, out, ...)``: the same for a run's ``TrainingData``, saving ``fusion.json``.
 """
 
 from __future__ import annotations
@@ -23,27 +22,12 @@ from typing import Any
 import numpy as np
 
 from xmctag.config import Config
-from xmctag.data import table_columns
 from xmctag.errors import UserError
-from xmctag.models.fusion import ImageInputs
+from xmctag.models.image_inputs import ImageInputs
 from xmctag.progress import Progress
-from xmctag.run_dir import IMAGE_CACHE
-from xmctag.vision.registry import DEFAULT_VISION_ENCODER
+from xmctag.run_dir import CONFIG, IMAGE_CACHE, save_fusion
 
 ROWS_PER_BATCH = 512  # image values resolved (read, hashed, looked up, embedded if new) at a time
-
-
-def resolve_vision(config: Config, train: str | Path) -> Config:
-    """``config`` with ``vision`` either ``"none"`` or a vision model name (see the module docstring)."""
-    if config.vision == "none" or not Path(train).is_file():  # a missing file is reported by the data loader
-        return config
-    has_images = config.image_col in table_columns(Path(train))
-    if config.vision == "auto":
-        return dataclasses.replace(config, vision=DEFAULT_VISION_ENCODER if has_images else "none")
-    if not has_images:
-        raise UserError(f"{train}: --vision {config.vision} needs the image column {config.image_col!r} "
-                        f"(set --image-col, or --vision none for text only)")
-    return config
 
 
 def image_cache_dir(config: Config, out: Path) -> Path:
@@ -117,3 +101,25 @@ def embed_values(values: list[Any], base_dir: Path, encoder, cache_dir: Path, ma
     for line in summary.lines():
         show.log(f"{name} images: {line}")
     return ImageInputs(features, mask), summary
+
+
+def prepare_fusion(config: Config, data, out: Path, device, show: Progress, explicit: bool):
+    """Image fusion for a run: embeds the images of ``data`` (a ``TrainingData``) and sets its ``*_images``.
+
+    Returns ``(config, fusion)``: ``fusion`` as ``prepare_images`` gives it (saved as ``fusion.json``), or None for a
+    text-only run; ``config`` falls back to ``vision = "none"`` (saved) when no training product has a usable image.
+    """
+    if config.vision == "none":
+        return config, None
+    paths = data.paths
+    fusion, images = prepare_images(config, out, {
+        "train": (paths["train"], data.train.images),
+        "dev": (paths["dev"] or paths["train"], data.dev.images if data.dev is not None else None),
+        "labels": (paths["labels"], data.labels.images)}, device, show, explicit=explicit)
+    if fusion is None:  # vision "auto", and no training product has a usable image
+        config = dataclasses.replace(config, vision="none")
+        config.save(out / CONFIG)  # text only, as export and tagging will read it
+        return config, None
+    data.train_images, data.dev_images, data.label_images = images["train"], images["dev"], images["labels"]
+    save_fusion(out, fusion)  # before the encoder is saved: loading a run reads it
+    return config, fusion

@@ -15,29 +15,11 @@ never seen in training keep ``w_l = a * e_l``, ``b_l = c``: still rankable zero-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from xmctag.scoring.label_vectors import LabelVectors
+
 CALIBRATION_STEPS = 200
-
-
-@dataclass
-class LabelVectors:
-    """``vectors`` ``(L, d)`` and ``bias`` ``(L,)``: score(q, l) = sigmoid(scale * (<q, vectors[l]> + bias[l]))."""
-
-    vectors: np.ndarray
-    bias: np.ndarray
-    scale: float
-
-    def index_matrix(self) -> np.ndarray:
-        """``(L, d + 1)`` rows [w_l, b_l]; a query [q, 1] gets the pre-scale logit by inner product."""
-        return np.hstack([self.vectors, self.bias[:, None]]).astype(np.float32)
-
-    @classmethod
-    def from_text_embeddings(cls, label_embeddings: np.ndarray, scale: float) -> "LabelVectors":
-        """Plain dual-encoder scoring (no second stage): logit = scale * <q, e_l>."""
-        return cls(label_embeddings.astype(np.float32), np.zeros(len(label_embeddings), np.float32), scale)
 
 
 def fit_label_vectors(

@@ -1,4 +1,4 @@
-"""A ``VisionEncoder`` -> ONNX graphs that tagging can run without torch, checked against PyTorch.
+"""The vision encoders' ONNX graphs (``vision.onnx``, ``vision.fp16.onnx``, ``vision.json``), checked against PyTorch.
 
 Graph contract: input ``pixel_values`` float32 ``(batch, 3, H, W)`` (what ``encoder.preprocess`` returns; H and W
 fixed, batch dynamic), output ``image_embedding`` float32 ``(batch, dim)``: the encoder's raw pooled features, not
@@ -6,14 +6,12 @@ normalised (the same numbers ``encoder.embed`` puts in the cache).
 
 Files: ``vision.json`` (model id, dim, preprocessing spec, parity: what ``OnnxVisionEncoder`` needs to run the graph
 without torch), ``vision.onnx`` (fp32, CPU) and ``vision.fp16.onnx`` (fp16 weights and activations, fp32 inputs and
-outputs, meant for a GPU). Exported with the TorchScript exporter (``torch.onnx.export(dynamo=False)``: the dynamo
-exporter needs ``onnxscript``, which xmctag does not depend on); fp16 by ONNX Runtime's float16 converter.
+outputs, meant for a GPU). Exported, converted and checked with ``xmctag.backend`` (the same tools as the text
+encoder): every graph is run with ONNX Runtime on the same pictures as the PyTorch encoder, at batch sizes 1 and N,
+and must stay within the backend's tolerances on L2-normalised features; a violation raises ``ParityError`` and
+leaves no graph file behind.
 
-Parity: every graph is run with ONNX Runtime (CPU) on the same pictures as the PyTorch encoder, at batch sizes 1 and
-N (the dynamic axis is exercised). The metric is the max abs difference between the two after L2-normalising each
-row (raw features have model-dependent scales: EfficientNet-Lite0's reach ~5, CLIP's ~1), so one tolerance fits all
-models: 1e-4 for fp32, 5e-3 for fp16, as for the text encoder. The raw max abs difference is reported as well. A
-violation raises ``ParityError`` and leaves no graph file behind.
+``ExportedVisionEncoder``: a PyTorch vision encoder that embeds through its own fp32 export (faster on CPU).
 """
 
 from __future__ import annotations
@@ -28,18 +26,13 @@ from typing import Sequence
 
 import numpy as np
 
-from xmctag.errors import UserError
+from xmctag.backend import parity
+from xmctag.backend.export import export_torch_graph
+from xmctag.backend.optimise import to_fp16
 from xmctag.vision.encoders import VisionEncoder, describe
 from xmctag.vision.onnx_runtime import INPUT_NAME, ONNX_FP16, ONNX_FP32, OUTPUT_NAME, VISION_META
 
-FP32_TOLERANCE = 1e-4
-FP16_TOLERANCE = 5e-3
-OPSET = 17
-_EXTERNAL_DATA_BYTES = 1 << 30  # graphs above this keep their weights in a side file (protobuf's limit is 2 GiB)
-
-
-class ParityError(UserError):
-    """An exported graph disagrees with PyTorch beyond its tolerance."""
+ParityError = parity.ParityError
 
 
 def parity_pictures(n: int = 8, seed: int = 0) -> list:
@@ -64,8 +57,8 @@ def parity_pictures(n: int = 8, seed: int = 0) -> list:
 
 
 def export_vision_onnx(encoder: VisionEncoder, out_dir: str | Path, fp16: bool = True,
-                       pictures: Sequence | None = None, fp32_tolerance: float = FP32_TOLERANCE,
-                       fp16_tolerance: float = FP16_TOLERANCE) -> dict:
+                       pictures: Sequence | None = None, fp32_tolerance: float | None = None,
+                       fp16_tolerance: float | None = None) -> dict:
     """Writes ``vision.onnx`` (and ``vision.fp16.onnx``) and ``vision.json`` into ``out_dir``; returns the parity.
 
     ``pictures``: RGB pictures to check parity on (real product images are best); synthetic ones by default.
@@ -85,13 +78,15 @@ def export_vision_onnx(encoder: VisionEncoder, out_dir: str | Path, fp16: bool =
     try:
         with torch.no_grad():
             expected = encoder(pixels).float().numpy()
-            _torch_export(encoder, pixels[:2], staging / ONNX_FP32, staging)
+            export_torch_graph(encoder, pixels[:2], staging / ONNX_FP32, INPUT_NAME, OUTPUT_NAME)
         if fp16:
-            _to_fp16(staging / ONNX_FP32, staging / ONNX_FP16)
+            to_fp16(staging / ONNX_FP32, staging / ONNX_FP16)
         results = {"rows": len(pixels), "metric": "max abs diff of L2-normalised features (raw: not normalised)"}
-        tolerances = {ONNX_FP32: fp32_tolerance, ONNX_FP16: fp16_tolerance}
+        tolerances = {ONNX_FP32: parity.FP32_TOLERANCE if fp32_tolerance is None else fp32_tolerance,
+                      ONNX_FP16: parity.FP16_TOLERANCE if fp16_tolerance is None else fp16_tolerance}
         for name in [ONNX_FP32] + ([ONNX_FP16] if fp16 else []):
-            raw, normalised = _parity(staging / name, pixels.numpy(), expected)
+            raw, normalised = parity.vision_graph_difference(staging / name, pixels.numpy(), expected, INPUT_NAME,
+                                                             OUTPUT_NAME)
             results[name] = {"normalised": normalised, "raw": raw, "tolerance": tolerances[name]}
             if not normalised <= tolerances[name]:
                 raise ParityError(f"vision encoder export failed the parity check: {name} differs from PyTorch by "
@@ -106,63 +101,6 @@ def export_vision_onnx(encoder: VisionEncoder, out_dir: str | Path, fp16: bool =
     finally:
         encoder.to(device)
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _torch_export(encoder: VisionEncoder, sample, path: Path, staging: Path) -> None:
-    import torch
-
-    raw = Path(tempfile.mkdtemp(prefix="raw.", dir=staging))  # the exporter may scatter weight files here
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python control flow inside transformers code
-        axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-        torch.onnx.export(encoder, (sample,), str(raw / "model.onnx"), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
-    _save(_load(raw / "model.onnx"), path)  # one self-contained file (or the file + "<name>.data" when large)
-    shutil.rmtree(raw)
-
-
-def _to_fp16(source: Path, target: Path) -> None:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "values truncated to fp16 range": tiny weights become 0, as intended
-        model = convert_float_to_float16(_load(source), keep_io_types=True)
-    _save(model, target)
-
-
-def _load(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
-def _save(model, path: Path) -> None:
-    import onnx
-
-    large = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=path.name + ".data")
-
-
-def _parity(path: Path, pixels: np.ndarray, expected: np.ndarray) -> tuple[float, float]:
-    """``(raw max abs diff, max abs diff after L2-normalising rows)`` of ONNX Runtime vs PyTorch features."""
-    from xmctag.backend.runtime import onnxruntime
-
-    ort = onnxruntime()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    single = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: pixels[i:i + 1]})[0] for i in range(len(pixels))])
-    batched = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
-    raw = normalised = 0.0
-    for got in (single, batched):
-        got = got.astype(np.float32)
-        raw = max(raw, float(np.abs(got - expected).max()))
-        normalised = max(normalised, float(np.abs(_unit(got) - _unit(expected)).max()))
-    return raw, normalised
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 class ExportedVisionEncoder:

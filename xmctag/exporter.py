@@ -1,0 +1,237 @@
+"""``xmctag export``: a trained run directory -> a tagging bundle that needs only ONNX Runtime, faiss and tokenizers.
+
+Steps (the tools are ``xmctag.backend``'s; the bundle layout is ``xmctag.bundle``'s):
+1. Export the run's encoder (``TextEncoder`` / ``FusedEncoder``) to ONNX through Optimum. A run with image fusion
+   also exports its frozen vision encoder (``vision.onnx`` + ``vision.json``, ``xmctag.vision.onnx_export``) so that
+   tagging embeds new pictures with ONNX Runtime alone: fp32 only, because EfficientNet-Lite0's fp16 graph misses the
+   fp16 parity bar.
+2. Optimise it: ``encoder.onnx`` (fp32, for CPU), ``encoder.fp16.onnx`` (fp16 weights, fp32 inputs/outputs, for
+   CUDA) and ``encoder.int8.onnx`` (dynamic int8, for CPU, used only on request).
+3. Parity on real rows (the training products sampled into the run directory, and label texts) against the PyTorch
+   model (``xmctag.backend.parity``); past a tolerance the export fails, writing nothing. With fusion the sampled
+   products go through with their images and again with every image masked out (both kinds of rows).
+4. Bundle: ONNX files, tokenizer, label table, label vectors, faiss indexes, the config and a manifest (file hashes,
+   versions, dims, tokenisation settings, parity results). Written to a temporary directory and renamed into place,
+   so a failed export never leaves a half-written bundle. ``--overwrite`` replaces only a bundle (or an empty
+   directory), never one holding the run (``xmctag.overwrite``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from xmctag import bundle as layout
+from xmctag import run_dir
+from xmctag.backend import parity, runtime
+from xmctag.backend.export import export_text_graph
+from xmctag.backend.optimise import optimise_text_graph
+from xmctag.backend.quantise import quantise_int8
+from xmctag.errors import UserError
+from xmctag.models.tokens import pad, pad_id_of, token_ids
+from xmctag.overwrite import check_replaceable
+from xmctag.progress import Progress
+
+
+def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
+           progress: bool = True) -> Path:
+    """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``."""
+    import torch
+
+    show = Progress(progress)
+    runtime.check_runtime_packages()  # before any work: the export needs ONNX Runtime and writes a faiss index
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+        check_replaceable(out, layout.is_bundle, "an xmctag bundle", {"the run": run})
+    trained = run_dir.load_run(run)
+    encoder, tokenizer = trained.encoder_and_tokenizer()
+    fusion = run_dir.load_fusion(trained.path)
+    if not tokenizer.is_fast:
+        raise UserError(f"{run}: the model's tokenizer has no fast (tokenizer.json) version, which tagging needs")
+    encoder.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.no_grad():
+            show.log("exporting the encoder to ONNX (Optimum)")
+            raw = staging / "raw.onnx"
+            export_text_graph(encoder, raw, fusion)
+            graphs = {"fp32": staging / layout.ONNX_FP32}
+            if fp16:
+                graphs["fp16"] = staging / layout.ONNX_FP16
+            for kind, graph in graphs.items():
+                optimise_text_graph(raw, graph, encoder.config, fp16=kind == "fp16", fused=fusion is not None)
+            failure = quantise_int8(graphs["fp32"], staging / layout.ONNX_INT8)
+            if failure is None:
+                graphs["int8"] = staging / layout.ONNX_INT8
+            else:
+                show.log(f"warning: no int8 graph ({failure})")
+            raw.unlink()
+            for leftover in staging.glob("*.onnx.data"):
+                leftover.unlink()
+            results = parity.check_text_graphs(encoder, graphs, parity_batches(tokenizer, trained), show)
+            if fusion is not None:
+                results["vision"] = _export_vision(fusion, staging, show)
+        tokenizer.save_pretrained(staging / layout.TOKENIZER)
+        prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
+        write_bundle_files(staging, trained, results, pad_id_of(tokenizer), prompt=prompt, fusion=fusion)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    show.log(f"bundle written to {out}")
+    return out
+
+
+def _export_vision(fusion: dict, staging: Path, show: Progress) -> dict:
+    """The run's frozen vision encoder as ``vision.onnx`` + ``vision.json`` (fp32 only, see the module docstring)."""
+    from xmctag.vision.encoders import load_vision_encoder
+    from xmctag.vision.onnx_export import export_vision_onnx
+
+    show.log(f"exporting the vision encoder {fusion['vision']} to ONNX (fp32)")
+    encoder = load_vision_encoder(fusion["vision"])
+    if encoder.model_id != fusion["model_id"]:  # the features the projection was trained on would not match
+        raise UserError(f"vision model {fusion['vision']} is now {encoder.model_id}, but the run was trained on "
+                        f"{fusion['model_id']}; retrain, or restore that model")
+    results = export_vision_onnx(encoder, staging, fp16=False)
+    show.log(f"parity vision.onnx: max abs diff {results['vision.onnx']['normalised']:.2e} (normalised features)")
+    return results
+
+
+def parity_texts(trained: run_dir.TrainedRun, n: int = 128) -> list[str]:
+    """Real rows for the export parity check: sampled training products, then label texts."""
+    sample = run_dir.load_sample_texts(trained.path)
+    labels = trained.labels.texts[:: max(1, len(trained.labels) // n)]
+    return (sample + labels)[:n]
+
+
+def parity_batches(tokenizer, trained: run_dir.TrainedRun) -> list[tuple[np.ndarray, np.ndarray, tuple | None]]:
+    """Padded ``(input_ids, attention_mask, images)`` batches of real rows; ``images`` = ``(features, mask)`` arrays
+    for a fused run (None for text only).
+
+    Text only: the sampled training products, then label texts, in batches of 32 of mixed lengths (padding is
+    exercised). Fused: the sampled products with their images, the same products with every image slot masked out
+    (and, for decoders, no image prefix), and label texts without images; batches mix rows with and without images.
+    """
+    texts = parity_texts(trained)
+    max_length = trained.config.max_length
+    pad_id = pad_id_of(tokenizer)
+    samples = run_dir.load_sample_images(trained.path)
+    if samples is None:
+        ids = token_ids(tokenizer, texts, max_length)
+        return [(*pad(ids[s:s + 32], pad_id), None) for s in range(0, len(ids), 32)]
+    features, mask = samples
+    n = len(features)
+    sampled = run_dir.load_sample_texts(trained.path)[:n]
+    rows_texts = sampled + sampled + texts[len(sampled):]
+    rows_features = np.concatenate([features, features, np.zeros((len(rows_texts) - 2 * n, *features.shape[1:]),
+                                                                 np.float32)])
+    rows_mask = np.concatenate([mask, np.zeros((len(rows_texts) - n, mask.shape[1]), np.float32)])
+    order = np.random.default_rng(0).permutation(len(rows_texts))  # with and without images in each batch
+    batches = []
+    for s in range(0, len(order), 32):
+        rows = order[s:s + 32]
+        ids = token_ids(tokenizer, [rows_texts[i] for i in rows], max_length, rows_mask[rows].sum(axis=1) > 0)
+        batches.append((*pad(ids, pad_id), (rows_features[rows], rows_mask[rows])))
+    return batches
+
+
+def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results: dict, pad_id: int,
+                       prompt: dict | None = None, fusion: dict | None = None) -> None:
+    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest.
+
+    ``prompt``: a decoder's ``PromptTemplate.to_dict()``, stored as ``tokenization.prompt`` (the tagger then builds
+    ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
+    ``fusion``: the run's ``fusion.json`` (image fusion): stored as the manifest's ``fusion`` section, with the
+    vision graph's files; the text graph then has the ``image_embedding`` and ``image_mask`` inputs.
+    """
+    faiss = runtime.faiss()
+    for name in layout.COPIED_FROM_RUN:
+        shutil.copy2(trained.path / name, target / name)
+    vectors = trained.vectors.index_matrix()
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    faiss.write_index(index, str(target / layout.INDEX))
+    neighbours = run_dir.load_neighbours(trained.path)
+    n_neighbours = 0
+    if neighbours is not None:
+        embeddings, labels = neighbours
+        neighbour_index = faiss.IndexFlatIP(embeddings.shape[1])
+        neighbour_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        faiss.write_index(neighbour_index, str(target / layout.NEIGHBOUR_INDEX))
+        shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
+        n_neighbours = len(labels)
+    files = sorted(p for p in target.rglob("*") if p.is_file())
+    hashes = {str(p.relative_to(target)): layout.file_sha256(p) for p in files}
+    config = trained.config
+    manifest = {
+        "format": layout.FORMAT,
+        "bundle_id": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(trained.path.resolve()),
+        "versions": versions(),
+        "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
+                 "neighbours": n_neighbours},
+        "graph": {"inputs": ["input_ids", "attention_mask"] + (list(layout.IMAGE_INPUTS) if fusion else []),
+                  "outputs": ["embedding"],
+                  "files": [n for n in (layout.ONNX_FP32, layout.ONNX_FP16, layout.ONNX_INT8) if (target / n).exists()]},
+        "tokenization": {"tokenizer": f"{layout.TOKENIZER}/tokenizer.json", "max_length": config.max_length,
+                         "pad_id": pad_id, "text_cols": config.text_cols, "separator": " ; ", "padding": "right",
+                         "truncation": True},
+        "training": {"rows": trained.n_train, "encoder": config.encoder},
+        "scoring": {"score": "(1 - knn_weight) * sigmoid(scale * <[embedding, 1], label vector>) + knn_weight * "
+                             "neighbour vote (see xmctag/scoring/ranking.py)",
+                    "scale": trained.vectors.scale,
+                    "knn_neighbours": config.knn_neighbours if n_neighbours else 0,
+                    "knn_temperature": config.knn_temperature,
+                    "knn_weight": config.knn_weight if n_neighbours else 0.0},
+        "parity_max_abs": parity_results,
+        "files": hashes,
+    }
+    if prompt is not None:
+        manifest["tokenization"]["prompt"] = prompt
+    if fusion is not None:
+        manifest["fusion"] = fusion_manifest(fusion, decoder=prompt is not None)
+    (target / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def fusion_manifest(fusion: dict, decoder: bool) -> dict:
+    """The manifest's ``fusion`` section: what the tagger needs to build the image inputs (see ``xmctag.tagger``)."""
+    return {
+        "vision": fusion["vision"], "model_id": fusion["model_id"], "vision_dim": fusion["dim"],
+        "image_col": fusion["image_col"], "max_images": fusion["max_images"],
+        "cache_dir": fusion["cache_dir"],  # the training run's image cache: tagging's default
+        "image_token": "after the text, before the EOS" if decoder else "before the text",
+        "inputs": {"image_embedding": "float32 (batch, max_images, vision_dim): cached vision features",
+                   "image_mask": "int64 (batch, max_images): 1 = usable image in that slot"},
+        "vision_graph": {"files": [layout.VISION_FP32], "meta": layout.VISION_META,
+                         "precision": "fp32 only: EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar"},
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions of xmctag and the libraries that made the bundle (manifest ``versions``)."""
+    import importlib.metadata
+
+    import xmctag
+
+    found = {"xmctag": xmctag.__version__}
+    for dist in ("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "faiss-cpu",
+                 "faiss-gpu", "tokenizers", "polars"):
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found

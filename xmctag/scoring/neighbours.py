@@ -1,0 +1,57 @@
+"""``NeighbourLabels``: the label indices of each training product (CSR), and the votes of a product's neighbours.
+
+Saved as ``train_labels.npz`` (``indptr`` int64, ``indices`` int32) in run directories and bundles; row j of the
+training-product embeddings (``train_embeddings.npy``, the bundle's ``neighbours.faiss``) has the labels of row j.
+Numpy only: tagging imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NeighbourLabels:
+    """The label indices of each training product, CSR: row j's labels are ``indices[indptr[j]:indptr[j + 1]]``."""
+
+    indptr: np.ndarray  # (n_train + 1,) int64
+    indices: np.ndarray  # (nnz,) int32
+
+    @classmethod
+    def from_lists(cls, rows: list[np.ndarray]) -> "NeighbourLabels":
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=indptr[1:])
+        indices = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+        return cls(indptr, indices)
+
+    def save(self, path) -> None:
+        np.savez(path, indptr=self.indptr, indices=self.indices)
+
+    @classmethod
+    def load(cls, path) -> "NeighbourLabels":
+        with np.load(path) as data:
+            return cls(data["indptr"], data["indices"])
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def votes(self, neighbours: np.ndarray, sims: np.ndarray, temperature: float):
+        """Neighbour ids and similarities ``(n, k)`` (id -1 = none) -> ``(row, label, vote)`` arrays, unique pairs."""
+        valid = neighbours >= 0
+        weights = np.where(valid, np.exp(temperature * (sims - np.max(np.where(valid, sims, -np.inf), axis=1,
+                                                                            keepdims=True))), 0.0)
+        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        query_rows, slots = np.nonzero(valid)
+        train_rows = neighbours[query_rows, slots]
+        counts = self.indptr[train_rows + 1] - self.indptr[train_rows]
+        starts = np.repeat(self.indptr[train_rows], counts)
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        labels = self.indices[starts + offsets].astype(np.int64)
+        rows = np.repeat(query_rows, counts)
+        pair_weights = np.repeat(weights[query_rows, slots], counts)
+        # Sum the votes of each (row, label) pair.
+        n_labels = int(labels.max()) + 1 if len(labels) else 1
+        keys, inverse = np.unique(rows * n_labels + labels, return_inverse=True)
+        return keys // n_labels, keys % n_labels, np.bincount(inverse, weights=pair_weights, minlength=len(keys))
