@@ -18,9 +18,9 @@ from xmctag import Config, Tagger, UserError, export, run_dir, train
 from xmctag import bundle as layout
 from xmctag.models.backbone import is_decoder_config
 from xmctag.models.build import prepare_model
-from xmctag.models.lora import has_lora, merged_state_dict
 from xmctag.models.embedding import encode_ids, encode_texts
 from xmctag.models.encoder import insert_before_last
+from xmctag.models.lora import has_lora, merged_state_dict
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids

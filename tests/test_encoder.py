@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from xmctag import UserError
+from xmctag.models.embedding import embed_with_grad
 from xmctag.models.encoder import TextEncoder, mean_pool
 from xmctag.models.registry import load_pretrained
 from xmctag.models.tokens import pad, pad_id_of, token_ids
-from xmctag.models.embedding import embed_with_grad
 
 TEXTS = ["red shirt", "a rather long title of blue jeans for men with many words in it", "cap", "green bag"]
 

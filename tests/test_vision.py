@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from xmctag.errors import UserError
+from xmctag.vision import fetch
 from xmctag.vision import images as img
 from xmctag.vision.cache import EmbeddingCache, SourceIndex
 from xmctag.vision.embed import ImageFeatures, embed_images
@@ -213,7 +214,7 @@ def closed_port_urls(n: int, monkeypatch) -> list[str]:
 def test_fetching_stops_after_network_failures_in_a_row(monkeypatch):
     import warnings
 
-    monkeypatch.setattr(img, "NETWORK_FAILURES_TO_GIVE_UP", 3)
+    monkeypatch.setattr(fetch, "NETWORK_FAILURES_TO_GIVE_UP", 3)
     options = img.FetchOptions(workers=2, timeout=0.5, retries=1, backoff=0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -457,7 +458,7 @@ def test_a_column_without_any_usable_image_is_an_error_naming_it(tmp_path, tiny_
     assert ("none of the 2 values of column 'text' is a usable image (e.g. row 0: colour: red: unsupported: "
             "colour:// sources); is 'text' the image column?") in " ".join(result.output.split())
     # Unreachable URLs: the first few fail, the rest are skipped once the network is given up on.
-    monkeypatch.setattr(img, "NETWORK_FAILURES_TO_GIVE_UP", 2)
+    monkeypatch.setattr(fetch, "NETWORK_FAILURES_TO_GIVE_UP", 2)
     pl.DataFrame({"image": closed_port_urls(12, monkeypatch)}).write_parquet(tmp_path / "urls.parquet")
     with pytest.warns(UserWarning, match="reached no server"), pytest.raises(UserError, match="column 'image'"):
         embed_images(tmp_path / "urls.parquet", encoder=str(tiny_models["clip"]), cache_dir=tmp_path / "c",

@@ -32,13 +32,12 @@ import numpy as np
 from xmctag import run_dir
 from xmctag.config import Config
 from xmctag.errors import UserError
-from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
-from xmctag.vision.onnx_runtime import VISION_META
 
 FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
 ONNX_FP16 = "encoder.fp16.onnx"
 ONNX_INT8 = "encoder.int8.onnx"
+GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
@@ -134,8 +133,6 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
-
-GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 
 
 class Bundle:

@@ -1,4 +1,4 @@
-"""The ``xmctag`` command line: a thin Typer layer over the Python API.
+"""The ``xmctag`` command line: a thin Typer layer over the Python API (shared pieces in ``xmctag.cli_util``).
 
 Every command turns a ``UserError`` into one red line on stderr and exit code 2; anything else is a bug and keeps
 its traceback.
@@ -6,74 +6,37 @@ its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from xmctag.cli_util import (
+    DeviceOption,
+    ImageColOption,
+    QuietOption,
+    WorkersOption,
+    err_console,
+    label_columns,
+    newest_bundle,
+    out_console,
+    parse_epochs,
+    print_examples,
+    print_metrics,
+    show_warning,
+    split_list,
+    user_errors,
+)
 from xmctag.errors import UserError
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,  # help "[default: x]" as written
                   help="Tag product catalogs with extreme multi-label classification (ViXML dual encoders).")
-out_console = Console()
-err_console = Console(stderr=True)
 
 DEFAULT_EXPORT_DIR = Path("export")
-
-
-def user_errors(command):
-    """Decorator: a UserError becomes a one-line message and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]")
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
-def _epochs(value: str | None, option: str) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"{option} {value!r}: expected an integer or auto") from None
-
-
-def _split(value: Optional[str]) -> Optional[list[str]]:
-    return [x.strip() for x in value.split(",") if x.strip()] if value else None
-
-
-def _label_columns(value: Optional[str]) -> dict:
-    """``--label-cols ID,TEXT[,SYNONYMS...]`` as Config fields ({} when not given)."""
-    columns = _split(value)
-    if columns is None:
-        return {}
-    if len(columns) < 2:
-        raise UserError(f"--label-cols {value}: give at least the id and the text column, e.g. label,text")
-    return dict(label_id_col=columns[0], label_text_col=columns[1], label_extra_cols=columns[2:])
-
-
-# Shared options ----------------------------------------------------------------------------------------------------
-QuietOption = typer.Option(False, "--quiet", "-q", help="No progress bars or log lines.")
-DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-ImageColOption = typer.Option(None, "--image-col", help="Image column: bytes, relative paths, file:// or http(s) "
-                              "URLs, or lists of them [default: image].")
-WorkersOption = typer.Option(16, "--workers", min=1, help="Threads that read, fetch and decode images.")
 
 
 @app.command()
@@ -121,11 +84,11 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
-    overrides = dict(encoder=encoder, epochs=_epochs(epochs, "--epochs"),
-                     classifier_epochs=_epochs(classifier_epochs, "--classifier-epochs"),
-                     time_budget_minutes=time_budget, batch_size=batch_size,
-                     max_length=max_length, lr=lr, id_col=id_col, text_cols=_split(text_cols), labels_col=labels_col,
-                     **_label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
+    overrides = dict(encoder=encoder, epochs=parse_epochs(epochs, "--epochs"),
+                     classifier_epochs=parse_epochs(classifier_epochs, "--classifier-epochs"),
+                     time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
+                     id_col=id_col, text_cols=split_list(text_cols), labels_col=labels_col,
+                     **label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
                      image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     # A resumed run keeps its saved settings; what --config and the flags set now must agree (the API checks).
     saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None
@@ -133,7 +96,7 @@ def train(
     result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
                        device=device, progress=not quiet)
     if result.dev_metrics:
-        _print_metrics(result.dev_metrics, title=f"dev ({dev})")
+        print_metrics(result.dev_metrics, title=f"dev ({dev})")
     err_console.print(f"model written to {result.run_dir}")
 
 
@@ -204,7 +167,7 @@ def tag(
         err_console.print("\n".join(summary_lines(summary.images, summary.image_cache)), highlight=False,
                           soft_wrap=True)
     if show:
-        _print_examples(tagger, catalog, summary.output, show, summary.top_k)
+        print_examples(tagger, catalog, summary.output, show, summary.top_k)
 
 
 @app.command("eval")
@@ -224,7 +187,7 @@ def eval_(
     from xmctag.evaluation.predictions import evaluate_predictions
 
     try:
-        ks = tuple(sorted({int(x) for x in _split(k) or []}))
+        ks = tuple(sorted({int(x) for x in split_list(k) or []}))
     except ValueError:
         raise UserError(f"--k must be comma-separated integers, not {k!r}") from None
     if not ks or min(ks) < 1:
@@ -236,7 +199,7 @@ def eval_(
     # The header as plain lines (a table title would wrap to the table's width)
     out_console.print(f"{escape(str(predictions))} vs {escape(str(truth))} ({report.rows} rows)\n"
                       f"PSP propensities from {escape(report.propensity_source)}", highlight=False, soft_wrap=True)
-    _print_metrics(report.metrics, title=None)
+    print_metrics(report.metrics, title=None)
     for note in report.notes:
         err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
@@ -279,71 +242,8 @@ def convert(
                                                               else ""), highlight=False, soft_wrap=True)
 
 
-def newest_bundle(directory: Path) -> Path:
-    """The most recently exported bundle under ``directory`` (the default of ``tag --model``)."""
-    from xmctag.bundle import MANIFEST
-
-    manifests = sorted(directory.glob(f"*/{MANIFEST}"), key=lambda p: p.stat().st_mtime) if directory.is_dir() else []
-    if not manifests:
-        raise UserError(f"no --model given and no bundle in ./{directory}; run `xmctag export` or pass --model DIR")
-    chosen = manifests[-1].parent
-    err_console.print(f"using model bundle {chosen}", highlight=False)
-    return chosen
-
-
-def _print_metrics(metrics: dict[str, float], title: str | None) -> None:
-    ks = sorted({int(name.split("@")[1]) for name in metrics})
-    families = [f for f in ("P", "nDCG", "PSP", "R") if any(m.startswith(f + "@") for m in metrics)]
-    if title:  # a line of its own: as a table title, a long path wraps to the table's narrow width
-        out_console.print(title, highlight=False, soft_wrap=True)
-    table = Table()
-    table.add_column("metric")
-    for k in ks:
-        table.add_column(f"@{k}", justify="right")
-    for family in families:
-        table.add_row(family, *[f"{100 * metrics[f'{family}@{k}']:.2f}" if f"{family}@{k}" in metrics else ""
-                                for k in ks])
-    out_console.print(table)
-
-
-def _print_examples(tagger, catalog: Path, output: Path, n: int, top_k: int) -> None:
-    import polars as pl
-
-    from xmctag.io.datasets import product_text_expr
-    from xmctag.io.predictions import read_predictions
-
-    # The k-th product of an id in the output is the k-th tagged catalog row with that id (ids can repeat).
-    nth = pl.int_range(pl.len()).over("id").alias("nth")
-    preds = read_predictions(output, one_per_id=False).head(n).with_columns(nth)
-    texts = (pl.scan_parquet(catalog).select(pl.col(tagger.config.id_col).cast(pl.String).alias("id"),
-                                             product_text_expr(tagger.config.text_cols).alias("text"))
-             .filter(pl.col("id").str.strip_chars().str.len_chars() > 0, pl.col("text").is_not_null())  # tagged
-             .join(preds.lazy().select("id").unique(), on="id", how="semi", maintain_order="left")
-             .with_columns(nth).collect())
-    text_of = {(row_id, k): text for row_id, text, k in texts.iter_rows()}
-    label_text = dict(zip(tagger.label_ids.tolist(), tagger.label_texts.tolist()))
-    table = Table(title=f"top-{top_k} labels of {len(preds)} products")
-    table.add_column("id")
-    table.add_column("text", max_width=50)
-    table.add_column("labels")
-    for row_id, labels, k in preds.iter_rows():
-        # Catalog and label texts are data, not rich markup: "[/x]" would raise, "[bold]" would format.
-        table.add_row(escape(row_id), escape(text_of.get((row_id, k)) or ""),
-                      escape("\n".join(str(label_text.get(x, x)) for x in labels)))
-    out_console.print(table)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    # Warnings (a fallback taken, an option with nothing to do) are for the user: one yellow line, no source line.
-    _warn(str(message))
-
-
-def _warn(message: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
 def main() -> None:
-    warnings.showwarning = _show_warning
+    warnings.showwarning = show_warning
     app()
 
 

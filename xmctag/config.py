@@ -58,7 +58,7 @@ class Config:
     center_momentum: float = 0.9  # of the running mean, per forward pass in training (0.99 lagged: collapsed)
     prompt_prefix: str = "This product text"  # prompt: prefix ⊕ title ⊕ [image prefix ⊕ image] ⊕ EOS (labels too)
     image_prompt_prefix: str = "and its image"  # only for items that have an image
-    # LoRA defaults: rank 16 on q/k/v/o at 1e-4 collapsed on EURLEX (dev P@1 2-4 %); these reached 76.7 (RESULTS.md)
+    # LoRA defaults: rank 16 on q/k/v/o at 1e-4 collapsed on EURLEX; these train (bench/RESULTS.md, decoder sweep)
     lora_rank: int = 64  # LoRA adapters on the decoder (only they train); 0 = fine-tune all weights with `lr`
     lora_alpha: float = 64.0
     lora_dropout: float = 0.05
@@ -66,7 +66,7 @@ class Config:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # Llama/Qwen/Mistral names
     use_rslora: bool = True  # rank-stabilised scaling alpha / sqrt(rank) instead of alpha / rank
     lora_lr: float = 2e-4  # learning rate of LoRA training (`lr` applies to full fine-tuning)
-    gradient_checkpointing: bool = True  # decoders: recompute activations in backward (memory ~1/layers, ~1.3x time)
+    gradient_checkpointing: bool = True  # decoders: recompute activations in backward (less memory, more time)
     # --- dual-encoder training ---------------------------------------------------------------------------------
     epochs: int | str = "auto"  # "auto": as many as fit time_budget_minutes (measured), at most auto_max_epochs
     time_budget_minutes: float = 20.0  # fine-tuning budget of epochs/classifier_epochs="auto" (0 = no limit)
@@ -95,9 +95,8 @@ class Config:
     # vectors. "auto": as many epochs as fit the time budget left after the dual-encoder epochs (which then plan
     # on dual_encoder_budget_share of time_budget_minutes), at most auto_max_epochs; 0 = off.
     classifier_epochs: int | str = "auto"
-    # Where the budget binds (CPU), a classifier epoch gained more per minute than a dual-encoder one: Myntra dev
-    # P@5 96.28 with the 0 + 4 epochs this plans on 2 cores, 95.97 with the 1 + 2 of a half share (RESULTS.md). A
-    # GPU reaches auto_max_epochs of both stages within the budget either way.
+    # Where the budget binds (CPU), a classifier epoch gained more per minute than a dual-encoder one (Myntra dev,
+    # bench/RESULTS.md, "Classifier stage"). A GPU reaches auto_max_epochs of both stages within the budget anyway.
     dual_encoder_budget_share: float = 0.25
     classifier_lr: float = 3e-5  # the encoder's learning rate in this stage
     classifier_vector_lr: float = 1e-3  # the head's

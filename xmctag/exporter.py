@@ -37,6 +37,8 @@ from xmctag.errors import UserError
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.overwrite import check_replaceable
 from xmctag.progress import Progress
+from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
+from xmctag.vision.onnx_runtime import VISION_META
 
 
 def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
@@ -186,7 +188,7 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
                  "neighbours": n_neighbours},
         "graph": {"inputs": ["input_ids", "attention_mask"] + (list(layout.IMAGE_INPUTS) if fusion else []),
                   "outputs": ["embedding"],
-                  "files": [n for n in (layout.ONNX_FP32, layout.ONNX_FP16, layout.ONNX_INT8) if (target / n).exists()]},
+                  "files": [n for n in layout.GRAPHS_BY_PRECISION.values() if (target / n).exists()]},
         "tokenization": {"tokenizer": f"{layout.TOKENIZER}/tokenizer.json", "max_length": config.max_length,
                          "pad_id": pad_id, "text_cols": config.text_cols, "separator": " ; ", "padding": "right",
                          "truncation": True},
@@ -216,7 +218,7 @@ def fusion_manifest(fusion: dict, decoder: bool) -> dict:
         "image_token": "after the text, before the EOS" if decoder else "before the text",
         "inputs": {"image_embedding": "float32 (batch, max_images, vision_dim): cached vision features",
                    "image_mask": "int64 (batch, max_images): 1 = usable image in that slot"},
-        "vision_graph": {"files": [layout.VISION_FP32], "meta": layout.VISION_META,
+        "vision_graph": {"files": [VISION_FP32], "meta": VISION_META,
                          "precision": "fp32 only: EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar"},
     }
 

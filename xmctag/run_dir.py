@@ -40,7 +40,8 @@ from xmctag.config import Config
 from xmctag.errors import UserError
 from xmctag.io.datasets import LabelTable
 from xmctag.models.files import MODEL_DIR as MODEL
-from xmctag.models.files import POOLING_CENTER, PROJECTION_FILE as PROJECTION
+from xmctag.models.files import POOLING_CENTER
+from xmctag.models.files import PROJECTION_FILE as PROJECTION
 from xmctag.overwrite import check_replaceable
 from xmctag.scoring import LabelVectors, NeighbourLabels
 
@@ -212,7 +213,7 @@ def load_run(path: str | Path) -> TrainedRun:
                       np.load(path / LABEL_EMBEDDINGS), vectors, n_train)
 
 
-# -- lifecycle: what --out holds before training, resumed settings, checkpoints -----------------------------------------
+# -- lifecycle: what --out holds before training, resumed settings, checkpoints ---------------------------------------
 def check_out_dir(out: Path, resume: bool, overwrite: bool, inputs: dict) -> str | None:
     """Checks what ``--out`` holds before anything is read or written; returns why its contents are to be replaced
     (a line for the log), or None to keep them.

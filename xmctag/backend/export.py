@@ -18,8 +18,7 @@ import warnings
 from pathlib import Path
 
 from xmctag.backend.onnx_files import OPSET, load_onnx, save_onnx
-
-IMAGE_INPUTS = ["image_embedding", "image_mask"]
+from xmctag.bundle import IMAGE_INPUTS
 
 
 def onnx_config_class(fusion: dict | None = None):

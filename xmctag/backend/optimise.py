@@ -14,6 +14,7 @@ from pathlib import Path
 from xmctag.backend.onnx_files import load_onnx, quiet_loggers, save_onnx
 from xmctag.models.backbone import is_decoder_config
 
+
 def optimise_text_graph(source: Path, target: Path, model_config, fp16: bool, fused: bool = False) -> None:
     """ORT transformer optimizer (graph fusions); fp16: weights in fp16, inputs and outputs kept fp32.
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from xmctag.io.datasets import check_label_list_column, check_text_column, read_table
-from xmctag.io.predictions import PredictionSource, read_prediction_file
 from xmctag.errors import UserError
 from xmctag.evaluation.metrics import evaluate_rankings, inverse_propensity
+from xmctag.io.datasets import check_label_list_column, check_text_column, read_table
+from xmctag.io.predictions import PredictionSource, read_prediction_file
 
 
 @dataclass

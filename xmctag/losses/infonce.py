@@ -9,9 +9,8 @@ out of its softmax (they are not negatives), then
 Why decoders use it: a model that does not yet rank positives above its hardest negatives (a pretrained decoder
 LLM) can lower the triplet loss by shrinking every score gap, since its hardest negatives sit above the positive by
 an amount proportional to the spread of the scores (the collapse that ``TextEncoder``'s centring is there to stop).
-The softmax keeps pushing every negative away; identical scores cost log(U) here. Measured on an H100 (full EURLEX
-titles, 2 epochs, SmolLM2-135M, bench/RESULTS.md): with the same LoRA, the triplet loss left the dual encoder at dev
-P@1 2-5 %, InfoNCE reached 58.6 (full fine-tuning, epoch 1) and 76.7 (rank-64 rsLoRA, epoch 2).
+The softmax keeps pushing every negative away; identical scores cost log(U) here. With SmolLM2 on EURLEX titles the
+triplet loss left the dual encoder near chance while InfoNCE trained it (bench/RESULTS.md, "Decoder LLMs on a GPU").
 """
 
 from __future__ import annotations

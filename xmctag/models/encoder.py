@@ -80,13 +80,13 @@ class TextEncoder(nn.Module):
     ONNX exporter (Optimum) reads model dimensions from it. ``pooling``: ``"mean"`` or ``"last"``.
 
     ``centering`` (``Config.centering = "ema"``, decoders' default): the pooled vector minus ``self.center`` is
-    what gets L2-normalised. A pretrained LLM's pooled embeddings share one large common component (SmolLM2: mean
-    pairwise cosine 0.95), and a triplet loss over hard negatives then heads for its trivial minimum, every
-    embedding alike, as the fastest way to shrink gaps it cannot yet rank. While training, ``center`` follows the
-    running mean of the pooled vectors of every forward pass, products and labels alike (an exponential moving
-    average with ``center_momentum``, started at the first batch's mean; DINO's remedy for collapse), so moving all
-    embeddings toward one point gains nothing after centring. In eval mode it is a constant: items stay independent
-    of each other, and the export bakes it in.
+    what gets L2-normalised. A pretrained LLM's pooled embeddings share one large common component (unrelated titles
+    are nearly parallel: bench/RESULTS.md, "Decoder LLMs on a GPU"), and a triplet loss over hard negatives then
+    heads for its trivial minimum, every embedding alike, as the fastest way to shrink gaps it cannot yet rank.
+    While training, ``center`` follows the running mean of the pooled vectors of every forward pass, products and
+    labels alike (an exponential moving average with ``center_momentum``, started at the first batch's mean; DINO's
+    remedy for collapse), so moving all embeddings toward one point gains nothing after centring. In eval mode it is
+    a constant: items stay independent of each other, and the export bakes it in.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str = "mean", centering: bool = False,

@@ -2,8 +2,8 @@
 
 The time of an epoch is projected from a few forward+backward passes on batches of the stage's own kind (no optimiser
 step, so the weights are untouched): the median pass after warm-up passes, each timed to the end of its GPU work. (The
-first passes on a GPU are several times slower than the rest: with one warm-up pass and a plain mean, an H100 measured
-MiniLM at 299 pairs/s and trained at 1,770.) An epoch that would not fit is not started: a stage may get 0 epochs.
+first passes on a GPU are several times slower than the rest: one warm-up pass and a plain mean underestimated an
+H100's rate several-fold.) An epoch that would not fit is not started: a stage may get 0 epochs.
 """
 
 from __future__ import annotations

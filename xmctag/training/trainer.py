@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,31 +98,84 @@ def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Pat
         encoder.init_projection(usable[:: max(1, len(usable) // 1024)])
     data.tokenize(tokenizer, config)
 
-    def save_encoder(model) -> None:
-        run_dir.save_encoder(out, model, tokenizer)
-
-    def dev_metrics(model, vectors: LabelVectors, neighbours=None, exclusive=None) -> dict[str, float]:
-        products = encode_ids(model, data.dev_ids, data.pad_id, device=device_, images=data.dev_images)
-        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, exclusive)
-
-    def evaluate(stage) -> dict[str, float]:
-        vectors = stage.dev_vectors()  # before the dev products: the order the evaluation has always had
-        return dev_metrics(stage.encoder, vectors)
-
-    def embed_labels_and_products(model):
-        with show.task("embedding labels and training products",
-                       total=len(data.label_ids) + len(data.product_ids)) as update:
-            return (encode_ids(model, data.label_ids, data.pad_id, device=device_, progress=update,
-                               images=data.label_images),
-                    encode_ids(model, data.product_ids, data.pad_id, device=device_, progress=update,
-                               images=data.train_images))
-
-    # 3a. The dual-encoder stage (or what a checkpoint says of it).
-    loss_fn = make_loss(config)
+    # 3. The stages, each resumed from the checkpoint where it has one.
     encoder.freeze_bottom(config.freeze_layers)
     checkpoint = run_dir.load_checkpoint(out) if resume else None  # restores the torch RNG
-    in_classifier = checkpoint is not None and checkpoint["stage"] == ClassifierStage.name
-    dual = DualEncoderStage(encoder, data, config, device_, loss_fn, save_encoder)
+    run = Run(out, config, data, tokenizer, device_, show, checkpoint)
+    dual = _dual_encoder_stage(run, encoder)
+    started = time.perf_counter()
+    encoder, vectors, label_embeddings, products = _label_vectors(run, dual, encoder)
+    classifier = _classifier_stage(run, dual, encoder, vectors)
+    if classifier is not None:  # its best epoch's head is the label vectors; embeddings again, with its encoder
+        if classifier.progress.best.epoch != classifier.progress.epochs:
+            encoder = run_dir.load_encoder(out).to(device_)  # the best epoch's, saved by the stage
+        label_embeddings, products = run.embed_labels_and_products(encoder)
+        vectors = classifier.best_head
+
+    # 4. The final model: neighbours, dev metrics, the run directory.
+    final: dict[str, Any] = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
+    neighbours = (products, NeighbourLabels.from_lists(data.train.labels)) if config.knn_neighbours > 0 else None
+    dev_result = _final_dev_metrics(run, encoder, vectors, neighbours, groups, final)
+    done = classifier.progress if classifier is not None else StageProgress()
+    history = dual.progress.history + done.history + [final]
+    run_dir.save_labels(out, data.labels, label_embeddings, vectors, data.train_label_counts())
+    (out / run_dir.METRICS).write_text(json.dumps({
+        "history": history, "dev": dev_result, "best_epoch": dual.progress.best.epoch or -1,
+        "epochs": dual.progress.epochs, "classifier_epochs": done.done, "classifier_best_epoch": done.best.epoch,
+        "n_train": len(data.train)}, indent=2) + "\n")
+    if neighbours is not None:
+        run_dir.save_neighbours(out, products, data.train.labels)
+    run_dir.save_sample_texts(out, data.train.texts, data.train_images)
+    write_model_card(out, config, data.train, data.dev, dev_result, dual.progress.epochs, data.labels.exclusive,
+                     classifier_epochs=done.done)
+    run_dir.finish(out)
+    return TrainResult(out, history, dev_result)
+
+
+@dataclass
+class Run:
+    """What the stages of one training run share: where it writes, its settings and data, and how it evaluates."""
+
+    out: Path
+    config: Config
+    data: TrainingData
+    tokenizer: Any
+    device: torch.device
+    show: Progress
+    checkpoint: dict | None  # what --resume continues from
+
+    @property
+    def in_classifier(self) -> bool:
+        """Resuming in the classifier stage: the dual encoder and the label vectors are behind the checkpoint."""
+        return self.checkpoint is not None and self.checkpoint["stage"] == ClassifierStage.name
+
+    def save_encoder(self, model) -> None:
+        run_dir.save_encoder(self.out, model, self.tokenizer)
+
+    def evaluate(self, stage) -> dict[str, float] | None:
+        """Dev metrics of a stage after an epoch (its ``dev_vectors``, embedded first: the order it always had)."""
+        vectors = stage.dev_vectors()
+        products = encode_ids(stage.encoder, self.data.dev_ids, self.data.pad_id, device=self.device,
+                              images=self.data.dev_images)
+        return evaluate_scores(products, vectors, self.data.dev.labels, self.config, self.data.inv_p)
+
+    def stage_evaluation(self):
+        return self.evaluate if self.data.dev is not None else None
+
+    def embed_labels_and_products(self, model):
+        data = self.data
+        with self.show.task("embedding labels and training products",
+                            total=len(data.label_ids) + len(data.product_ids)) as update:
+            return (encode_ids(model, data.label_ids, data.pad_id, device=self.device, progress=update,
+                               images=data.label_images),
+                    encode_ids(model, data.product_ids, data.pad_id, device=self.device, progress=update,
+                               images=data.train_images))
+
+
+def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
+    """The dual-encoder stage: planned (or as the checkpoint planned it), resumed, run."""
+    config, checkpoint = run.config, run.checkpoint
+    dual = DualEncoderStage(encoder, run.data, config, run.device, make_loss(config), run.save_encoder)
     if config.epochs != "auto":
         epochs = config.epochs
     elif checkpoint is not None:
@@ -130,103 +184,94 @@ def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Pat
         # With classifier_epochs "auto" too, the dual-encoder epochs get dual_encoder_budget_share of the budget,
         # the classifier stage the rest (where the budget binds, its epochs gained more per minute: RESULTS.md).
         shared = config.classifier_epochs == "auto" and not encoder.is_decoder
-        epochs = dual.plan(config.time_budget_minutes * (config.dual_encoder_budget_share if shared else 1.0), show)
-    if in_classifier and epochs != checkpoint["dual_encoder"]["epochs"]:
-        raise UserError(f"--resume {out}: the run is in its classifier stage, after "
+        epochs = dual.plan(config.time_budget_minutes * (config.dual_encoder_budget_share if shared else 1.0),
+                           run.show)
+    if run.in_classifier and epochs != checkpoint["dual_encoder"]["epochs"]:
+        raise UserError(f"--resume {run.out}: the run is in its classifier stage, after "
                         f"{checkpoint['dual_encoder']['epochs']} epoch(s); --epochs can no longer change")
     dual.start(epochs)
     if checkpoint is not None:
         dual.progress = StageProgress.from_dict({**checkpoint["dual_encoder"], "epochs": epochs})
-        if not in_classifier:
+        if not run.in_classifier:
             dual.load_state(checkpoint["state"])
-            show.log(f"resuming after epoch {dual.progress.done} of {epochs}")
-    run_epochs(dual, evaluate if data.dev is not None else None, lambda: run_dir.save_checkpoint(out, {
-        "stage": dual.name, "dual_encoder": dual.progress.to_dict(), "state": dual.state()}), show)
+            run.show.log(f"resuming after epoch {dual.progress.done} of {epochs}")
+    run_epochs(dual, run.stage_evaluation(), lambda: run_dir.save_checkpoint(run.out, {
+        "stage": dual.name, "dual_encoder": dual.progress.to_dict(), "state": dual.state()}), run.show)
+    return dual
 
-    # 3b. Label vectors on frozen product embeddings of the kept encoder.
-    started = time.perf_counter()
-    if in_classifier:
-        show.log(f"resuming the classifier stage after epoch {checkpoint['classifier']['done']} of "
-                 f"{checkpoint['classifier']['epochs']}")
-        vectors = checkpoint["state"]["head"]  # the head as checkpointed: the stage goes on from there
+
+def _label_vectors(run: Run, dual: DualEncoderStage, encoder):
+    """Label vectors fitted on frozen product embeddings of the dual encoder's kept epoch -> ``(encoder, vectors,
+    label embeddings, product embeddings)``; when resuming in the classifier stage, its checkpointed head."""
+    config, show = run.config, run.show
+    if run.in_classifier:
+        done = run.checkpoint["classifier"]
+        show.log(f"resuming the classifier stage after epoch {done['done']} of {done['epochs']}")
+        return encoder, run.checkpoint["state"]["head"], None, None  # the stage goes on from its head
+    best = dual.progress.best.epoch
+    if best == 0:
+        run.save_encoder(encoder)  # zero epochs: the pretrained encoder as is
+    elif best != dual.progress.epochs:
+        show.log(f"keeping the encoder of epoch {best} (best on dev)")
+        encoder = run_dir.load_encoder(run.out).to(run.device)
+    if has_lora(encoder.backbone):
+        # The saved encoder has the adapters merged into plain weights: faster to run than base + A + B, and what
+        # export and tagging load, so the label and neighbour embeddings below come from the very weights the
+        # bundle will run.
+        encoder = run_dir.load_encoder(run.out).to(run.device)
+    label_embeddings, products = run.embed_labels_and_products(encoder)
+    with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
+        vectors = fit_label_vectors(products, run.data.train.labels, label_embeddings,
+                                    scale=config.label_vector_scale, epochs=config.label_vector_epochs,
+                                    lr=config.label_vector_lr, seed=config.seed, device=run.device, progress=update)
+    return encoder, vectors, label_embeddings, products
+
+
+def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelVectors) -> ClassifierStage | None:
+    """The classifier stage, started from ``vectors``: planned on the budget left (or resumed), run; None when it
+    does not apply or gets no epoch."""
+    config, checkpoint = run.config, run.checkpoint
+    stage = ClassifierStage(encoder, run.data, vectors, config, run.device, run.save_encoder)
+    if run.in_classifier:
+        stage.start(checkpoint["classifier"]["epochs"])
+        stage.progress = StageProgress.from_dict(checkpoint["classifier"])
+        stage.load_state(checkpoint["state"])
     else:
-        best = dual.progress.best.epoch
-        if best == 0:
-            save_encoder(encoder)  # zero epochs: the pretrained encoder as is
-        elif best != epochs:
-            show.log(f"keeping the encoder of epoch {best} (best on dev)")
-            encoder = run_dir.load_encoder(out).to(device_)
-        if has_lora(encoder.backbone):
-            # The saved encoder has the adapters merged into plain weights: about 1.5x faster to run than base + A
-            # + B (SmolLM2 on CPU), and what export and tagging load, so the label and neighbour embeddings saved
-            # below come from the very weights the bundle will run.
-            encoder = run_dir.load_encoder(out).to(device_)
-        label_embeddings, products = embed_labels_and_products(encoder)
-        with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
-            vectors = fit_label_vectors(products, data.train.labels, label_embeddings,
-                                        scale=config.label_vector_scale, epochs=config.label_vector_epochs,
-                                        lr=config.label_vector_lr, seed=config.seed, device=device_, progress=update)
-
-    # 3c. The classifier stage; the head of its best epoch becomes the label vectors, and the products (neighbour
-    # votes) and label texts are embedded again with that epoch's encoder.
-    classifier = None
-    if in_classifier:
-        classifier = ClassifierStage(encoder, data, vectors, config, device_, save_encoder)
-        classifier.start(checkpoint["classifier"]["epochs"])
-        classifier.progress = StageProgress.from_dict(checkpoint["classifier"])
-        classifier.load_state(checkpoint["state"])
-    elif _classifier_applies(config, encoder, len(vectors.bias), show):
-        classifier = ClassifierStage(encoder, data, vectors, config, device_, save_encoder)
+        if not _classifier_applies(config, encoder, len(vectors.bias), run.show):
+            return None
         minutes_left = config.time_budget_minutes - sum(r["seconds"] for r in dual.progress.history) / 60
-        planned = (classifier.plan(minutes_left, show) if config.classifier_epochs == "auto"
-                   else config.classifier_epochs)
-        if planned:
-            classifier.start(planned)
-        else:
-            classifier = None
-    if classifier is not None:
-        run_epochs(classifier, evaluate if data.dev is not None else None, lambda: run_dir.save_checkpoint(out, {
-            "stage": classifier.name, "dual_encoder": dual.progress.to_dict(),
-            "classifier": classifier.progress.to_dict(), "state": classifier.state()}), show)
-        kept = classifier.progress.best.epoch
-        show.log(f"classifier stage: keeping epoch {kept} of {classifier.progress.epochs}"
-                 + (" (best on dev)" if data.dev is not None else ""))
-        if kept != classifier.progress.epochs:
-            encoder = run_dir.load_encoder(out).to(device_)  # the best epoch's, saved by the stage
-        label_embeddings, products = embed_labels_and_products(encoder)
-        vectors = classifier.best_head
+        epochs = stage.plan(minutes_left, run.show) if config.classifier_epochs == "auto" else config.classifier_epochs
+        if not epochs:
+            return None
+        stage.start(epochs)
+    run_epochs(stage, run.stage_evaluation(), lambda: run_dir.save_checkpoint(run.out, {
+        "stage": stage.name, "dual_encoder": dual.progress.to_dict(), "classifier": stage.progress.to_dict(),
+        "state": stage.state()}), run.show)
+    run.show.log(f"classifier stage: keeping epoch {stage.progress.best.epoch} of {stage.progress.epochs}"
+                 + (" (best on dev)" if run.data.dev is not None else ""))
+    return stage
 
-    # 4. The final model: neighbours, dev metrics, the run directory.
-    final = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
-    neighbours = (products, NeighbourLabels.from_lists(data.train.labels)) if config.knn_neighbours > 0 else None
-    dev_result = None
-    if data.dev is not None:
-        # Both, on one embedding of the dev set: the label vectors alone (for the record) and the final scoring.
-        dev_products = encode_ids(encoder, data.dev_ids, data.pad_id, device=device_, images=data.dev_images)
-        final["dev_label_vectors"] = evaluate_scores(dev_products, vectors, data.dev.labels, config, data.inv_p)
-        dev_result = final["dev"] = evaluate_scores(dev_products, vectors, data.dev.labels, config, data.inv_p,
-                                                    neighbours)
-        if groups is not None:  # for the record: what `tag --exclusive-groups` would give
-            final["dev_exclusive_groups"] = evaluate_scores(dev_products, vectors, data.dev.labels, config,
-                                                            data.inv_p, neighbours, groups)
-            show.log("with exclusive groups: dev " + short(final["dev_exclusive_groups"]))
-        show.log("label vectors: dev " + short(final["dev_label_vectors"]))
-        if neighbours is not None:
-            show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + short(dev_result))
-    classifier_progress = classifier.progress if classifier is not None else StageProgress()
-    history = dual.progress.history + classifier_progress.history + [final]
-    run_dir.save_labels(out, data.labels, label_embeddings, vectors, data.train_label_counts())
-    (out / run_dir.METRICS).write_text(json.dumps({
-        "history": history, "dev": dev_result, "best_epoch": dual.progress.best.epoch or -1, "epochs": epochs,
-        "classifier_epochs": classifier_progress.done, "classifier_best_epoch": classifier_progress.best.epoch,
-        "n_train": len(data.train)}, indent=2) + "\n")
+
+def _final_dev_metrics(run: Run, encoder, vectors: LabelVectors, neighbours, groups, final: dict):
+    """Dev metrics of the final model (None without a dev set), recorded in ``final`` with those of the label
+    vectors alone and, with exclusive groups, of what ``tag --exclusive-groups`` gives; all on one embedding."""
+    data, config, show = run.data, run.config, run.show
+    if data.dev is None:
+        return None
+    products = encode_ids(encoder, data.dev_ids, data.pad_id, device=run.device, images=data.dev_images)
+
+    def metrics(neighbours=None, groups=None):
+        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, groups)
+
+    final["dev_label_vectors"] = metrics()
+    final["dev"] = metrics(neighbours)
+    if groups is not None:  # for the record: what `tag --exclusive-groups` would give
+        final["dev_exclusive_groups"] = metrics(neighbours, groups)
+        show.log("with exclusive groups: dev " + short(final["dev_exclusive_groups"]))
+    show.log("label vectors: dev " + short(final["dev_label_vectors"]))
     if neighbours is not None:
-        run_dir.save_neighbours(out, products, data.train.labels)
-    run_dir.save_sample_texts(out, data.train.texts, data.train_images)
-    write_model_card(out, config, data.train, data.dev, dev_result, epochs, data.labels.exclusive,
-                     classifier_epochs=classifier_progress.done)
-    run_dir.finish(out)
-    return TrainResult(out, history, dev_result)
+        show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + short(final["dev"]))
+    return final["dev"]
 
 
 def _exclusive_groups(data: TrainingData, config: Config, show: Progress):

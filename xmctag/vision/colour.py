@@ -1,9 +1,8 @@
 """Colour features for the image token: a vision encoder's pooled features ⊕ a colour histogram of the product.
 
-ImageNet features carry little colour: on Myntra dev, a linear probe on EfficientNet-Lite0's 1280 features gets the
-product's base colour right for 46.7 % of the pictures, one on the 65 numbers below for 56.8 % (recall@5 80.1 vs
-88.1 %; 6,000 train / 2,000 dev pictures, bench/RESULTS.md). Catalog photos show one product on a white or light
-grey background, so the histogram counts only the foreground:
+ImageNet features carry little colour: on Myntra dev a linear probe on the 65 numbers below predicts a product's
+base colour better than one on EfficientNet-Lite0's 1280 features (bench/RESULTS.md, "Image fusion"). Catalog photos
+show one product on a white or light grey background, so the histogram counts only the foreground:
 
 - pixels back in [0, 1] RGB (the encoder's own preprocessing undone), averaged over 4x4 blocks;
 - background weight: bright (darkest channel > 0.80) and grey (channel spread < 0.10), both soft (sigmoids of

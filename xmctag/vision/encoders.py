@@ -330,9 +330,6 @@ class WithColourHistogram(VisionEncoder):
         return torch.cat([self.encoder(pixel_values), colour.colour_histogram(rgb)], dim=1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def load_vision_encoder(name: str = DEFAULT_VISION_ENCODER, device: str = "cpu") -> VisionEncoder:
     """``builtin:NAME``, a local directory or a cached Hugging Face id -> a frozen ``VisionEncoder`` in eval mode;
     any of them followed by ``+colour``: its features and a colour histogram (``xmctag.vision.colour``).

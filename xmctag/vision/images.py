@@ -13,107 +13,35 @@ A value of the image column is one of:
 bytes, their sha256 (the cache key, so the same picture under two URLs is embedded once) and, on request, the decoded
 RGB picture. Nothing here raises for a bad image: each one carries a status, ``"ok"`` or the reason it is unusable
 (``"null"``, ``"missing"``, ``"undecodable"``, ``"fetch_failed: ..."``, ``"unsupported: ..."``, ``"skipped: network
-unavailable"``), for the caller to count and report. URLs are fetched with the standard library (``urllib``) from a
-bounded thread pool, with a timeout and retries with exponential backoff on errors that may pass (timeouts,
-connection errors, HTTP 408/429/5xx). After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer
-from a server (offline machine, no DNS), the run stops fetching: its remaining URLs are skipped at once, with a warning.
+unavailable"``), for the caller to count and report. Sources are read by ``xmctag.vision.fetch`` (files, URLs:
+bounded, with retries) from a bounded thread pool, where decoding runs too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import random
-import socket
-import threading
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-OK = "ok"
-NULL = "null"
-MISSING = "missing"
-UNDECODABLE = "undecodable"
-FETCH_FAILED = "fetch_failed"
-UNSUPPORTED = "unsupported"
-NETWORK_SKIPPED = "skipped: network unavailable"
-
-_RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
-# URLs in a row that got no answer at all (connection refused, DNS, timeout) before a run stops fetching: offline,
-# each unreachable URL costs its timeout and retries, which over a million URLs is days.
-NETWORK_FAILURES_TO_GIVE_UP = 50
-
-
-class NetworkGate:
-    """Shared by a run's fetches (``FetchOptions.gate``): counts URLs in a row that reached no server, and closes
-    (no more fetching, one warning) after ``NETWORK_FAILURES_TO_GIVE_UP``. An HTTP answer, even an error, resets it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.failures_in_a_row = 0
-        self.closed = False
-
-    def record(self, reached_server: bool, reason: str = "") -> None:
-        with self._lock:
-            if reached_server:
-                self.failures_in_a_row = 0
-                return
-            self.failures_in_a_row += 1
-            if self.closed or self.failures_in_a_row < NETWORK_FAILURES_TO_GIVE_UP:
-                return
-            self.closed = True
-        warnings.warn(f"image URLs: {self.failures_in_a_row} in a row reached no server (last: {reason}); not "
-                      f"fetching the others of this run (counted as '{NETWORK_SKIPPED}')", stacklevel=2)
-
-
-@dataclass
-class FetchOptions:
-    """How image bytes are read. ``timeout`` is per socket operation (connect, each read), in seconds."""
-
-    workers: int = 16  # threads reading files and URLs (I/O bound; decoding also runs there, PIL frees the GIL)
-    timeout: float = 10.0
-    retries: int = 2  # extra attempts after the first, for errors that may pass
-    backoff: float = 0.5  # seconds before the first retry, doubled each time (plus up to 25 % jitter)
-    max_bytes: int = 32 * 1024 * 1024  # larger downloads are refused: no product photo needs more
-    user_agent: str = "xmctag (product image fetcher)"
-    gate: NetworkGate = field(default_factory=NetworkGate, repr=False, compare=False)  # state of the run's fetches
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one image comes from. ``kind`` is ``"bytes"``, ``"file"``, ``"url"`` or ``"invalid"``.
-
-    ``ref``: the absolute path (file), the URL (url), ``"<N bytes>"`` (bytes) or the value as written (invalid, with
-    the ``reason`` it cannot be used).
-    """
-
-    kind: str
-    ref: str
-    data: bytes | None = field(default=None, repr=False, compare=False)
-    reason: str | None = field(default=None, compare=False)
-
-    def key(self) -> str | None:
-        """A stable name of the source's current content, for remembering which sha256 it had (``SourceIndex``).
-
-        URL: the URL itself. File: path, size and modification time, so an edited file gets a new key. ``None``
-        for inline bytes (their sha256 is known without any lookup) and for files that cannot be stat'ed.
-        """
-        if self.kind == "url":
-            return "url:" + self.ref
-        if self.kind == "file":
-            try:
-                st = Path(self.ref).stat()
-            except OSError:
-                return None
-            return f"file:{self.ref}\x00{st.st_size}\x00{st.st_mtime_ns}"
-        return None
+from xmctag.vision.fetch import (  # noqa: F401 - re-exported: the statuses and options callers count and pass
+    FETCH_FAILED,
+    MISSING,
+    NETWORK_FAILURES_TO_GIVE_UP,
+    NETWORK_SKIPPED,
+    NULL,
+    OK,
+    UNDECODABLE,
+    UNSUPPORTED,
+    FetchOptions,
+    NetworkGate,
+    Source,
+    read_source,
+)
 
 
 @dataclass
@@ -213,71 +141,6 @@ def _file_uri_source(uri: str, base_dir: Path) -> Source:
         return Source("invalid", uri, reason=f"{UNSUPPORTED}: file URI on host {parts.netloc!r}")
     path = Path(urllib.request.url2pathname(parts.path))
     return Source("file", str(path if path.is_absolute() else (base_dir / path).absolute()))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading bytes
-
-
-def read_source(source: Source, options: FetchOptions | None = None) -> tuple[bytes | None, str]:
-    """``(content bytes, "ok")`` or ``(None, reason)``. Never raises for a bad source."""
-    options = options or FetchOptions()
-    if source.kind == "bytes":
-        return source.data, OK
-    if source.kind == "invalid":
-        return None, source.reason
-    if source.kind == "file":
-        return _read_file(Path(source.ref), options)
-    return _fetch_url(source.ref, options)
-
-
-def _read_file(path: Path, options: FetchOptions) -> tuple[bytes | None, str]:
-    try:
-        if path.stat().st_size > options.max_bytes:
-            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
-        return path.read_bytes(), OK
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None, MISSING
-    except OSError as e:
-        return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
-
-
-def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
-    gate = options.gate
-    if gate.closed:
-        return None, NETWORK_SKIPPED
-    request = urllib.request.Request(url, headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.5"})
-    reason, answered = "", False
-    for attempt in range(options.retries + 1):
-        if attempt:
-            delay = options.backoff * 2 ** (attempt - 1)
-            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: retries of many threads do not line up
-            if gate.closed:
-                return None, NETWORK_SKIPPED
-        try:
-            with urllib.request.urlopen(request, timeout=options.timeout) as response:
-                data = response.read(options.max_bytes + 1)
-            gate.record(reached_server=True)
-            if len(data) > options.max_bytes:
-                return None, f"{FETCH_FAILED}: larger than {options.max_bytes} bytes"
-            return data, OK
-        except urllib.error.HTTPError as e:
-            reason, answered = f"HTTP {e.code}", True
-            if e.code not in _RETRY_HTTP_CODES:
-                break
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                reason = "timeout"
-            else:
-                reason = str(e.reason) or type(e.reason).__name__
-        except (TimeoutError, socket.timeout):
-            reason = "timeout"
-        except (ConnectionError, HTTPException, OSError) as e:
-            reason = type(e).__name__
-        except ValueError as e:  # malformed URL
-            return None, f"{FETCH_FAILED}: {e}"
-    gate.record(reached_server=answered, reason=reason)
-    return None, f"{FETCH_FAILED}: {reason}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -106,11 +106,11 @@ def export_vision_onnx(encoder: VisionEncoder, out_dir: str | Path, fp16: bool =
 class ExportedVisionEncoder:
     """A PyTorch ``VisionEncoder`` that embeds through its own fp32 ONNX export, for embedding on CPU.
 
-    EfficientNet-Lite0 on the 2-core CI machine (192 Myntra images, 2026-11-27): 65-69 pictures/s with ONNX Runtime
-    against 12-13 with PyTorch eager, features within 1e-5, the same ``model_id`` (so cache entries are shared).
-    The export (about 2 s, parity-checked) happens on the first picture to embed, into a temporary folder removed
-    once the session is loaded: a fully cached catalog never pays for it. Where the export or ONNX Runtime fails,
-    PyTorch embeds, with a warning saying why.
+    For EfficientNet-Lite0 on a CPU, ONNX Runtime embeds several times faster than PyTorch eager (bench/RESULTS.md,
+    "Image fusion"), with features within the fp32 parity tolerance and the same ``model_id`` (so cache entries are
+    shared). The export (a few seconds, parity-checked) happens on the first picture to embed, into a temporary
+    folder removed once the session is loaded: a fully cached catalog never pays for it. Where the export or ONNX
+    Runtime fails, PyTorch embeds, with a warning saying why.
     """
 
     def __init__(self, encoder: VisionEncoder):

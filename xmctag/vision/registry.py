@@ -7,7 +7,7 @@ anything else is a local directory or a Hugging Face id already in the local cac
 from __future__ import annotations
 
 # EfficientNet-Lite0's features and a colour histogram of the product (xmctag.vision.colour): ImageNet features
-# carry little colour; with the histogram, weak-title Myntra dev P@5 85.66 -> 86.22 (bench/RESULTS.md).
+# carry little colour, and the histogram raised weak-title Myntra dev P@5 (bench/RESULTS.md, "Image fusion").
 DEFAULT_VISION_ENCODER = "builtin:efficientnet-lite0+colour"
 
 # builtin name -> (module with the network, its pip package, module with the weights file, its pip package)

@@ -1,0 +1,162 @@
+"""Reading an image source's bytes: local files and http(s) URLs, bounded, with retries, never raising.
+
+``Source``: where one image comes from (inline bytes, a file, a URL, or an invalid value with its reason), as
+``xmctag.vision.images.sources_of`` parses the image column. ``read_source(source, options)`` -> ``(bytes, "ok")`` or
+``(None, reason)``: files are read whole up to ``FetchOptions.max_bytes``; URLs are fetched with the standard library
+(``urllib``), with a timeout and retries with exponential backoff on errors that may pass (timeouts, connection
+errors, HTTP 408/429/5xx). After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer from a server
+(offline machine, no DNS), the run stops fetching (``NetworkGate``): its remaining URLs are skipped at once, with a
+warning. The statuses (``OK`` or a reason) are what summaries count (``xmctag.vision.images.reason_category``).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path
+
+OK = "ok"
+NULL = "null"
+MISSING = "missing"
+UNDECODABLE = "undecodable"
+FETCH_FAILED = "fetch_failed"
+UNSUPPORTED = "unsupported"
+NETWORK_SKIPPED = "skipped: network unavailable"
+
+_RETRY_HTTP_CODES = {408, 425, 429, 500, 502, 503, 504}
+# URLs in a row that got no answer at all (connection refused, DNS, timeout) before a run stops fetching: offline,
+# each unreachable URL costs its timeout and retries, which over a million URLs is days.
+NETWORK_FAILURES_TO_GIVE_UP = 50
+
+
+class NetworkGate:
+    """Shared by a run's fetches (``FetchOptions.gate``): counts URLs in a row that reached no server, and closes
+    (no more fetching, one warning) after ``NETWORK_FAILURES_TO_GIVE_UP``. An HTTP answer, even an error, resets it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.failures_in_a_row = 0
+        self.closed = False
+
+    def record(self, reached_server: bool, reason: str = "") -> None:
+        with self._lock:
+            if reached_server:
+                self.failures_in_a_row = 0
+                return
+            self.failures_in_a_row += 1
+            if self.closed or self.failures_in_a_row < NETWORK_FAILURES_TO_GIVE_UP:
+                return
+            self.closed = True
+        warnings.warn(f"image URLs: {self.failures_in_a_row} in a row reached no server (last: {reason}); not "
+                      f"fetching the others of this run (counted as '{NETWORK_SKIPPED}')", stacklevel=2)
+
+
+@dataclass
+class FetchOptions:
+    """How image bytes are read. ``timeout`` is per socket operation (connect, each read), in seconds."""
+
+    workers: int = 16  # threads reading files and URLs (I/O bound; decoding also runs there, PIL frees the GIL)
+    timeout: float = 10.0
+    retries: int = 2  # extra attempts after the first, for errors that may pass
+    backoff: float = 0.5  # seconds before the first retry, doubled each time (plus up to 25 % jitter)
+    max_bytes: int = 32 * 1024 * 1024  # larger downloads are refused: no product photo needs more
+    user_agent: str = "xmctag (product image fetcher)"
+    gate: NetworkGate = field(default_factory=NetworkGate, repr=False, compare=False)  # state of the run's fetches
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one image comes from. ``kind`` is ``"bytes"``, ``"file"``, ``"url"`` or ``"invalid"``.
+
+    ``ref``: the absolute path (file), the URL (url), ``"<N bytes>"`` (bytes) or the value as written (invalid, with
+    the ``reason`` it cannot be used).
+    """
+
+    kind: str
+    ref: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    reason: str | None = field(default=None, compare=False)
+
+    def key(self) -> str | None:
+        """A stable name of the source's current content, for remembering which sha256 it had (``SourceIndex``).
+
+        URL: the URL itself. File: path, size and modification time, so an edited file gets a new key. ``None``
+        for inline bytes (their sha256 is known without any lookup) and for files that cannot be stat'ed.
+        """
+        if self.kind == "url":
+            return "url:" + self.ref
+        if self.kind == "file":
+            try:
+                st = Path(self.ref).stat()
+            except OSError:
+                return None
+            return f"file:{self.ref}\x00{st.st_size}\x00{st.st_mtime_ns}"
+        return None
+
+
+def read_source(source: Source, options: FetchOptions | None = None) -> tuple[bytes | None, str]:
+    """``(content bytes, "ok")`` or ``(None, reason)``. Never raises for a bad source."""
+    options = options or FetchOptions()
+    if source.kind == "bytes":
+        return source.data, OK
+    if source.kind == "invalid":
+        return None, source.reason
+    if source.kind == "file":
+        return _read_file(Path(source.ref), options)
+    return _fetch_url(source.ref, options)
+
+
+def _read_file(path: Path, options: FetchOptions) -> tuple[bytes | None, str]:
+    try:
+        if path.stat().st_size > options.max_bytes:
+            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
+        return path.read_bytes(), OK
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None, MISSING
+    except OSError as e:
+        return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
+
+
+def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
+    gate = options.gate
+    if gate.closed:
+        return None, NETWORK_SKIPPED
+    request = urllib.request.Request(url, headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.5"})
+    reason, answered = "", False
+    for attempt in range(options.retries + 1):
+        if attempt:
+            delay = options.backoff * 2 ** (attempt - 1)
+            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: retries of many threads do not line up
+            if gate.closed:
+                return None, NETWORK_SKIPPED
+        try:
+            with urllib.request.urlopen(request, timeout=options.timeout) as response:
+                data = response.read(options.max_bytes + 1)
+            gate.record(reached_server=True)
+            if len(data) > options.max_bytes:
+                return None, f"{FETCH_FAILED}: larger than {options.max_bytes} bytes"
+            return data, OK
+        except urllib.error.HTTPError as e:
+            reason, answered = f"HTTP {e.code}", True
+            if e.code not in _RETRY_HTTP_CODES:
+                break
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                reason = "timeout"
+            else:
+                reason = str(e.reason) or type(e.reason).__name__
+        except (TimeoutError, socket.timeout):
+            reason = "timeout"
+        except (ConnectionError, HTTPException, OSError) as e:
+            reason = type(e).__name__
+        except ValueError as e:  # malformed URL
+            return None, f"{FETCH_FAILED}: {e}"
+    gate.record(reached_server=answered, reason=reason)
+    return None, f"{FETCH_FAILED}: {reason}"
