@@ -240,7 +240,8 @@ def test_min_score_counts_products_left_without_labels(bad_inputs, catalog_dir):
 def test_an_empty_run_writes_a_readable_file_and_eval_scores_it(bad_inputs, catalog_dir):
     bad, model, dev = bad_inputs, bad_inputs.parent / "export/tiny", catalog_dir / "dev.parquet"
     pl.read_parquet(dev).head(0).write_parquet(bad / "empty.parquet")
-    result = invoke("tag", bad / "empty.parquet", "--model", model, "-o", bad / "empty.csv", "--quiet", "--show", 3)
+    result = invoke("tag", bad / "empty.parquet", "--model", model, "-o", bad / "empty.csv", "--quiet", "--show", 3,
+                    "--allow-empty")
     assert result.exit_code == 0, result.output
     assert "tagged 0 of 0 rows" in result.stderr and "top-5 labels of 0 products" in " ".join(result.stdout.split())
     assert (bad / "empty.csv").read_text().startswith("id,rank,label")

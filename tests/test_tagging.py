@@ -14,6 +14,7 @@ from xmctag.evaluation.evaluator import exact_top_k, predict_exact
 from xmctag.io.predictions import read_parquet_metadata
 from xmctag.label_groups import group_ids
 from xmctag.models.embedding import encode_texts
+from xmctag.summary import RunChecks
 
 TITLES = ["acme red shirt", "zeta blue jeans with a much longer title than the others, and more words", "cap",
           "nova white watch", "orbit pink dress", "lumen grey belt", "acme black socks and a yellow bag"]
@@ -283,7 +284,7 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
     def denied(*args, **kwargs):  # a read-only directory, even when the tests run as root
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("xmctag.io.writers.tempfile.mkstemp", denied)
+    monkeypatch.setattr("xmctag.io.atomic.tempfile.mkstemp", denied)
     with pytest.raises(UserError, match=r"--output .*out.parquet: cannot write in .* \(Permission denied\)"):
         tagger.tag_file(catalog, tmp_path / "out.parquet", progress=False)
     assert list(tmp_path.iterdir()) == [catalog]
@@ -537,7 +538,8 @@ def test_a_run_that_tags_nothing_writes_a_file_eval_reads(tagger, tmp_path, fmt)
     pl.DataFrame({"id": ["a", "b"], "title": [None, " "]}).write_parquet(tmp_path / "no-text.parquet")
     for name in ("none", "no-text"):
         output = tmp_path / f"{name}.out.{fmt}"
-        summary = tagger.tag_file(tmp_path / f"{name}.parquet", output, top_k=3, progress=False)
+        summary = tagger.tag_file(tmp_path / f"{name}.parquet", output, top_k=3, progress=False,
+                                  checks=RunChecks(allow_empty=True))
         assert summary.rows_tagged == 0
         if fmt == "csv":
             assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle\n"

@@ -23,7 +23,6 @@ read with its size checked against the manifest's ``dims``. ``xmctag.exporter`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 from xmctag import run_dir
 from xmctag.config import Config
 from xmctag.errors import UserError
+from xmctag.io.hashing import file_sha256
 
 FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
@@ -124,14 +124,6 @@ def _check_manifest(path: Path, manifest: dict) -> None:
         fail("files", "invalid")
     if not isinstance(manifest["graph"]["files"], list):
         fail("graph.files", "invalid")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 

@@ -14,22 +14,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from xmctag.cli_util import (
-    DeviceOption,
-    ImageColOption,
-    QuietOption,
-    WorkersOption,
-    err_console,
-    label_columns,
-    newest_bundle,
-    out_console,
-    parse_epochs,
-    print_examples,
-    print_metrics,
-    show_warning,
-    split_list,
-    user_errors,
-)
+from xmctag.cli_util import (DeviceOption, ImageColOption, QuietOption, SummaryJsonOption, WorkersOption,
+                             err_console, label_columns, newest_bundle, out_console, parse_epochs, print_examples,
+                             print_metrics, show_warning, split_list, terminate_on_sigterm, user_errors)
 from xmctag.errors import UserError
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
@@ -77,6 +64,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out (only an xmctag run "
                                    "directory, and not one holding an input)."),
     device: str = DeviceOption,
+    summary_json: Optional[Path] = SummaryJsonOption,
     quiet: bool = QuietOption,
 ):
     """Train a dual encoder and label vectors; writes a self-contained run directory."""
@@ -94,7 +82,7 @@ def train(
     saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None
     config = Config.create(config_file, base=saved, **overrides)
     result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
-                       device=device, progress=not quiet)
+                       device=device, progress=not quiet, summary_json=summary_json)
     if result.dev_metrics:
         print_metrics(result.dev_metrics, title=f"dev ({dev})")
     err_console.print(f"model written to {result.run_dir}")
@@ -108,13 +96,14 @@ def export(
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the fp16 graph for GPUs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag "
                                    "bundle, and not one holding the run)."),
+    summary_json: Optional[Path] = SummaryJsonOption,
     quiet: bool = QuietOption,
 ):
     """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""
     from xmctag.exporter import export as export_api
 
     export_api(run, out or DEFAULT_EXPORT_DIR / run.resolve().name, fp16=fp16, overwrite=overwrite,
-               progress=not quiet)
+               progress=not quiet, summary_json=summary_json)
 
 
 @app.command()
@@ -144,16 +133,29 @@ def tag(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
                                              "[default: the bundle's, else xmctag-image-cache beside the output]."),
     workers: int = WorkersOption,
+    summary_json: Optional[Path] = SummaryJsonOption,
+    max_skipped_share: Optional[float] = typer.Option(None, "--max-skipped-share", help="Fail (exit 3, no output) "
+                                                      "when more than this share (0-1) of the rows is skipped."),
+    max_image_failure_share: Optional[float] = typer.Option(None, "--max-image-failure-share", help="Image bundles: "
+                                                            "fail (exit 3, no output) when more than this share (0-1) "
+                                                            "of the images fails [default: fail only if all fail]."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Succeed when no product is tagged (an empty "
+                                     "catalog, every row skipped) [default: exit 3, no output]."),
+    escape_formulas: bool = typer.Option(False, "--escape-formulas", help="CSV: prefix values starting with = + - "
+                                         "@ with ' so spreadsheets show them as text (changes those values)."),
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
+    from xmctag.summary import RunChecks
     from xmctag.tagger import Tagger, check_options
 
     check_options(top_k, min_score)  # before the bundle is loaded
+    checks = RunChecks(max_skipped_share, max_image_failure_share, allow_empty)
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
                          exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
-                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers)
+                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers, checks=checks,
+                              summary_json=summary_json, escape_formulas=escape_formulas)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
@@ -244,6 +246,7 @@ def convert(
 
 def main() -> None:
     warnings.showwarning = show_warning
+    terminate_on_sigterm()
     app()
 
 

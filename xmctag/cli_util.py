@@ -12,22 +12,31 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from xmctag.errors import UserError
+from xmctag.errors import Terminated, UserError, environment_failure
 
 out_console = Console()
 err_console = Console(stderr=True)
 
 
 def user_errors(command):
-    """Decorator: a UserError becomes a one-line message and exit code 2, never a traceback."""
+    """Decorator: a ``UserError`` becomes a one-line message and its exit code (2 user error, 3 failed check, 74
+    environment, 75 output locked: ``xmctag.errors``), never a traceback; so does an ``OSError`` the machine caused
+    (disk full, I/O error: 74). Interrupted: 130 (SIGINT), 143 (SIGTERM, see ``main``)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=2) from None
+            fail(str(e), e.exit_code)
+        except OSError as e:
+            failure = environment_failure(e, "xmctag")
+            if failure is None:
+                raise
+            fail(str(failure), failure.exit_code)
+        except Terminated:
+            err_console.print("[bold red]terminated[/]")
+            raise typer.Exit(code=143) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
             raise typer.Exit(code=130) from None
@@ -35,27 +44,20 @@ def user_errors(command):
     return wrapper
 
 
-def _epochs(value: str | None, option: str) -> int | str | None:
-    if value is None or value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"{option} {value!r}: expected an integer or auto") from None
+def fail(message: str, code: int):
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code) from None
 
 
-def _split(value: Optional[str]) -> Optional[list[str]]:
-    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+def terminate_on_sigterm() -> None:
+    """SIGTERM raises ``Terminated`` in the main thread, so a killed run cleans up (temporary output, lock) as an
+    interrupted one does, and exits 143."""
+    import signal
 
+    def handler(signum, frame):
+        raise Terminated()
 
-def _label_columns(value: Optional[str]) -> dict:
-    """``--label-cols ID,TEXT[,SYNONYMS...]`` as Config fields ({} when not given)."""
-    columns = _split(value)
-    if columns is None:
-        return {}
-    if len(columns) < 2:
-        raise UserError(f"--label-cols {value}: give at least the id and the text column, e.g. label,text")
-    return dict(label_id_col=columns[0], label_text_col=columns[1], label_extra_cols=columns[2:])
+    signal.signal(signal.SIGTERM, handler)
 
 
 def parse_epochs(value: str | None, option: str) -> int | str | None:
@@ -87,6 +89,8 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 ImageColOption = typer.Option(None, "--image-col", help="Image column: bytes, relative paths, file:// or http(s) "
                               "URLs, or lists of them [default: image].")
 WorkersOption = typer.Option(16, "--workers", min=1, help="Threads that read, fetch and decode images.")
+SummaryJsonOption = typer.Option(None, "--summary-json", help="Write a JSON summary of the run here, however it "
+                                 "ends (status, exit code, counts, timings, versions).")
 
 
 def newest_bundle(directory: Path) -> Path:
@@ -138,9 +142,15 @@ def print_examples(tagger, catalog: Path, output: Path, n: int, top_k: int) -> N
     table.add_column("labels")
     for row_id, labels, k in preds.iter_rows():
         # Catalog and label texts are data, not rich markup: "[/x]" would raise, "[bold]" would format.
-        table.add_row(escape(row_id), escape(text_of.get((row_id, k)) or ""),
-                      escape("\n".join(str(label_text.get(x, x)) for x in labels)))
+        table.add_row(escape(printable(row_id)), escape(printable(text_of.get((row_id, k)) or "")),
+                      escape("\n".join(printable(str(label_text.get(x, x))) for x in labels)))
     out_console.print(table)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape sequences among them) shown as escapes, not sent to the
+    terminal: catalog text is data."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,16 +35,31 @@ from xmctag.backend.export import export_text_graph
 from xmctag.backend.optimise import optimise_text_graph
 from xmctag.backend.quantise import quantise_int8
 from xmctag.errors import UserError
+from xmctag.io.atomic import current_umask
+from xmctag.io.hashing import file_sha256
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.overwrite import check_replaceable
 from xmctag.progress import Progress
+from xmctag.summary import library_versions, run_summary
 from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
 from xmctag.vision.onnx_runtime import VISION_META
 
 
-def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
-           progress: bool = True) -> Path:
-    """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``."""
+def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False, progress: bool = True,
+           summary_json: str | Path | None = None) -> Path:
+    """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``. ``summary_json``: where
+    to write the export's summary, however it ends (``xmctag.summary.run_summary``)."""
+    with run_summary(summary_json, "export", run_dir=str(run), bundle=str(out)) as report:
+        export_bundle(run, out, fp16, overwrite, progress)
+        manifest = json.loads((Path(out) / layout.MANIFEST).read_text())
+        report.update(bundle_id=manifest["bundle_id"], graphs=manifest["graph"]["files"],
+                      parity=manifest["parity_max_abs"], dims=manifest["dims"])
+    return Path(out)
+
+
+def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
+                  progress: bool = True) -> Path:
+    """The export itself (see the module docstring)."""
     import torch
 
     show = Progress(progress)
@@ -87,6 +103,7 @@ def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool 
         tokenizer.save_pretrained(staging / layout.TOKENIZER)
         prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
         write_bundle_files(staging, trained, results, pad_id_of(tokenizer), prompt=prompt, fusion=fusion)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: the bundle gets what the umask allows
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -176,14 +193,14 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
         shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
         n_neighbours = len(labels)
     files = sorted(p for p in target.rglob("*") if p.is_file())
-    hashes = {str(p.relative_to(target)): layout.file_sha256(p) for p in files}
+    hashes = {str(p.relative_to(target)): file_sha256(p) for p in files}
     config = trained.config
     manifest = {
         "format": layout.FORMAT,
         "bundle_id": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(trained.path.resolve()),
-        "versions": versions(),
+        "versions": library_versions(),
         "dims": {"embedding": int(vectors.shape[1] - 1), "index": int(vectors.shape[1]), "labels": len(vectors),
                  "neighbours": n_neighbours},
         "graph": {"inputs": ["input_ids", "attention_mask"] + (list(layout.IMAGE_INPUTS) if fusion else []),
@@ -221,19 +238,3 @@ def fusion_manifest(fusion: dict, decoder: bool) -> dict:
         "vision_graph": {"files": [VISION_FP32], "meta": VISION_META,
                          "precision": "fp32 only: EfficientNet-Lite0's fp16 graph misses the 5e-3 parity bar"},
     }
-
-
-def versions() -> dict[str, str]:
-    """Versions of xmctag and the libraries that made the bundle (manifest ``versions``)."""
-    import importlib.metadata
-
-    import xmctag
-
-    found = {"xmctag": xmctag.__version__}
-    for dist in ("torch", "transformers", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "faiss-cpu",
-                 "faiss-gpu", "tokenizers", "polars"):
-        try:
-            found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found

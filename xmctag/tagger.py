@@ -22,41 +22,26 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
 from xmctag.errors import UserError
+from xmctag.io.atomic import resolve_output
 from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
+from xmctag.io.hashing import file_sha256
 from xmctag.io.writers import PredictionWriter, resolve_format
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
-from xmctag.models.tokens import pad
+from xmctag.models.tokens import clip_text, pad
 from xmctag.prefetch import prefetch
 from xmctag.progress import Progress
 from xmctag.scoring import rank_labels
-
-
-@dataclass
-class TagSummary:
-    output: Path | None
-    rows_read: int = 0
-    rows_tagged: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
-    image_cache: Path | None = None
-    without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
-    top_k: int = 0  # labels per product asked for, capped at the number of labels
-
-    @property
-    def products_per_second(self) -> float:
-        return self.rows_tagged / self.seconds if self.seconds > 0 else 0.0
-
+from xmctag.summary import RunChecks, TagSummary, now, run_summary
 
 ENCODE_BATCH_CPU = 64
 ENCODE_BATCH_CUDA = 512
@@ -154,12 +139,14 @@ class Tagger:
         if self.fusion is not None and images is None:
             images = (np.zeros((len(texts), self.fusion["max_images"], self.fusion["vision_dim"]), np.float32),
                       np.zeros((len(texts), self.fusion["max_images"]), np.int64))
+        max_length = self.manifest["tokenization"]["max_length"]
+        texts = [clip_text(t, max_length) for t in texts]  # a huge title costs its first tokens' worth, as training
         if self.prompt is not None:
             # The tokenizer truncates at max_length, never below the title budget, so these are training's ids.
             has_image = (images[1].sum(axis=1) > 0).tolist() if images is not None else None
-            ids = self.prompt.ids(self.tokenizer, list(texts), self.manifest["tokenization"]["max_length"], has_image)
+            ids = self.prompt.ids(self.tokenizer, texts, max_length, has_image)
         else:
-            ids = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+            ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
         dim = self.manifest["dims"]["embedding"]
         out = np.zeros((len(ids), dim), dtype=np.float32)
         order = np.argsort([len(x) for x in ids], kind="stable")
@@ -211,7 +198,9 @@ class Tagger:
     # -- whole files ---------------------------------------------------------------------------------------------
     def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5,
                  fmt: str | None = None, min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
-                 progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8) -> TagSummary:
+                 progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8,
+                 checks: RunChecks | None = None, summary_json: str | Path | None = None,
+                 escape_formulas: bool = False) -> TagSummary:
         """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing.
 
         ``fmt``: ``parquet``, ``csv`` or ``jsonl``; None: from ``output``'s extension (``.parquet``, ``.csv``,
@@ -222,29 +211,45 @@ class Tagger:
         memory that grows with the catalog; ``xmctag eval`` refuses such a file). ``top_k`` is at most the number
         of labels.
 
+        ``checks`` (``xmctag.summary.RunChecks``; default: a run that tags nothing, or whose every image fails,
+        fails): a run that fails them raises ``ThresholdError`` and writes no output. ``summary_json``: where to
+        write the run's summary, however it ends (``xmctag.summary.run_summary``). The output is written through
+        ``xmctag.io.atomic`` (one run per output, complete or absent); its provenance (bundle, xmctag version,
+        catalog and its sha256, time) is in the Parquet metadata, or for CSV/JSONL in ``<output>.meta.json``.
+
         Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
         """
         catalog = Path(catalog)
-        check_options(top_k, min_score)
-        top_k = min(top_k, len(self.label_ids))
-        fmt = resolve_format(Path(output) if output is not None else None, fmt)
-        columns = self.catalog.check_file(catalog)
-        if self.fusion is not None and self.fusion["image_col"] not in columns:  # fine, but not what it was made for
-            warnings.warn(f"{catalog} has no image column {self.fusion['image_col']!r}: products are tagged from "
-                          "text only", stacklevel=2)
-        output = Path(output) if output is not None else default_output_path(catalog, fmt)
-        if output.resolve() == catalog.resolve():
-            raise UserError(f"--output {output}: would overwrite the catalog being tagged")
-        summary = TagSummary(output=output, top_k=top_k)
-        metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
-                    "top_k": top_k, "min_score": min_score, "text_cols": ",".join(self.config.text_cols)}
-        # Opened (its temporary file created) before any work: an output that cannot be written fails now, not
-        # after the whole catalog has been tagged.
-        with PredictionWriter(output, fmt, metadata) as writer:
-            self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict, progress,
-                           cache_dir, workers)
-        return summary
+        checks = checks or RunChecks()
+        with run_summary(summary_json, "tag", catalog=str(catalog), bundle=str(self.path.resolve()),
+                         bundle_id=self.bundle_id, checks=checks.to_dict()) as report:
+            check_options(top_k, min_score)
+            top_k = min(top_k, len(self.label_ids))
+            fmt = resolve_format(Path(output) if output is not None else None, fmt)
+            columns = self.catalog.check_file(catalog)
+            if self.fusion is not None and self.fusion["image_col"] not in columns:  # fine, but not what it was for
+                warnings.warn(f"{catalog} has no image column {self.fusion['image_col']!r}: products are tagged "
+                              "from text only", stacklevel=2)
+            output = Path(output) if output is not None else default_output_path(catalog, fmt)
+            if resolve_output(output).resolve() == catalog.resolve():
+                raise UserError(f"--output {output}: would overwrite the catalog being tagged")
+            summary = TagSummary(output=output, top_k=top_k)
+            report.update(output=str(output), format=fmt, catalog_sha256=file_sha256(catalog))
+            metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
+                        "catalog_sha256": report["catalog_sha256"], "top_k": top_k, "min_score": min_score,
+                        "text_cols": ",".join(self.config.text_cols), "xmctag_version": __version__,
+                        "tagged_at": now()}
+            # Opened (its lock taken, its temporary file created) before any work: an output that cannot be
+            # written, or that another run is writing, fails now, not after the whole catalog has been tagged.
+            with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas) as writer:
+                try:
+                    self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict,
+                                   progress, cache_dir, workers)
+                finally:
+                    report.update(summary.to_dict())
+                checks.check(summary)  # before the output is renamed into place: a failed run leaves none
+            return summary
 
     def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
                   top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,

@@ -2,7 +2,8 @@
 
 A writer appends one batch of predictions at a time to a temporary file next to the target, and renames it into
 place only when the whole catalog is done; an error or an interruption deletes the temporary file, so a target
-path either holds a complete prediction file or is untouched.
+path either holds a complete prediction file or is untouched (``xmctag.io.atomic``: also the lock that keeps a
+second run off the same output, fsync, file modes, symlinks).
 
 Formats:
 - ``parquet`` (default): one row per product: ``id``, ``labels`` (list[str], best first), ``scores``
@@ -16,13 +17,13 @@ Without an explicit format it follows the output's extension (``resolve_format``
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from xmctag.errors import UserError
+from xmctag.errors import UserError, environment_failure
+from xmctag.io.atomic import AtomicOutput, write_json
 
 FORMATS = ("parquet", "csv", "jsonl")
 # The extensions that name a format (what `xmctag eval` reads them as); any other extension is left to --format.
@@ -44,37 +45,44 @@ def resolve_format(output: Path | None, fmt: str | None) -> str:
 
 
 class PredictionWriter:
-    """``with PredictionWriter(path, fmt, metadata) as w: w.write(ids, labels, label_texts, scores)``."""
+    """``with PredictionWriter(path, fmt, metadata) as w: w.write(ids, labels, label_texts, scores)``.
 
-    def __init__(self, path: str | Path, fmt: str, metadata: dict[str, str]):
+    The file reaches ``path`` through ``AtomicOutput`` (a lock per output, a temporary file renamed when complete,
+    the umask's mode; see ``xmctag.io.atomic``). ``escape_formulas`` (CSV): cells starting with ``=``, ``+``, ``-``,
+    ``@``, tab or carriage return get a leading ``'`` so that a spreadsheet shows them as text instead of running them
+    as formulas (this changes those values: off by default).
+    """
+
+    def __init__(self, path: str | Path, fmt: str, metadata: dict[str, str], escape_formulas: bool = False):
         if fmt not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
         self.path = Path(path)
         self.fmt = fmt
         self.metadata = metadata
-        if self.path.is_dir():
-            raise UserError(f"--output {self.path}: is a directory")
-        if not self.path.parent.is_dir():
-            raise UserError(f"--output {self.path}: directory {self.path.parent} does not exist")
-        if self.path.exists() and not os.access(self.path, os.W_OK):
-            raise UserError(f"--output {self.path}: exists and is read-only")
+        self.escape_formulas = escape_formulas and fmt == "csv"
+        self.output = AtomicOutput(self.path)
         self._parquet = None
         self._file = None
         self._tmp: Path | None = None
 
     def __enter__(self) -> "PredictionWriter":
+        self._tmp = self.output.__enter__()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        except OSError as e:
-            raise UserError(f"--output {self.path}: cannot write in {self.path.parent} ({e.strerror or e})") from None
-        os.close(fd)
-        self._tmp = Path(tmp)
-        try:
-            self._open()
-        except BaseException:
-            self._tmp.unlink(missing_ok=True)
+            self._guarded(self._open)
+        except BaseException as e:
+            self.output.__exit__(type(e), e, None)
             raise
         return self
+
+    def _guarded(self, action, *args) -> None:
+        """Runs ``action``, turning the machine's failures (disk full, I/O error) into ``EnvironmentFailure``."""
+        try:
+            action(*args)
+        except Exception as e:  # noqa: BLE001 - pyarrow and polars report an OSError of the file in their own ways
+            failure = machine_failure(e, f"writing --output {self.path}")
+            if failure is None:
+                raise
+            raise failure from None
 
     def _open(self) -> None:
         if self.fmt == "parquet":
@@ -93,6 +101,10 @@ class PredictionWriter:
 
     def write(self, ids: list[str], labels: list[list[str]], label_texts: list[list[str]],
               scores: list[np.ndarray]) -> None:
+        self._guarded(self._write, ids, labels, label_texts, scores)
+
+    def _write(self, ids: list[str], labels: list[list[str]], label_texts: list[list[str]],
+               scores: list[np.ndarray]) -> None:
         if self.fmt == "parquet":
             import pyarrow as pa
 
@@ -103,6 +115,8 @@ class PredictionWriter:
             return
         long = self._long(ids, labels, label_texts, scores)
         if self.fmt == "csv":
+            if self.escape_formulas:
+                long = long.with_columns(escape_formula(pl.col(c)).alias(c) for c in ("id", "label", "label_text"))
             long.write_csv(self._file, include_header=False)
         else:
             long.write_ndjson(self._file)
@@ -123,15 +137,46 @@ class PredictionWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if self._parquet is not None:
-                self._parquet.close()
+                self._guarded(self._parquet.close)
             if self._file is not None:
-                self._file.close()
-        finally:
+                self._guarded(self._file.close)
             if exc_type is None:
-                try:
-                    self._tmp.replace(self.path)
-                except OSError as e:
-                    self._tmp.unlink(missing_ok=True)
-                    raise UserError(f"--output {self.path}: cannot replace it ({e.strerror or e})") from None
-            else:
-                self._tmp.unlink(missing_ok=True)
+                self.output.commit()
+                if self.fmt != "parquet":  # CSV/JSONL have no metadata of their own: provenance beside them
+                    write_json(sidecar_path(self.output.target), {f"xmctag.{k}": v for k, v in self.metadata.items()},
+                               what="--output", lock=False)
+        except BaseException as e:
+            self.output.__exit__(type(e), e, None)
+            raise
+        self.output.__exit__(exc_type, exc, tb)
+
+
+def sidecar_path(output: Path) -> Path:
+    """Where a CSV/JSONL prediction file's provenance goes: ``<output>.meta.json``."""
+    return output.with_name(output.name + ".meta.json")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def escape_formula(column: pl.Expr) -> pl.Expr:
+    """A leading ``'`` on values that a spreadsheet would run as a formula (OWASP's CSV injection advice)."""
+    return pl.when(pl.any_horizontal([column.str.starts_with(c) for c in FORMULA_START])).then(
+        pl.lit("'") + column).otherwise(column)
+
+
+def machine_failure(e: BaseException, doing: str):
+    """An ``EnvironmentFailure`` when ``e`` (or its cause) is the machine failing a write, else None. pyarrow and
+    polars report it as an ``OSError`` subclass, with or without ``errno``, or only in their message ("os error 28",
+    "No space left on device")."""
+    import errno
+    import re
+
+    for error in (e, e.__cause__, e.__context__):
+        if isinstance(error, OSError) and error.errno is not None:
+            return environment_failure(error, doing)
+    text = str(e)
+    found = re.search(r"os error (\d+)", text)
+    codes = [int(found.group(1))] if found else [c for c in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG,
+                                                            errno.EROFS) if os.strerror(c) in text]
+    return environment_failure(OSError(codes[0], os.strerror(codes[0])), doing) if codes else None

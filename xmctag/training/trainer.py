@@ -38,6 +38,7 @@ from xmctag.models.lora import has_lora
 from xmctag.models.registry import load_pretrained
 from xmctag.progress import Progress
 from xmctag.scoring import LabelVectors, NeighbourLabels
+from xmctag.summary import run_summary
 from xmctag.training.classifier import ClassifierStage
 from xmctag.training.data import TrainingData
 from xmctag.training.dual_encoder import DualEncoderStage
@@ -67,8 +68,21 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Path | None = None,
           config: Config | None = None, resume: bool = False, overwrite: bool = False, device: str = "auto",
-          progress: bool = True) -> TrainResult:
-    """Trains a model and writes a self-contained run directory to ``out``."""
+          progress: bool = True, summary_json: str | Path | None = None) -> TrainResult:
+    """Trains a model and writes a self-contained run directory to ``out`` (``run_training``); ``summary_json``:
+    where to write the run's summary, however it ends (``xmctag.summary.run_summary``)."""
+    with run_summary(summary_json, "train", run_dir=str(out), train=str(train), labels=str(labels),
+                     dev=str(dev) if dev is not None else None) as report:
+        result = run_training(train, labels, out, dev, config, resume, overwrite, device, progress)
+        metrics = json.loads((result.run_dir / run_dir.METRICS).read_text())
+        report.update({k: v for k, v in metrics.items() if k != "history"})
+    return result
+
+
+def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: str | Path | None = None,
+                 config: Config | None = None, resume: bool = False, overwrite: bool = False, device: str = "auto",
+                 progress: bool = True) -> TrainResult:
+    """The training run, top to bottom (see the module docstring)."""
     config = config or Config()
     config.validate()
     auto_vision = config.vision == "auto"
