@@ -1,9 +1,9 @@
 """GPU tagging check: a bundle's fp16 graph through ONNX Runtime's CUDA provider against the fp32 graph on the CPU.
 
-Two steps, driven by ``bench/gpu_tag.sh`` (which also carries the packages to the GPU machine):
+Two steps, driven by ``bench/gpu/gpu_tag.sh`` (which also carries the packages to the GPU machine):
 
-    python bench/gpu_tag.py reference --bundle B --catalog C --out REF   # here, CPU, fp32 graph
-    python bench/gpu_tag.py check --bundle B --catalog C --ref REF --out DIR [--rows N]   # there, --device cuda
+    python bench/gpu/gpu_tag.py reference --bundle B --catalog C --out REF   # here, CPU, fp32 graph
+    python bench/gpu/gpu_tag.py check --bundle B --catalog C --ref REF --out DIR [--rows N]   # there, --device cuda
 
 ``reference`` writes the catalog's image features, product embeddings and top-5 predictions (``Tagger`` on the CPU).
 ``check`` loads the same bundle with ``device="cuda"`` and reports, as Markdown on stdout and ``DIR/gpu_tag.json``:
@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xmctag import Tagger  # noqa: E402
+from xmctag import Tagger
 
 TOP_K = 5
 
