@@ -61,7 +61,7 @@ def _fit_labels(x_train, y, x_test, C: float) -> np.ndarray:
 
 
 def zero_shot(encode, product_texts, label_texts, k: int = 5):
-    """``encode(texts) -> (n, d)`` L2-normalised embeddings, e.g. ``xmctag.models.encode_texts``."""
+    """``encode(texts) -> (n, d)`` L2-normalised embeddings, e.g. ``xmctag.models.embedding.encode_texts``."""
     products = encode(product_texts)
     labels = encode(label_texts)
     return _top_k(products @ labels.T, k)

@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: the machine/date header, markdown tables, --set overrides."""
+"""Helpers shared by the benchmark scripts: the machine/date header, markdown tables, --set overrides.
+
+The scripts import it as a plain module (``from common import ...``): ``python bench/NAME.py`` puts the script's own
+folder, bench/, first on the module search path, so no path edits are needed. bench/ is not a package.
+"""
 
 from __future__ import annotations
 

@@ -30,8 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, parse_overrides, print_header, write_title_subsets  # noqa: E402
+from common import markdown_table, parse_overrides, print_header, write_title_subsets
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"minilm": "builtin:minilm-l6", "smollm2": "builtin:smollm2-135m"}
@@ -102,10 +101,10 @@ def throughput(args) -> int:
 
     from xmctag.config import Config
     from xmctag.losses import make_loss
-    from xmctag.models.decoder import add_lora, merged_state_dict, resolve_kind_defaults
-    from xmctag.models.embedding import encode_ids
+    from xmctag.models.build import resolve_kind_defaults
+    from xmctag.models.embedding import embed_with_grad, encode_ids
     from xmctag.models.encoder import TextEncoder
-    from xmctag.training.trainer import _embed_with_grad
+    from xmctag.models.lora import add_lora, merged_state_dict
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -121,7 +120,7 @@ def throughput(args) -> int:
                           center_momentum=config.center_momentum)
     if config.lora_rank > 0:
         add_lora(backbone, config)
-    if config.gradient_checkpointing:  # as xmctag.models.decoder.prepare_model does, on every device
+    if config.gradient_checkpointing:  # as xmctag.models.build.prepare_model does, on every device
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.to(device)
     trainable = [p for p in encoder.parameters() if p.requires_grad]
@@ -135,8 +134,8 @@ def throughput(args) -> int:
     def step() -> None:
         products, labels = random_ids(batch, 24, 64), random_ids(batch, 8, 32)  # prompt + title / label text
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            p = _embed_with_grad(encoder, products, 0, device)
-            q = _embed_with_grad(encoder, labels, 0, device)
+            p = embed_with_grad(encoder, products, 0, device)
+            q = embed_with_grad(encoder, labels, 0, device)
             loss = loss_fn(p.float() @ q.float().T, torch.arange(batch, device=device),
                            torch.eye(batch, dtype=torch.bool, device=device))
         optimizer.zero_grad(set_to_none=True)

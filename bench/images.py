@@ -25,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, parse_overrides, print_header  # noqa: E402
+from common import markdown_table, parse_overrides, print_header
 
 ROOT = Path(__file__).resolve().parent.parent
 FACETS = {"colour": "baseColour:", "usage": "usage:", "article type": "articleType:"}

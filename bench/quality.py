@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import tfidf_linear_svc, zero_shot  # noqa: E402
-from common import markdown_table, parse_overrides, print_header  # noqa: E402
+from baselines import tfidf_linear_svc, zero_shot
+from common import markdown_table, parse_overrides, print_header
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["P@1", "P@3", "P@5", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@5"]
@@ -41,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import xmctag
-    from xmctag.data import LabelTable, load_labelled_set
-    from xmctag.evaluation.metrics import evaluate_rankings
-    from xmctag.run_dir import inverse_propensities
+    from xmctag.evaluation.metrics import evaluate_rankings, inverse_propensity
+    from xmctag.io.datasets import LabelTable, load_labelled_set
 
     data = args.data / args.dataset
     work = args.work / args.dataset
@@ -55,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = LabelTable.load(paths["labels"], config)
     train_set = load_labelled_set(paths["train"], config, labels)
     dev_set = load_labelled_set(paths["dev"], config, labels)
-    inv_p = inverse_propensities(train_set.label_counts(len(labels)), len(train_set), config)
+    inv_p = inverse_propensity(train_set.label_counts(len(labels)), len(train_set), config.psp_a, config.psp_b)
 
     print_header(f"xmctag quality on {args.dataset} (dev split, {', '.join(config.text_cols)} only)")
     print(f"- data: {len(train_set)} train / {len(dev_set)} dev rows, {len(labels)} labels "

@@ -48,9 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, print_header  # noqa: E402
+from common import markdown_table, print_header
 
 # Product-like words for synthetic titles (fixed, so catalogs are reproducible).
 VOCAB = """
@@ -151,7 +149,7 @@ def best_time(fn, repeats: int = REPEATS) -> tuple[float, object]:
 
 def read_texts(catalog: Path, text_cols: list[str], rows: int) -> list[str]:
     """The first ``rows`` non-empty product texts (rows without text are skipped, as ``xmctag tag`` does)."""
-    from xmctag.data import product_text_expr
+    from xmctag.io.datasets import product_text_expr
 
     texts = (pl.scan_parquet(catalog).select(product_text_expr(text_cols).alias("text"))
              .drop_nulls().head(rows).collect()["text"].to_list())

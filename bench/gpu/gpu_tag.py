@@ -1,9 +1,9 @@
 """GPU tagging check: a bundle's fp16 graph through ONNX Runtime's CUDA provider against the fp32 graph on the CPU.
 
-Two steps, driven by ``bench/gpu_tag.sh`` (which also carries the packages to the GPU machine):
+Two steps, driven by ``bench/gpu/gpu_tag.sh`` (which also carries the packages to the GPU machine):
 
-    python bench/gpu_tag.py reference --bundle B --catalog C --out REF   # here, CPU, fp32 graph
-    python bench/gpu_tag.py check --bundle B --catalog C --ref REF --out DIR [--rows N]   # there, --device cuda
+    python bench/gpu/gpu_tag.py reference --bundle B --catalog C --out REF   # here, CPU, fp32 graph
+    python bench/gpu/gpu_tag.py check --bundle B --catalog C --ref REF --out DIR [--rows N]   # there, --device cuda
 
 ``reference`` writes the catalog's image features, product embeddings and top-5 predictions (``Tagger`` on the CPU).
 ``check`` loads the same bundle with ``device="cuda"`` and reports, as Markdown on stdout and ``DIR/gpu_tag.json``:
@@ -18,38 +18,43 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from xmctag import Tagger  # noqa: E402
+from xmctag import Tagger
 
 TOP_K = 5
 
 
 def _inputs(tagger: Tagger, catalog: Path, cache_dir: Path):
-    """The catalog's rows, product texts and image inputs as ``Tagger.tag`` builds them."""
-    frame = pl.read_parquet(catalog)
-    batch = tagger._prepare(frame, source=str(catalog))
+    """The catalog's rows that have an id and product text (the rows ``Tagger.tag`` tags), their product texts
+    (``product_text_expr`` of the model's text columns, as ``Tagger.tag`` builds them), their image inputs and the
+    ``BundleImages`` that made those."""
+    from xmctag.io.datasets import product_text_expr
+
+    config = tagger.config
+    text = product_text_expr(list(config.text_cols))
+    has_id = pl.col(config.id_col).cast(pl.String).str.strip_chars().str.len_chars().fill_null(0) > 0
+    frame = pl.read_parquet(catalog).filter(has_id & text.is_not_null())
+    texts = frame.select(text.alias("text"))["text"].to_list()
     vision = tagger.images(cache_dir)
-    return frame, batch, vision.features(batch["image"].to_list(), catalog.parent), vision
+    images = vision.features(frame[tagger.fusion["image_col"]].to_list(), catalog.parent)
+    return frame, texts, images, vision
 
 
 def reference(args) -> None:
     tagger = Tagger.load(args.bundle, device="cpu", precision="fp32")
-    frame, batch, images, _ = _inputs(tagger, args.catalog, args.out / "image_cache")
+    frame, texts, images, _ = _inputs(tagger, args.catalog, args.out / "image_cache")
     args.out.mkdir(parents=True, exist_ok=True)
     np.save(args.out / "image_features.npy", images[0])
-    np.save(args.out / "embeddings.npy", tagger.embed(batch["text"].to_list(), images))
-    indices, scores = tagger.predict(batch["text"].to_list(), TOP_K, images=images)
+    np.save(args.out / "embeddings.npy", tagger.embed(texts, images))
+    indices, scores = tagger.predict(texts, TOP_K, images=images)
     np.save(args.out / "top_k.npy", indices)
     np.save(args.out / "scores.npy", scores)
-    print(f"reference of {len(batch)} rows written to {args.out}")
+    print(f"reference of {len(texts)} rows written to {args.out}")
 
 
 def _precision_at(indices: np.ndarray, label_ids: np.ndarray, truth: list[list[str]], k: int) -> float:
@@ -84,12 +89,13 @@ def check(args) -> None:
 
     # Parity against the CPU fp32 reference, images embedded here on the GPU into an empty cache.
     started = time.perf_counter()
-    frame, batch, images, vision = _inputs(tagger, args.catalog, args.out / "image_cache")
+    frame, texts, images, vision = _inputs(tagger, args.catalog, args.out / "image_cache")
     out["image_seconds_cold"] = round(time.perf_counter() - started, 2)
     out["image_counts"] = vision.counts.to_dict()
-    encoder = vision.encoder._encoder  # created on the first picture to embed
+    # The one private xmctag attribute read here: the vision graph's ONNX Runtime session is created on the first
+    # picture to embed, and xmctag has no public handle on it (or on its providers).
+    encoder = vision.encoder._encoder
     out["vision_session_providers"] = encoder.session.get_providers() if encoder else "not created (all cached)"
-    texts = batch["text"].to_list()
     ref = {name: np.load(args.ref / f"{name}.npy") for name in ("image_features", "embeddings", "top_k", "scores")}
     embeddings = tagger.embed(texts, images)
     indices, scores = tagger.predict(texts, TOP_K, images=images)

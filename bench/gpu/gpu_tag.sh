@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# GPU tagging check (bench/gpu_tag.py, the "GPU tagging" section of bench/RESULTS.md) on the lent GPU machine. That
-# machine has torch (CUDA 13) and the CPU build of onnxruntime, no faiss, polars or internet, and one call carries
-# at most 64 MiB. So the packages (onnxruntime-gpu unpacked and xz-compressed, polars, faiss-cpu, typer and its
-# dependencies, pillow), an fp16-only copy of a bundle and the CPU reference travel as one tar split into 59 MB
-# parts, one part per call:
-#   bash bench/gpu_tag.sh prepare BUNDLE CATALOG  # here: -> .gpu/tag/part-aa, -ab, ... and .gpu/tag/SHA256
-#   bash bench/gpu_tag.sh part                    # there, one call per part but the last (carry that part)
-#   bash bench/gpu_tag.sh run CATALOG             # there, carrying the last part and SHA256: assemble, install,
-#                                                 # `xmctag tag/eval --device cuda`, then bench/gpu_tag.py check
+# GPU tagging check (bench/gpu/gpu_tag.py, the "GPU tagging" section of bench/RESULTS.md) on the lent GPU machine.
+# That machine has torch (CUDA 13) and the CPU build of onnxruntime, no faiss, polars or internet, and one call
+# carries at most 64 MiB. So the packages (onnxruntime-gpu unpacked and xz-compressed, polars, faiss-cpu, typer and
+# its dependencies, pillow), an fp16-only copy of a bundle and the CPU reference travel as one tar split into 59 MB
+# parts, one part per call. Run from the repository root:
+#   bash bench/gpu/gpu_tag.sh prepare BUNDLE CATALOG  # here: -> .gpu/tag/part-aa, -ab, ... and .gpu/tag/SHA256
+#   bash bench/gpu/gpu_tag.sh part                    # there, one call per part but the last (carry that part)
+#   bash bench/gpu/gpu_tag.sh run CATALOG             # there, carrying the last part and SHA256: assemble, install,
+#                                                     # `xmctag tag/eval --device cuda`, then gpu_tag.py check
 # CATALOG is a fused catalog inside the repository (it travels with the working tree), e.g.
 # catalogs/myntra-sample/dev.parquet; BUNDLE a bundle exported from a run trained on its train split.
 set -euo pipefail
+# Paths below (.gpu/tag, bench/gpu/gpu_tag.py, $PWD on PYTHONPATH for the xmctag package) are relative to the
+# repository root.
+[ -f bench/gpu/gpu_tag.sh ] || { echo "run from the repository root: bash bench/gpu/gpu_tag.sh ..." >&2; exit 2; }
 G=${GPU_HOME:-$HOME/gpu-tag}
 T=.gpu/tag
 
@@ -39,7 +42,8 @@ for name in ("encoder.onnx", "encoder.int8.onnx"):
     m["graph"]["files"] = [f for f in m["graph"]["files"] if f != name]
 json.dump(m, open(sys.argv[1], "w"), indent=1)
 EOF
-    ${PYTHON:-python3} bench/gpu_tag.py reference --bundle "$bundle" --catalog "$catalog" --out "$work/ref"
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+        ${PYTHON:-python3} bench/gpu/gpu_tag.py reference --bundle "$bundle" --catalog "$catalog" --out "$work/ref"
     cp "$work"/ref/*.npy "$work/payload/ref/"
     rm -rf "$T" && mkdir -p "$T"
     tar cf "$work/payload.tar" -C "$work" payload
@@ -80,7 +84,7 @@ run)
     xmctag tag "$catalog" --model "$bundle" --output "$out/dev.auto.parquet" --cache-dir "$G/cli-cache" 2>&1 \
         | tail -5 | tee -a "$out/cli.txt"  # --device auto: must pick CUDA (and the cache is warm now)
     xmctag eval "$out/dev.cuda.parquet" --truth "$catalog" --train "$train" 2>&1 | tee -a "$out/cli.txt"
-    check=(bench/gpu_tag.py check --bundle "$bundle" --catalog "$catalog" --ref "$G/payload/ref" --out "$G/check")
+    check=(bench/gpu/gpu_tag.py check --bundle "$bundle" --catalog "$catalog" --ref "$G/payload/ref" --out "$G/check")
     if [ -n "$torch_first" ]; then
         python3 -c "import runpy, sys, torch; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"\
             "${check[@]}" ${CHECK_ARGS:-} 2>&1 | tee "$out/check.txt"
@@ -90,6 +94,6 @@ run)
     cp "$G/check/gpu_tag.json" "$out/" 2>/dev/null || true
     ;;
 *)
-    echo "usage: bash bench/gpu_tag.sh prepare BUNDLE CATALOG | part | run CATALOG" >&2; exit 2
+    echo "usage: bash bench/gpu/gpu_tag.sh prepare BUNDLE CATALOG | part | run CATALOG" >&2; exit 2
     ;;
 esac
