@@ -13,17 +13,24 @@
     vision.onnx            image fusion only: the frozen vision encoder, pixel_values -> image_embedding (fp32 only)
     vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
     config.json            the training Config
-    manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
     README.md              model card of the run
+    manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
+                           graph, tokenization, scoring, training, fusion (image fusion only), and, outside the
+                           bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
 
-``Bundle.open(path)`` reads a bundle for tagging: the manifest is checked (format, the keys tagging needs, every file
-present and, unless ``verify=False``, unchanged by its sha256) before anything else is read, and each part is then
-read with its size checked against the manifest's ``dims``. ``xmctag.exporter`` writes bundles.
+A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
+``bundle_id`` is a hash of the file hashes and of every manifest section that affects results
+(``xmctag.manifest.bundle_id_of``), so neither a file nor a setting changes without the id changing.
+
+``Bundle.open(path)`` reads a bundle for tagging. Bundles are untrusted input: the manifest is checked first
+(``xmctag.manifest.read_manifest``: keys and types, paths inside the bundle, the bundle id, no unlisted file or
+outward symlink, every file present and, unless ``verify=False``, unchanged by its sha256), then that it lists the
+files tagging reads. Each part is read on request, its size checked against the manifest's ``dims``. ``xmctag.exporter``
+writes bundles (``xmctag.manifest.seal``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,8 +39,10 @@ import numpy as np
 from xmctag import run_dir
 from xmctag.config import Config
 from xmctag.errors import UserError
+from xmctag.manifest import FORMAT, MANIFEST, file_sha256, read_manifest  # noqa: F401 - part of this module's API
+from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
+from xmctag.vision.onnx_runtime import VISION_META
 
-FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
 ONNX_FP16 = "encoder.fp16.onnx"
 ONNX_INT8 = "encoder.int8.onnx"
@@ -41,13 +50,13 @@ GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
-MANIFEST = "manifest.json"
 IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
 
 def is_bundle(path: Path) -> bool:
-    """Whether the directory ``path`` holds an xmctag bundle and nothing else: a manifest naming every entry."""
+    """Whether the directory ``path`` holds an xmctag bundle (of any format) and nothing else: a manifest naming
+    every entry. What ``export --overwrite`` may replace; ``Bundle.open`` is what checks a bundle for use."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -58,87 +67,10 @@ def is_bundle(path: Path) -> bool:
     return {entry.name for entry in path.iterdir()} <= names
 
 
-def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
-    """The manifest of a bundle, after checking that its files are there and unchanged."""
-    path = bundle / MANIFEST
-    if not path.is_file():
-        if (bundle / run_dir.CONFIG).exists() and (bundle / run_dir.MODEL).exists():
-            raise UserError(f"{bundle}: this is a training run, not a bundle; run `xmctag export {bundle} --out DIR`")
-        raise UserError(f"{bundle}: not an xmctag bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}) (re-export the bundle)") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: not a JSON object (re-export the bundle)")
-    if "format" not in manifest:
-        raise UserError(f"{path}: missing key 'format' (re-export the bundle)")
-    if manifest["format"] != FORMAT:
-        raise UserError(f"{bundle}: bundle format {manifest['format']!r}, this xmctag reads {FORMAT!r}")
-    _check_manifest(path, manifest)
-    for name, digest in manifest["files"].items():
-        file = bundle / name
-        if not file.is_file():
-            raise UserError(f"{bundle}: bundle is incomplete, {name} is missing")
-        if verify_hashes and file_sha256(file) != digest:
-            raise UserError(f"{bundle}: {name} does not match the manifest (modified or corrupt bundle)")
-    return manifest
-
-
-# What tagging reads from a manifest: key -> its type, or the keys of a section that must be there.
-REQUIRED_KEYS = {
-    "bundle_id": str,
-    "files": dict,
-    "dims": ("embedding", "index", "labels"),
-    "graph": ("files",),
-    "tokenization": ("tokenizer", "max_length", "pad_id"),
-    "scoring": ("scale",),
-}
-REQUIRED_FUSION_KEYS = ("vision", "model_id", "vision_dim", "image_col", "max_images")
-
-
-def _check_manifest(path: Path, manifest: dict) -> None:
-    """A ``UserError`` naming the first key tagging needs that the manifest lacks or has with the wrong type."""
-    def fail(key: str, problem: str = "missing") -> None:
-        raise UserError(f"{path}: {problem} key {key!r} (re-export the bundle)")
-
-    sections = dict(REQUIRED_KEYS)
-    if "fusion" in manifest:
-        sections["fusion"] = REQUIRED_FUSION_KEYS
-    for key, wanted in sections.items():
-        if key not in manifest:
-            fail(key)
-        value = manifest[key]
-        if isinstance(wanted, type):
-            if not isinstance(value, wanted):
-                fail(key, "invalid")
-            continue
-        if not isinstance(value, dict):
-            fail(key, "invalid")
-        for sub in wanted:
-            if sub not in value:
-                fail(f"{key}.{sub}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
-        fail("files", "invalid")
-    if not isinstance(manifest["graph"]["files"], list):
-        fail("graph.files", "invalid")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-
 class Bundle:
     """A bundle directory with a checked manifest (``Bundle.open``); its parts are read on request."""
 
-    def __init__(self, path: Path, manifest: dict, config: Config):
+    def __init__(self, path: Path, manifest: dict, config: Config | None = None):
         self.path, self.manifest, self.config = path, manifest, config
 
     @classmethod
@@ -146,8 +78,23 @@ class Bundle:
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"--model {path}: no such bundle directory")
-        manifest = read_manifest(path, verify_hashes=verify)
-        return cls(path, manifest, Config.load(path / run_dir.CONFIG))
+        bundle = cls(path, read_manifest(path, verify_hashes=verify))
+        for name in bundle.required_files():
+            if name not in bundle.manifest["files"]:
+                raise UserError(f"{path}: bundle is incomplete, {name} is not in the manifest's files (re-export "
+                                "the bundle)")
+        bundle.config = Config.load(path / run_dir.CONFIG)
+        return bundle
+
+    def required_files(self) -> list[str]:
+        """The files tagging reads: the manifest must list each (and so each is there, and hashed)."""
+        names = [run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_VECTORS, INDEX, ONNX_FP32,
+                 self.manifest["tokenization"]["tokenizer"], *self.manifest["graph"]["files"]]
+        if self.dims.get("neighbours"):
+            names += [NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS]
+        if self.fusion is not None:
+            names += [VISION_FP32, VISION_META]
+        return names
 
     @property
     def bundle_id(self) -> str:
