@@ -9,11 +9,13 @@ import os
 import shutil
 
 import pytest
+from typer.testing import CliRunner
 
 from xmctag import Tagger, UserError, run_dir
 from xmctag import bundle as layout
 from xmctag import manifest as manifest_file
 from xmctag.bundle import Bundle
+from xmctag.cli import app
 
 
 def edit(bundle, change, reseal: bool = False, rehash_id: bool = False) -> dict:
@@ -182,7 +184,59 @@ def test_a_symlink_inside_the_bundle_to_a_listed_file_is_fine(bundle_dir, copy_o
     Bundle.open(copy)
 
 
-# -- manifests that are consistent but wrong ----------------------------------------------------------------------
+# -- damaged files: one line naming the file -----------------------------------------------------------------------
+DAMAGEABLE = [layout.INDEX, layout.NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS, run_dir.LABELS, run_dir.LABEL_VECTORS,
+              layout.ONNX_FP32, "tokenizer/tokenizer.json", run_dir.CONFIG]
+
+
+@pytest.mark.parametrize("name", DAMAGEABLE)
+def test_a_truncated_file_is_a_one_line_error_naming_it(bundle_dir, copy_of, catalog_dir, tmp_path, name):
+    copy = copy_of(bundle_dir)
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[: len(data) // 2])
+    edit(copy, lambda manifest: None, reseal=True)
+    if name != run_dir.CONFIG:  # read by Bundle.open itself
+        Bundle.open(copy)  # the manifest is consistent: the damage shows when the file is read
+    with pytest.raises(UserError) as caught:
+        Tagger.load(copy, device="cpu")
+    message = str(caught.value)
+    assert f"bundle file {name} is unreadable (" in message and message.endswith("; re-export the bundle")
+    assert "\n" not in message
+    result = CliRunner().invoke(app, ["tag", str(catalog_dir / "dev.parquet"), "--model", str(copy), "--device",
+                                      "cpu", "-o", str(tmp_path / "p.parquet"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and name in lines[0], result.output
+    assert not (tmp_path / "p.parquet").exists()
+
+
+class _Touch:
+    """Unpickling it creates a file: proof that a pickle in a bundle is never loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.path),)
+
+
+def test_a_pickle_in_a_bundle_is_never_loaded(bundle_dir, copy_of, tmp_path):
+    import numpy as np
+
+    copy = copy_of(bundle_dir)
+    marker = tmp_path / "unpickled"
+    indptr = np.empty(1, dtype=object)
+    indptr[0] = _Touch(marker)
+    np.savez(copy / run_dir.TRAIN_LABELS, indptr=indptr, indices=np.zeros(0, np.int32))
+    edit(copy, lambda manifest: None, reseal=True)
+    with pytest.raises(UserError, match=rf"bundle file {run_dir.TRAIN_LABELS} is unreadable \(.*allow_pickle"):
+        Tagger.load(copy, device="cpu")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("scoring.scale", float("nan"), "not valid JSON"), ("scoring.knn_weight", 2.0, "invalid key 'scoring.knn_weight'"),
     ("tokenization.max_length", "16", "invalid key 'tokenization.max_length'"),
