@@ -14,7 +14,9 @@ Bundles come from other machines and teams, so nothing in one is trusted until `
 
 ``seal(directory, manifest)`` is the other side: hashes every file, sets ``files`` and ``bundle_id``, writes the
 manifest (``xmctag.exporter``). A bundle id is a checksum, not a signature: whoever can write a whole bundle can seal
-it; what these checks guarantee is that a bundle says truthfully what it holds and reads nothing outside itself.
+it; what these checks guarantee is that a bundle says truthfully what it holds and that none of its files is read
+from outside it. The one path a manifest names outside the bundle is ``fusion.cache_dir``, the training run's
+image-embedding cache that tagging a fused bundle uses by default (``xmctag.vision.tagging.resolve_cache_dir``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ FORMAT = "xmctag-bundle/2"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a real one is a few KiB
 # Never read by tagging or evaluation: provenance and export diagnostics, not inputs of any result. Left out of the
-# bundle id so that it is a function of what results depend on (the same content exported twice has one id).
+# bundle id so that it is a function of what results depend on (two exports of a run, identical files, share an id).
 VOLATILE_KEYS = ("bundle_id", "created", "source_run", "versions", "parity_max_abs")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
