@@ -82,6 +82,14 @@ def trained_run(tmp_path_factory, catalog_dir, tiny_encoder_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundle_dir(trained_run, tmp_path_factory) -> Path:
+    """``trained_run`` exported (fp32, fp16 and int8 graphs): read it, or tamper with a ``copy_of`` it."""
+    from xmctag import export
+
+    return export(trained_run, tmp_path_factory.mktemp("export") / "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
 def sys_is_unwritable() -> bool:
     """Whether files cannot be created in /sys (true on most machines, even as root): the real unwritable output
     directory the bad-output tests use."""

@@ -12,11 +12,6 @@ from xmctag.backend.runtime import create_session
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(trained_run, tmp_path_factory):
-    return export(trained_run, tmp_path_factory.mktemp("export") / "tiny", progress=False)
-
-
 def test_bundle_contents_and_manifest(bundle_dir):
     manifest = json.loads((bundle_dir / layout.MANIFEST).read_text())
     assert manifest["graph"]["inputs"] == ["input_ids", "attention_mask"]

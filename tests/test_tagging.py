@@ -13,6 +13,7 @@ from xmctag import Tagger, UserError, export, run_dir
 from xmctag.evaluation.evaluator import exact_top_k, predict_exact
 from xmctag.io.predictions import read_parquet_metadata
 from xmctag.label_groups import group_ids
+from xmctag.manifest import seal
 from xmctag.models.embedding import encode_texts
 from xmctag.summary import RunChecks
 
@@ -434,16 +435,21 @@ def test_a_re_exported_bundle_at_the_stored_path_is_not_used_for_propensities(bu
     truth = dev_predictions / "truth.parquet"
     fresh = [evaluate_predictions(tmp_path / f"p.{fmt}", truth) for fmt in ("parquet", "jsonl")]
     assert all(r.propensity_source.startswith("training counts of bundle") for r in fresh)
-    # Re-exported in place: a new bundle id at the same path (its counts could be anything now).
+    # Re-exported in place: a new bundle id at the same path (its counts could be anything now). Here: another
+    # scale, sealed as export would (an edited bundle_id alone is a modified manifest, refused below).
     manifest = json.loads((moved / "manifest.json").read_text())
-    (moved / "manifest.json").write_text(json.dumps({**manifest, "bundle_id": "0123456789abcdef"}))
+    manifest["scoring"]["scale"] *= 2
+    new_id = seal(moved, manifest)["bundle_id"]
     for fmt in ("parquet", "jsonl"):
-        with pytest.warns(UserWarning, match=rf"p.{fmt}: the bundle at .* is now bundle 0123456789abcdef, not "
+        with pytest.warns(UserWarning, match=rf"p.{fmt}: the bundle at .* is now bundle {new_id}, not "
                                              rf"{made_by.bundle_id} .*truth file's label counts instead"):
             report = evaluate_predictions(tmp_path / f"p.{fmt}", truth)
         assert report.propensity_source == TRUTH_COUNTS
         assert report.metrics == evaluate_predictions(tmp_path / f"p.{fmt}", truth, train=truth).metrics
         assert report.metrics["PSP@1"] != fresh[0].metrics["PSP@1"]
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "bundle_id": made_by.bundle_id}))
+    with pytest.warns(UserWarning, match="no readable bundle at .*the manifest was modified after export"):
+        assert evaluate_predictions(tmp_path / "p.jsonl", truth).propensity_source == TRUTH_COUNTS
     shutil.rmtree(moved)
     with pytest.warns(UserWarning, match="no readable bundle at"):
         report = evaluate_predictions(tmp_path / "p.jsonl", truth)

@@ -13,16 +13,26 @@
     vision.onnx            image fusion only: the frozen vision encoder, pixel_values -> image_embedding (fp32 only)
     vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
     config.json            the training Config
-    manifest.json          bundle id, file hashes, versions, dims, tokenisation settings, parity results
     README.md              model card of the run
+    manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
+                           graph, tokenization, scoring, training, fusion (image fusion only), and, outside the
+                           bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
 
-``Bundle.open(path)`` reads a bundle for tagging: the manifest is checked (format, the keys tagging needs, every file
-present and, unless ``verify=False``, unchanged by its sha256) before anything else is read, and each part is then
-read with its size checked against the manifest's ``dims``. ``xmctag.exporter`` writes bundles.
+A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
+``bundle_id`` is a hash of the file hashes and of every manifest section that affects results
+(``xmctag.manifest.bundle_id_of``), so neither a file nor a setting changes without the id changing.
+
+``Bundle.open(path)`` reads a bundle for tagging. Bundles are untrusted input: the manifest is checked first
+(``xmctag.manifest.read_manifest``: keys and types, paths inside the bundle, the bundle id, no unlisted file or
+outward symlink, every file present and, unless ``verify=False``, unchanged by its sha256), then that it lists the
+files tagging reads. Each part is read on request; a file a library cannot read (truncated, damaged) is a one-line
+``UserError`` naming it, and each part's size is checked against the manifest's ``dims``. ``xmctag.exporter``
+writes bundles (``xmctag.manifest.seal``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -30,10 +40,12 @@ import numpy as np
 
 from xmctag import run_dir
 from xmctag.config import Config
-from xmctag.errors import UserError
+from xmctag.errors import UnreadableFile, UserError, first_line
 from xmctag.io.hashing import file_sha256
+from xmctag.manifest import FORMAT, MANIFEST, read_manifest  # noqa: F401 - part of this module's API
+from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
+from xmctag.vision.onnx_runtime import VISION_META
 
-FORMAT = "xmctag-bundle/1"
 ONNX_FP32 = "encoder.onnx"
 ONNX_FP16 = "encoder.fp16.onnx"
 ONNX_INT8 = "encoder.int8.onnx"
@@ -41,13 +53,13 @@ GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
 NEIGHBOUR_INDEX = "neighbours.faiss"
-MANIFEST = "manifest.json"
 IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
 
 
 def is_bundle(path: Path) -> bool:
-    """Whether the directory ``path`` holds an xmctag bundle and nothing else: a manifest naming every entry."""
+    """Whether the directory ``path`` holds an xmctag bundle (of any format) and nothing else: a manifest naming
+    every entry. What ``export --overwrite`` may replace; ``Bundle.open`` is what checks a bundle for use."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -58,79 +70,17 @@ def is_bundle(path: Path) -> bool:
     return {entry.name for entry in path.iterdir()} <= names
 
 
-def read_manifest(bundle: Path, verify_hashes: bool = True) -> dict:
-    """The manifest of a bundle, after checking that its files are there and unchanged."""
-    path = bundle / MANIFEST
-    if not path.is_file():
-        if (bundle / run_dir.CONFIG).exists() and (bundle / run_dir.MODEL).exists():
-            raise UserError(f"{bundle}: this is a training run, not a bundle; run `xmctag export {bundle} --out DIR`")
-        raise UserError(f"{bundle}: not an xmctag bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}) (re-export the bundle)") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: not a JSON object (re-export the bundle)")
-    if "format" not in manifest:
-        raise UserError(f"{path}: missing key 'format' (re-export the bundle)")
-    if manifest["format"] != FORMAT:
-        raise UserError(f"{bundle}: bundle format {manifest['format']!r}, this xmctag reads {FORMAT!r}")
-    _check_manifest(path, manifest)
-    for name, digest in manifest["files"].items():
-        file = bundle / name
-        if not file.is_file():
-            raise UserError(f"{bundle}: bundle is incomplete, {name} is missing")
-        if verify_hashes and file_sha256(file) != digest:
-            raise UserError(f"{bundle}: {name} does not match the manifest (modified or corrupt bundle)")
-    return manifest
-
-
-# What tagging reads from a manifest: key -> its type, or the keys of a section that must be there.
-REQUIRED_KEYS = {
-    "bundle_id": str,
-    "files": dict,
-    "dims": ("embedding", "index", "labels"),
-    "graph": ("files",),
-    "tokenization": ("tokenizer", "max_length", "pad_id"),
-    "scoring": ("scale",),
-}
-REQUIRED_FUSION_KEYS = ("vision", "model_id", "vision_dim", "image_col", "max_images")
-
-
-def _check_manifest(path: Path, manifest: dict) -> None:
-    """A ``UserError`` naming the first key tagging needs that the manifest lacks or has with the wrong type."""
-    def fail(key: str, problem: str = "missing") -> None:
-        raise UserError(f"{path}: {problem} key {key!r} (re-export the bundle)")
-
-    sections = dict(REQUIRED_KEYS)
-    if "fusion" in manifest:
-        sections["fusion"] = REQUIRED_FUSION_KEYS
-    for key, wanted in sections.items():
-        if key not in manifest:
-            fail(key)
-        value = manifest[key]
-        if isinstance(wanted, type):
-            if not isinstance(value, wanted):
-                fail(key, "invalid")
-            continue
-        if not isinstance(value, dict):
-            fail(key, "invalid")
-        for sub in wanted:
-            if sub not in value:
-                fail(f"{key}.{sub}")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
-        fail("files", "invalid")
-    if not isinstance(manifest["graph"]["files"], list):
-        fail("graph.files", "invalid")
-
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """A library's error in a few words: faiss's messages start with its C++ source location, dropped here."""
+    text = first_line(e)
+    text = text.rsplit("Error: ", 1)[-1] if text.startswith("Error in ") else text
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class Bundle:
     """A bundle directory with a checked manifest (``Bundle.open``); its parts are read on request."""
 
-    def __init__(self, path: Path, manifest: dict, config: Config):
+    def __init__(self, path: Path, manifest: dict, config: Config | None = None):
         self.path, self.manifest, self.config = path, manifest, config
 
     @classmethod
@@ -138,8 +88,51 @@ class Bundle:
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"--model {path}: no such bundle directory")
-        manifest = read_manifest(path, verify_hashes=verify)
-        return cls(path, manifest, Config.load(path / run_dir.CONFIG))
+        bundle = cls(path, read_manifest(path, verify_hashes=verify))
+        for name in bundle.required_files():
+            if name not in bundle.manifest["files"]:
+                raise UserError(f"{path}: bundle is incomplete, {name} is not in the manifest's files (re-export "
+                                "the bundle)")
+        with bundle._reading(run_dir.CONFIG) as file:  # Config.load's own message would not say "re-export"
+            bundle.config = Config.from_dict(json.loads(file.read_text()), source=str(file))
+        return bundle
+
+    def required_files(self) -> list[str]:
+        """The files tagging reads: the manifest must list each (and so each is there, and hashed)."""
+        names = [run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_VECTORS, INDEX, ONNX_FP32,
+                 self.manifest["tokenization"]["tokenizer"], *self.manifest["graph"]["files"]]
+        if self.dims.get("neighbours"):
+            names += [NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS]
+        if self.fusion is not None:
+            names += [VISION_FP32, VISION_META]
+        return names
+
+    def check_file(self, name: str) -> None:
+        """That the listed file ``name`` still matches its sha256 (for readers that open with ``verify=False``)."""
+        if file_sha256(self.path / name) != self.manifest["files"][name]:
+            raise UserError(f"{self.path}: {name} does not match the manifest (modified or corrupt bundle)")
+
+    @contextlib.contextmanager
+    def _reading(self, name: str):
+        """Yields the path of ``name``; any library error while it is read becomes a one-line ``UserError`` naming
+        it. Other ``UserError``s (a missing GPU, a size that does not match) pass as they are."""
+        try:
+            yield self.path / name
+        except UnreadableFile as e:
+            try:
+                name = Path(e.path).relative_to(self.path).as_posix()
+            except ValueError:
+                pass
+            raise UserError(f"{self.path}: bundle file {name} is unreadable ({e.reason}); re-export the bundle") \
+                from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - numpy, faiss, polars, tokenizers: each raises its own types
+            raise UserError(f"{self.path}: bundle file {name} is unreadable ({_reason(e)}); re-export the bundle") \
+                from None
+
+    def _mismatch(self, what: str) -> UserError:
+        return UserError(f"{self.path}: {what} does not match the manifest; re-export the bundle")
 
     @property
     def bundle_id(self) -> str:
@@ -167,52 +160,117 @@ class Bundle:
                             "(re-export it)")
         return self.path / GRAPHS_BY_PRECISION[precision]
 
+    def session(self, device: str, precision: str = "auto", threads: int | None = None):
+        """An ONNX Runtime session of ``graph(device, precision)``, its inputs and output checked."""
+        from xmctag.backend import runtime
+
+        graph = self.graph(device, precision)
+        with self._reading(graph.name):
+            session = runtime.create_session(graph, device, threads)
+        inputs = ["input_ids", "attention_mask"] + (list(IMAGE_INPUTS) if self.fusion is not None else [])
+        if (sorted(i.name for i in session.get_inputs()) != sorted(inputs)
+                or "embedding" not in [o.name for o in session.get_outputs()]):
+            raise self._mismatch(f"the inputs and outputs of {graph.name}")
+        return session
+
     def tokenizer(self):
         """The ``tokenizers.Tokenizer`` tagging uses: no padding, truncation at ``max_length``."""
         from tokenizers import Tokenizer
 
         tokenization = self.manifest["tokenization"]
-        tokenizer = Tokenizer.from_file(str(self.path / tokenization["tokenizer"]))
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(tokenization["max_length"])
+        with self._reading(tokenization["tokenizer"]) as file:
+            tokenizer = Tokenizer.from_file(str(file))
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(tokenization["max_length"])
         return tokenizer
 
-    def labels(self, columns: list[str]):
-        """The label table's ``columns`` that it has (a polars frame; not ``encoder_text``: synonyms can be
-        large), after checking its length against the manifest."""
+    def prompt(self):
+        """A decoder's ``PromptTemplate`` (``tokenization.prompt``), None for encoders; checked to leave room for
+        the text within ``max_length``."""
+        from xmctag.models.prompt import PromptTemplate
+
+        values = self.manifest["tokenization"].get("prompt")
+        if not values:
+            return None
+
+        def ids(v) -> bool:
+            return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+        if not (ids(values.get("prefix_ids")) and ids(values.get("image_prefix_ids")) and ids([values.get("eos_id")])
+                and isinstance(values.get("join"), str) and ids([values.get("image_tokens", 1)])):
+            raise UserError(f"{self.path / MANIFEST}: invalid key 'tokenization.prompt' (re-export the bundle)")
+        prompt = PromptTemplate.from_dict(values)
+        prompt.title_budget(self.manifest["tokenization"]["max_length"], self.fusion is not None, "max_length")
+        return prompt
+
+    def labels(self, columns: list[str], optional: tuple[str, ...] = ("exclusive_group",)):
+        """The label table's ``columns`` (a polars frame; not ``encoder_text``: synonyms can be large), after
+        checking its length against the manifest; a column not in ``optional`` must be there."""
         import polars as pl
 
-        table = self.path / run_dir.LABELS
-        labels = pl.read_parquet(table, columns=[c for c in columns if c in pl.read_parquet_schema(table)])
+        with self._reading(run_dir.LABELS) as table:
+            schema = pl.read_parquet_schema(table)
+            labels = pl.read_parquet(table, columns=[c for c in columns if c in schema])
+        for column in columns:
+            if column not in schema and column not in optional:
+                raise UserError(f"{self.path}: bundle file {run_dir.LABELS} has no column {column!r}; re-export the "
+                                "bundle")
+            if column in ("label", "text") and column in schema and schema[column] != pl.String:
+                raise UserError(f"{self.path}: bundle file {run_dir.LABELS}: column {column!r} is not text; "
+                                "re-export the bundle")
         if len(labels) != self.dims["labels"]:
-            raise UserError(f"{self.path}: label table ({len(labels)} rows) does not match the manifest "
-                            f"({self.dims['labels']} labels)")
+            raise self._mismatch(f"the label table ({len(labels)} rows, manifest: {self.dims['labels']} labels)")
         return labels
 
     def label_index(self):
         """The faiss index over the label vectors, its size checked against the manifest."""
         from xmctag.backend import runtime
 
-        index = runtime.faiss().read_index(str(self.path / INDEX))
+        faiss = runtime.faiss()
+        with self._reading(INDEX) as file:
+            index = faiss.read_index(str(file))
         if index.d != self.dims["index"] or index.ntotal != self.dims["labels"]:
-            raise UserError(f"{self.path}: index ({index.ntotal} x {index.d}) does not match the manifest "
-                            f"({self.dims['labels']} x {self.dims['index']})")
+            raise self._mismatch(f"the index {INDEX} ({index.ntotal} x {index.d}, manifest: {self.dims['labels']} "
+                                 f"x {self.dims['index']})")
         return index
 
     def label_vectors(self) -> np.ndarray:
         """``(L, d + 1)`` rows [w_l, b_l], memory-mapped: only the rows of candidate labels are read."""
-        return np.load(self.path / run_dir.LABEL_VECTORS, mmap_mode="r")
+        with self._reading(run_dir.LABEL_VECTORS) as file:
+            vectors = np.load(file, mmap_mode="r", allow_pickle=False)
+        if vectors.dtype != np.float32 or vectors.shape != (self.dims["labels"], self.dims["index"]):
+            raise self._mismatch(f"{run_dir.LABEL_VECTORS} ({vectors.dtype} {vectors.shape}, manifest: float32 "
+                                 f"{(self.dims['labels'], self.dims['index'])})")
+        return vectors
 
     def neighbours(self):
         """``(faiss index over the training products, their NeighbourLabels)``, or None when the bundle has none."""
         from xmctag.backend import runtime
         from xmctag.scoring import NeighbourLabels
 
-        if not self.dims.get("neighbours"):
+        n = self.dims.get("neighbours")
+        if not n:
             return None
-        index = runtime.faiss().read_index(str(self.path / NEIGHBOUR_INDEX))
-        labels = NeighbourLabels.load(self.path / run_dir.TRAIN_LABELS)
-        if index.ntotal != self.dims["neighbours"] or len(labels) != self.dims["neighbours"]:
-            raise UserError(f"{self.path}: neighbour index ({index.ntotal}) and training labels ({len(labels)}) do "
-                            f"not match the manifest ({self.dims['neighbours']})")
+        faiss = runtime.faiss()
+        with self._reading(NEIGHBOUR_INDEX) as file:
+            index = faiss.read_index(str(file))
+        with self._reading(run_dir.TRAIN_LABELS) as file:
+            labels = NeighbourLabels.load(file)
+        if index.ntotal != n or index.d != self.dims["embedding"]:
+            raise self._mismatch(f"the neighbour index {NEIGHBOUR_INDEX} ({index.ntotal} x {index.d}, manifest: "
+                                 f"{n} x {self.dims['embedding']})")
+        problem = labels.problem(n, self.dims["labels"])
+        if problem:
+            raise self._mismatch(f"{run_dir.TRAIN_LABELS} ({problem})")
         return index, labels
+
+    def vision_encoder(self, device: str = "cpu"):
+        """The bundle's vision graph as an ``OnnxVisionEncoder`` (fused bundles), checked against ``fusion``."""
+        from xmctag.vision.onnx_runtime import OnnxVisionEncoder
+
+        with self._reading(VISION_FP32):
+            encoder = OnnxVisionEncoder(self.path, fp16=False, device=device)
+        if encoder.model_id != self.fusion["model_id"] or encoder.dim != self.fusion["vision_dim"]:
+            raise self._mismatch(f"{VISION_META} (model {encoder.model_id}, {encoder.dim}-d; manifest: "
+                                 f"{self.fusion['model_id']}, {self.fusion['vision_dim']}-d)")
+        return encoder

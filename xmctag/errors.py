@@ -59,3 +59,14 @@ def environment_failure(e: OSError, doing: str) -> EnvironmentFailure | None:
         return None
     return EnvironmentFailure(f"{doing}: {e.strerror or first_line(e)} (errno {errno.errorcode.get(e.errno, e.errno)})"
                               "; nothing was written")
+
+
+class UnreadableFile(UserError):
+    """A file that is there but that a library could not read (damaged, truncated, not what it should be).
+
+    ``path``: the file; ``reason``: the library's message (one line). For callers that word the error in their own
+    terms (a bundle says which of its files it was and that it should be re-exported)."""
+
+    def __init__(self, message: str, path, reason: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason

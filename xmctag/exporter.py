@@ -19,7 +19,6 @@ Steps (the tools are ``xmctag.backend``'s; the bundle layout is ``xmctag.bundle`
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from xmctag import bundle as layout
+from xmctag import manifest as manifest_file
 from xmctag import run_dir
 from xmctag.backend import parity, runtime
 from xmctag.backend.export import export_text_graph
@@ -36,7 +36,6 @@ from xmctag.backend.optimise import optimise_text_graph
 from xmctag.backend.quantise import quantise_int8
 from xmctag.errors import UserError
 from xmctag.io.atomic import current_umask
-from xmctag.io.hashing import file_sha256
 from xmctag.models.tokens import pad, pad_id_of, token_ids
 from xmctag.overwrite import check_replaceable
 from xmctag.progress import Progress
@@ -169,7 +168,9 @@ def parity_batches(tokenizer, trained: run_dir.TrainedRun) -> list[tuple[np.ndar
 
 def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results: dict, pad_id: int,
                        prompt: dict | None = None, fusion: dict | None = None) -> None:
-    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, manifest.
+    """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, and the manifest,
+    sealed last (``xmctag.manifest.seal``: the hashes of every file in ``target``, and the bundle id over them and
+    the manifest).
 
     ``prompt``: a decoder's ``PromptTemplate.to_dict()``, stored as ``tokenization.prompt`` (the tagger then builds
     ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
@@ -192,12 +193,9 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
         faiss.write_index(neighbour_index, str(target / layout.NEIGHBOUR_INDEX))
         shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
         n_neighbours = len(labels)
-    files = sorted(p for p in target.rglob("*") if p.is_file())
-    hashes = {str(p.relative_to(target)): file_sha256(p) for p in files}
     config = trained.config
     manifest = {
-        "format": layout.FORMAT,
-        "bundle_id": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
+        "format": manifest_file.FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source_run": str(trained.path.resolve()),
         "versions": library_versions(),
@@ -217,13 +215,12 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
                     "knn_temperature": config.knn_temperature,
                     "knn_weight": config.knn_weight if n_neighbours else 0.0},
         "parity_max_abs": parity_results,
-        "files": hashes,
     }
     if prompt is not None:
         manifest["tokenization"]["prompt"] = prompt
     if fusion is not None:
         manifest["fusion"] = fusion_manifest(fusion, decoder=prompt is not None)
-    (target / layout.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_file.seal(target, manifest)  # files: every file's sha256; bundle_id: manifest_file.bundle_id_of
 
 
 def fusion_manifest(fusion: dict, decoder: bool) -> dict:

@@ -143,7 +143,7 @@ def load_neighbours(out: Path) -> tuple[np.ndarray, NeighbourLabels] | None:
     """Training product embeddings (memory-mapped) and labels, or None when the run has none."""
     if not (out / TRAIN_EMBEDDINGS).exists():
         return None
-    return np.load(out / TRAIN_EMBEDDINGS, mmap_mode="r"), NeighbourLabels.load(out / TRAIN_LABELS)
+    return np.load(out / TRAIN_EMBEDDINGS, mmap_mode="r", allow_pickle=False), NeighbourLabels.load(out / TRAIN_LABELS)
 
 
 def _sample_rows(n_rows: int, n: int = SAMPLE_ROWS) -> np.ndarray:
@@ -168,7 +168,7 @@ def load_sample_images(out: Path) -> tuple[np.ndarray, np.ndarray] | None:
     path = out / SAMPLE_IMAGES
     if not path.exists():
         return None
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return data["features"], data["mask"]
 
 
@@ -206,11 +206,11 @@ def load_run(path: str | Path) -> TrainedRun:
         raise UserError(f"{path}: not a finished xmctag run, missing {', '.join(missing)}{hint}")
     config = Config.load(path / CONFIG)
     table = pq.read_table(path / LABELS)
-    index = np.load(path / LABEL_VECTORS)
+    index = np.load(path / LABEL_VECTORS, allow_pickle=False)
     vectors = LabelVectors(index[:, :-1], index[:, -1], config.label_vector_scale)
     n_train = json.loads((path / METRICS).read_text())["n_train"]
     return TrainedRun(path, config, LabelTable.from_arrow(table), table.column("train_count").to_numpy(),
-                      np.load(path / LABEL_EMBEDDINGS), vectors, n_train)
+                      np.load(path / LABEL_EMBEDDINGS, allow_pickle=False), vectors, n_train)
 
 
 # -- lifecycle: what --out holds before training, resumed settings, checkpoints ---------------------------------------

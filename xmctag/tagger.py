@@ -19,7 +19,6 @@ bundles never touch any of it.
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from pathlib import Path
@@ -71,6 +70,8 @@ class Tagger:
         self.encode_batch_size = encode_batch_size
         groups = labels["exclusive_group"].to_list() if exclusive_groups and "exclusive_group" in labels else None
         self.groups = group_ids(groups)  # at most one label of each exclusive facet per product
+        # A decoder's prompt template (ids built as in training), None for encoders (the tokenizer's own).
+        self.prompt: PromptTemplate | None = bundle.prompt()
         fusion = bundle.fusion
         self.catalog = CatalogColumns(self.config.id_col, tuple(self.config.text_cols),
                                       fusion["image_col"] if fusion is not None else None)
@@ -89,13 +90,7 @@ class Tagger:
         from xmctag.vision.tagging import BundleImages, resolve_cache_dir
 
         directory = resolve_cache_dir(cache_dir, self.fusion.get("cache_dir"), output)
-        return BundleImages(self.path, self.fusion, directory, self.device, workers)
-
-    @functools.cached_property
-    def prompt(self) -> PromptTemplate | None:
-        """A decoder's prompt template (ids built as in training), None for encoders (the tokenizer's own)."""
-        prompt = self.manifest["tokenization"].get("prompt")
-        return PromptTemplate.from_dict(prompt) if prompt else None
+        return BundleImages(self.bundle, self.fusion, directory, self.device, workers)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
@@ -109,15 +104,14 @@ class Tagger:
         runtime.check_runtime_packages()  # both or neither of onnxruntime(-gpu) / faiss-cpu(-gpu): say so first
         bundle = Bundle.open(path, verify=verify)
         requested, device = device, runtime.resolve_device(device)
-        graph = bundle.graph(device, precision)
         try:
-            session = runtime.create_session(graph, device, threads)
+            session = bundle.session(device, precision, threads)
         except runtime.CudaUnavailable as e:
             if requested != "auto":  # --device cuda was asked for: a CPU run would not be what the user wanted
                 raise
             warnings.warn(f"{e}; tagging on the CPU", stacklevel=2)
             device = "cpu"
-            session = runtime.create_session(bundle.graph(device, precision), device, threads)
+            session = bundle.session(device, precision, threads)
         labels = bundle.labels(["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"])
         index = bundle.label_index()
         if exclusive_groups and ("exclusive_group" not in labels

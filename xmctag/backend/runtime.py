@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 from pathlib import Path
 
-from xmctag.errors import UserError, first_line
+from xmctag.errors import UnreadableFile, UserError, first_line
 
 
 class CudaUnavailable(UserError):
@@ -89,7 +89,8 @@ def create_session(path: str | Path, device: str = "cpu", threads: int | None = 
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types; the message is what matters
-        raise UserError(f"{path}: ONNX Runtime cannot load this model ({first_line(e)})") from None
+        raise UnreadableFile(f"{path}: ONNX Runtime cannot load this model ({first_line(e)})", path,
+                             first_line(e)) from None
     # ONNX Runtime falls back to the CPU with only a log line when the CUDA provider's libraries (CUDA, cuDNN) fail
     # to load; a nightly GPU job would then run the fp16 graph on the CPU for hours. Say so instead.
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():

@@ -8,8 +8,9 @@ a file none of whose ids is in the truth. A file with no predictions at all (``t
 tag) is scored as such. Propensities for PSP@k come from ``train`` (label counts of a training catalog)
 when given, else from the bundle that made the predictions (its label table keeps training counts), found the same
 way for every format: the bundle directory the file records (Parquet metadata, the ``bundle`` column of CSV/JSONL),
-used only when that directory still holds the bundle id the file records; else from the truth itself, with a
-warning when the file names a bundle that could not be used. The report says which (``propensity_source``).
+used only when that directory still holds the bundle id the file records and passes ``Bundle.open``'s checks
+(without hashing every file; the label table it reads is verified); else from the truth itself, with a warning
+when the file names a bundle that could not be used. The report says which (``propensity_source``).
 """
 
 from __future__ import annotations
@@ -122,34 +123,33 @@ def _label_counts(train, predictions, made_by: PredictionSource, truth_frame: pl
 
 def _bundle_counts(made_by: PredictionSource) -> tuple[dict[str, int], int, str] | str | None:
     """The training counts of the bundle that made the predictions, or why they cannot be had (a string), or None
-    when the file names no bundle at all."""
-    import json
-
-    from xmctag import bundle as layout
+    when the file names no bundle at all. The bundle is read through ``Bundle`` (its manifest checked, without
+    hashing every file: only the label table read here is verified)."""
     from xmctag import run_dir
+    from xmctag.bundle import Bundle
 
     if made_by.note:
         return made_by.note
     if made_by.bundle is None:
         return None if made_by.bundle_id is None else \
             f"it names bundle {made_by.bundle_id} but not where it is (written by an older xmctag?)"
-    bundle = Path(made_by.bundle)
+    path = Path(made_by.bundle)
     try:
-        manifest = json.loads((bundle / layout.MANIFEST).read_text())
-        actual = manifest["bundle_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no readable bundle at {bundle}, which made it"
-    if made_by.bundle_id is None or actual != made_by.bundle_id:
-        return (f"the bundle at {bundle} is now bundle {actual}, not {made_by.bundle_id} that made the predictions "
-                "(re-exported?)")
-    try:
-        n_train = int(manifest["training"]["rows"])
-        frame = pl.read_parquet(bundle / run_dir.LABELS, columns=["label", "train_count"])
-    except Exception:  # noqa: BLE001 - an old or damaged bundle: reported, then the truth counts
-        n_train = 0
+        bundle = Bundle.open(path, verify=False)
+    except UserError as e:
+        return f"no readable bundle at {path}, which made it ({e})"
+    if made_by.bundle_id is None or bundle.bundle_id != made_by.bundle_id:
+        return (f"the bundle at {path} is now bundle {bundle.bundle_id}, not {made_by.bundle_id} that made the "
+                "predictions (re-exported?)")
+    n_train = bundle.manifest.get("training", {}).get("rows", 0)
     if not n_train:
-        return f"bundle {bundle} has no training counts"
-    return dict(zip(frame["label"], frame["train_count"])), n_train, f"training counts of bundle {bundle}"
+        return f"bundle {path} has no training counts"
+    try:
+        bundle.check_file(run_dir.LABELS)
+        frame = bundle.labels(["label", "train_count"])
+    except UserError as e:
+        return f"bundle {path} has no usable training counts ({e})"
+    return dict(zip(frame["label"], frame["train_count"])), n_train, f"training counts of bundle {path}"
 
 
 def _count(labels: pl.Series) -> dict[str, int]:

@@ -206,7 +206,7 @@ class TextEncoder(nn.Module):
         backbone = AutoModel.from_pretrained(directory / MODEL_DIR, local_files_only=True)
         encoder = cls(backbone, pooling=pooling, centering=(directory / POOLING_CENTER).exists(), **kwargs)
         if encoder.center is not None:
-            encoder.center.copy_(torch.from_numpy(np.load(directory / POOLING_CENTER)))
+            encoder.center.copy_(torch.from_numpy(np.load(directory / POOLING_CENTER, allow_pickle=False)))
             encoder.center_updates.fill_(1)
         return encoder
 

@@ -31,8 +31,22 @@ class NeighbourLabels:
 
     @classmethod
     def load(cls, path) -> "NeighbourLabels":
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             return cls(data["indptr"], data["indices"])
+
+    def problem(self, n_rows: int, n_labels: int) -> str | None:
+        """What makes these not the CSR labels of ``n_rows`` products over ``n_labels`` labels (``votes`` would
+        index out of range or fail), or None. For files from elsewhere: a bundle is untrusted input."""
+        indptr, indices = self.indptr, self.indices
+        if indptr.ndim != 1 or indices.ndim != 1 or indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+            return "indptr and indices must be 1-d integer arrays"
+        if len(indptr) != n_rows + 1:
+            return f"{len(indptr) - 1} rows, not {n_rows}"
+        if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+            return "indptr is not a CSR row pointer into indices"
+        if len(indices) and (indices.min() < 0 or indices.max() >= n_labels):
+            return f"label indices outside 0..{n_labels - 1}"
+        return None
 
     def __len__(self) -> int:
         return len(self.indptr) - 1

@@ -125,8 +125,8 @@ class ShardedTable:
 
     def _load_shard(self, name: str) -> np.ndarray | None:
         try:
-            keys = np.load(self.directory / f"{name}.keys.npy")
-            values = np.load(self.directory / f"{name}.values.npy", mmap_mode="r")
+            keys = np.load(self.directory / f"{name}.keys.npy", allow_pickle=False)
+            values = np.load(self.directory / f"{name}.values.npy", mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             warnings.warn(f"image cache: skipping unreadable shard {self.directory / name}: {e}", stacklevel=3)
             return None
@@ -200,7 +200,7 @@ class ShardedTable:
         _fsync_dir(self.directory)
         self._keys_cache[name] = keys
         self._shards.append(name)
-        self._values.append(np.load(self.directory / f"{name}.values.npy", mmap_mode="r"))
+        self._values.append(np.load(self.directory / f"{name}.values.npy", mmap_mode="r", allow_pickle=False))
         index = len(self._shards) - 1
         for row, key in enumerate(keys.view(_KEY).ravel()):
             self._pending[key.tobytes()] = (index, row)

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from xmctag.errors import UserError
+from xmctag.errors import UnreadableFile, UserError
 from xmctag.vision.preprocess import PreprocessSpec, preprocess
 
 VISION_META = "vision.json"
@@ -39,7 +39,8 @@ class OnnxVisionEncoder:
             self.dim = int(meta["dim"])
             base_id = str(meta["model_id"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{directory}: no readable {VISION_META} ({e})") from None
+            raise UnreadableFile(f"{directory}: no readable {VISION_META} ({e})", directory / VISION_META,
+                                 f"{type(e).__name__}: {e}") from None
         graph = directory / (ONNX_FP16 if fp16 else ONNX_FP32)
         if not graph.is_file():
             raise UserError(f"{directory}: no {graph.name}")

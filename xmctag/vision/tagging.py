@@ -19,12 +19,15 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from xmctag.vision import images as img
 from xmctag.vision.cache import check_cache_dir
+
+if TYPE_CHECKING:
+    from xmctag.bundle import Bundle
 
 FALLBACK_CACHE = "xmctag-image-cache"
 # ImageCounts field of each reason category (img.reason_category)
@@ -61,24 +64,23 @@ def summary_lines(counts: dict, cache_dir) -> list[str]:
 
 
 class _LazyVisionGraph:
-    """The bundle's ``vision.onnx`` as an ``embed_images`` encoder, loaded on the first picture to embed."""
+    """The bundle's ``vision.onnx`` as an ``embed_images`` encoder, loaded (and checked, by ``Bundle``) on the
+    first picture to embed."""
 
-    def __init__(self, bundle: Path, model_id: str, dim: int, device: str):
+    def __init__(self, bundle: Bundle, model_id: str, dim: int, device: str):
         self.bundle, self.model_id, self.dim, self.device = bundle, model_id, dim, device
         self._encoder = None
 
     def embed(self, pictures: Sequence, batch_size: int = 32) -> np.ndarray:
         if self._encoder is None:
-            from xmctag.vision.onnx_runtime import OnnxVisionEncoder
-
-            self._encoder = OnnxVisionEncoder(self.bundle, fp16=False, device=self.device)
+            self._encoder = self.bundle.vision_encoder(self.device)
         return self._encoder.embed(pictures, batch_size)
 
 
 class BundleImages:
-    """See the module docstring. ``fusion``: the manifest's ``fusion`` section."""
+    """See the module docstring. ``bundle``: an open ``xmctag.bundle.Bundle``; ``fusion``: its ``fusion`` section."""
 
-    def __init__(self, bundle: Path, fusion: dict, cache_dir: Path, device: str = "cpu", workers: int = 8):
+    def __init__(self, bundle: Bundle, fusion: dict, cache_dir: Path, device: str = "cpu", workers: int = 8):
         from xmctag.vision.embed import ImageFeatures
 
         self.max_images = int(fusion["max_images"])
