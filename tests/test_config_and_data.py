@@ -112,13 +112,13 @@ def test_resume_continues_and_refuses_changed_settings(tmp_path, catalog_dir, ti
         patch.setattr(trainer, "fit_label_vectors", interrupted)
         with pytest.raises(KeyboardInterrupt):
             train(config=config, **files)
-    assert (tmp_path / "run/checkpoint.pt").exists()
+    assert (tmp_path / "run/checkpoint.safetensors").exists()
     with pytest.raises(UserError, match="lr 0.001 -> 0.5"):
         train(config=Config(**{**config.to_dict(), "lr": 0.5}), resume=True, **files)
     config.epochs = 2  # training longer is the one allowed change
     result = train(config=config, resume=True, **files)
     assert [h.get("epoch") for h in result.history] == [1, 2, None]  # epoch 1 came from the checkpoint
-    assert not (tmp_path / "run/checkpoint.pt").exists()
+    assert not (tmp_path / "run/checkpoint.safetensors").exists()
 
 
 def test_training_and_tagging_build_the_same_product_text():

@@ -14,7 +14,11 @@
     image_projection.safetensors  image fusion only: the trained projection (weight, bias)
     sample_images.npz      image fusion only: image features + mask of the sample_texts rows (parity check)
     image_cache/           image fusion only: the image-embedding cache, unless --cache-dir puts it elsewhere
-    checkpoint.pt          only while training (for --resume): the state after the last finished epoch
+    checkpoint.safetensors only while training (for --resume): the state after the last finished epoch, tensors and
+                           JSON, no pickle (format: ``xmctag.training.checkpoint``)
+    checkpoint.tmp         a checkpoint being written: renamed to checkpoint.safetensors once complete
+    checkpoint.pt          the pickled checkpoint of an older xmctag: never loaded (unpickling runs code); such a run
+                           is refused by --resume, and recognised as a run (--overwrite replaces it)
 
 A directory holding anything else is not (only) a run: ``is_run_dir`` says no, and ``--overwrite`` leaves it alone.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from xmctag.config import Config
-from xmctag.errors import UserError
+from xmctag.errors import UserError, first_line
 from xmctag.io.datasets import LabelTable
 from xmctag.models.files import MODEL_DIR as MODEL
 from xmctag.models.files import POOLING_CENTER
@@ -51,7 +56,8 @@ LABEL_EMBEDDINGS = "label_embeddings.npy"
 LABEL_VECTORS = "label_vectors.npy"
 METRICS = "metrics.json"
 CARD = "README.md"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never loaded
 SAMPLE_TEXTS = "sample_texts.json"
 TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
@@ -62,8 +68,8 @@ CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (save_checkpoint
 SAMPLE_ROWS = 96
 # Every name a run writes at its top level.
 RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
-                         CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION, PROJECTION,
-                         POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE})
+                         LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION,
+                         PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE})
 
 
 def is_run_dir(path: Path) -> bool:
@@ -87,7 +93,7 @@ def run_state(path: Path) -> str | None:
     or not only a run)."""
     if not is_run_dir(path):
         return None
-    if (path / CHECKPOINT).exists():
+    if _has_checkpoint(path):
         return "interrupted"
     return "finished" if (path / METRICS).exists() else "started"
 
@@ -202,7 +208,7 @@ def load_run(path: str | Path) -> TrainedRun:
     missing = [name for name in (CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS)
                if not (path / name).exists()]
     if missing:
-        hint = " (training did not finish; rerun with --resume)" if (path / CHECKPOINT).exists() else ""
+        hint = " (training did not finish; rerun with --resume)" if _has_checkpoint(path) else ""
         raise UserError(f"{path}: not a finished xmctag run, missing {', '.join(missing)}{hint}")
     config = Config.load(path / CONFIG)
     table = pq.read_table(path / LABELS)
@@ -245,6 +251,7 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool, inputs: dict) -> str
     if not resume:
         raise UserError(f"--out {out}: directory is not empty: it holds an interrupted run (use --resume to continue "
                         "it or --overwrite)")
+    _check_not_legacy(out)
     return None
 
 
@@ -272,28 +279,73 @@ def start(out: Path, config: Config, replace: str | None, log) -> None:
     config.save(out / CONFIG)
 
 
+def _has_checkpoint(path: Path) -> bool:
+    return (path / CHECKPOINT).exists() or (path / LEGACY_CHECKPOINT).exists()
+
+
+def _check_not_legacy(out: Path) -> None:
+    """An older xmctag's pickled checkpoint is refused, never unpickled: loading a pickle runs whatever code it
+    holds, and a file in a run directory is not to be trusted that far."""
+    if (out / LEGACY_CHECKPOINT).exists() and not (out / CHECKPOINT).exists():
+        raise UserError(f"--resume {out}: its checkpoint is {LEGACY_CHECKPOINT}, the pickle format of an older "
+                        "xmctag, which is never loaded (unpickling can run code); train it again with --overwrite "
+                        "instead of --resume")
+
+
+@contextmanager
+def checkpoint_errors(out: Path):
+    """Turns the errors of reading the checkpoint, or of loading it into the model and optimiser (missing keys,
+    wrong shapes), into a one-line ``UserError`` naming the file."""
+    from xmctag.training.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if type(e) is KeyError:
+            why = f"missing {e}"
+        elif len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for ...:" + the first
+            why = f"{lines[0]} {lines[1]}"
+        else:
+            why = first_line(e)
+        raise UserError(f"--resume {out / CHECKPOINT}: not a usable checkpoint of this run: {why}; train it again "
+                        "with --overwrite instead of --resume") from None
+
+
 def save_checkpoint(out: Path, state: dict) -> None:
     """Writes the state after an epoch (either stage's: see ``xmctag.training.trainer``), with the torch RNG, for
-    ``--resume``. A crash while saving never leaves a truncated checkpoint (written aside, then renamed)."""
+    ``--resume`` (``xmctag.training.checkpoint``: no pickle). A crash while saving never leaves a truncated
+    checkpoint (written aside, flushed, then renamed)."""
     import torch
 
-    tmp = out / CHECKPOINT_TMP
-    torch.save({**state, "torch_rng": torch.get_rng_state()}, tmp)
-    tmp.replace(out / CHECKPOINT)
+    from xmctag.training import checkpoint
+
+    checkpoint.save(out / CHECKPOINT, {**state, "torch_rng": torch.get_rng_state()}, out / CHECKPOINT_TMP)
 
 
 def load_checkpoint(out: Path) -> dict | None:
-    """What ``save_checkpoint`` wrote, the torch RNG restored; None when the run has no checkpoint."""
+    """What ``save_checkpoint`` wrote, the torch RNG restored; None when the run has no checkpoint. An older
+    ``checkpoint.pt`` (pickle) is refused, never loaded; an unreadable checkpoint is a ``UserError``."""
     import torch
 
+    from xmctag.training import checkpoint
+
+    _check_not_legacy(out)
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    torch.set_rng_state(state["torch_rng"])
+    with checkpoint_errors(out):
+        state = checkpoint.load(path)
+        if not isinstance(state, dict):
+            raise checkpoint.CheckpointError("its state is not a dict")
+        rng = state["torch_rng"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
+            raise checkpoint.CheckpointError("torch_rng is not a uint8 tensor")
+        torch.set_rng_state(rng)
     return state
 
 
 def finish(out: Path) -> None:
-    """The run is complete: its checkpoint goes."""
+    """The run is complete: its checkpoint goes (and an older version's, if any)."""
     (out / CHECKPOINT).unlink(missing_ok=True)
+    (out / LEGACY_CHECKPOINT).unlink(missing_ok=True)

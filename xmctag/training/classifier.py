@@ -22,6 +22,7 @@ decoder's LoRA adapters are merged by then); label sets up to ``classifier_max_l
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ class ClassifierStage:
     fitted on its frozen embeddings); ``head()`` is then the label vectors."""
 
     name, label, dev_key = "classifier", "classifier epoch", "dev_head"
+    state_types: ClassVar[dict] = {"encoder": dict, "head": LabelVectors,  # state()
+                                   "best_head": (LabelVectors, type(None)), "optimizer": dict, "scheduler": dict}
 
     def __init__(self, encoder, data: TrainingData, vectors: LabelVectors, config: Config, device, save_encoder):
         """``save_encoder(encoder)``: saves it as it is now into the run (the best epoch's)."""
@@ -143,6 +146,10 @@ class ClassifierStage:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state(self, state: dict) -> None:
+        shape = (len(self.data.label_ids), self.encoder.dim)  # the head's rows: one per label
+        for key in ("head", "best_head"):
+            if state[key] is not None and state[key].vectors.shape != shape:
+                raise ValueError(f"{key} of shape {state[key].vectors.shape} for {shape}")
         self.encoder.load_state_dict(state["encoder"])
         with torch.no_grad():
             self.head_w.copy_(torch.from_numpy(state["head"].vectors))

@@ -11,6 +11,7 @@ against the label-text embeddings (``dev_vectors``). A ``Stage`` (``xmctag.train
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ from xmctag.training.stage import StageProgress
 
 class DualEncoderStage:
     name, label, dev_key = "dual encoder", "epoch", "dev"
+    state_types: ClassVar[dict] = {"encoder": dict, "optimizer": dict, "scheduler": dict,  # state()
+                                   "seen_embeddings": np.ndarray}
 
     def __init__(self, encoder, data: TrainingData, config: Config, device: torch.device, loss_fn, save_encoder):
         """``save_encoder(encoder)``: saves it as it is now into the run (the best epoch's)."""
@@ -118,6 +121,9 @@ class DualEncoderStage:
                 "scheduler": self.scheduler.state_dict(), "seen_embeddings": self.seen_embeddings}
 
     def load_state(self, state: dict) -> None:
+        if state["seen_embeddings"].shape != self.seen_embeddings.shape:
+            raise ValueError(f"seen_embeddings of shape {state['seen_embeddings'].shape} for "
+                             f"{self.seen_embeddings.shape}")
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -6,7 +6,9 @@ A stage (``DualEncoderStage``, ``ClassifierStage``) trains the encoder for ``epo
   ``metrics.json``) holds the epoch number under ``epoch_key``, ``loss`` and ``seconds``;
 - ``dev_vectors() -> LabelVectors``: what a dev evaluation after the epoch scores products against;
 - ``keep()``: save what the stage has now as its best (``run_epochs`` calls it when an epoch is the best so far);
-- ``state()`` / ``load_state(state)``: its weights and optimiser, for ``--resume``;
+- ``state()`` / ``load_state(state)``: its weights and optimiser, for ``--resume`` (a checkpoint:
+  ``xmctag.training.checkpoint``), and ``state_types``, the type of each entry of ``state()``, which a checkpoint
+  is checked against before it is loaded (``load_state`` checks the shapes);
 - ``progress``: a ``StageProgress``, its bookkeeping (epochs planned and done, history, best epoch), which
   checkpoints carry as JSON-able data (``to_dict`` / ``from_dict``).
 

@@ -114,7 +114,7 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
 
     # 3. The stages, each resumed from the checkpoint where it has one.
     encoder.freeze_bottom(config.freeze_layers)
-    checkpoint = run_dir.load_checkpoint(out) if resume else None  # restores the torch RNG
+    checkpoint = _read_checkpoint(out) if resume else None  # restores the torch RNG
     run = Run(out, config, data, tokenizer, device_, show, checkpoint)
     dual = _dual_encoder_stage(run, encoder)
     started = time.perf_counter()
@@ -186,6 +186,37 @@ class Run:
                                images=data.train_images))
 
 
+def _read_checkpoint(out: Path) -> dict | None:
+    """The checkpoint ``--resume`` goes on from (``run_dir.load_checkpoint``: the torch RNG restored), None when
+    there is none; one that is not what a stage of this version saved is a ``UserError``."""
+    checkpoint = run_dir.load_checkpoint(out)
+    if checkpoint is None:
+        return None
+    with run_dir.checkpoint_errors(out):
+        stages = {stage.name: stage for stage in (DualEncoderStage, ClassifierStage)}
+        stage = stages.get(checkpoint["stage"])
+        if stage is None:
+            raise ValueError(f"unknown stage {checkpoint['stage']!r}")
+        for name in ("dual_encoder", "classifier") if stage is ClassifierStage else ("dual_encoder",):
+            StageProgress.from_dict(checkpoint[name])
+        for key, kind in stage.state_types.items():
+            if not isinstance(checkpoint["state"][key], kind):
+                raise TypeError(f"state {key!r} is a {type(checkpoint['state'][key]).__name__}")
+    return checkpoint
+
+
+def _load_state(run: Run, stage, state: dict) -> None:
+    """``stage.load_state(state)``; a state that does not fit the stage's model and optimiser is a ``UserError``."""
+    with run_dir.checkpoint_errors(run.out):
+        stage.load_state(state)
+        for group in stage.optimizer.param_groups:  # load_state_dict does not compare the moments' shapes
+            for param in group["params"]:
+                for key, value in stage.optimizer.state.get(param, {}).items():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                        raise ValueError(f"optimizer {key} of shape {tuple(value.shape)} for a parameter of shape "
+                                         f"{tuple(param.shape)}")
+
+
 def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
     """The dual-encoder stage: planned (or as the checkpoint planned it), resumed, run."""
     config, checkpoint = run.config, run.checkpoint
@@ -207,7 +238,7 @@ def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
     if checkpoint is not None:
         dual.progress = StageProgress.from_dict({**checkpoint["dual_encoder"], "epochs": epochs})
         if not run.in_classifier:
-            dual.load_state(checkpoint["state"])
+            _load_state(run, dual, checkpoint["state"])
             run.show.log(f"resuming after epoch {dual.progress.done} of {epochs}")
     run_epochs(dual, run.stage_evaluation(), lambda: run_dir.save_checkpoint(run.out, {
         "stage": dual.name, "dual_encoder": dual.progress.to_dict(), "state": dual.state()}), run.show)
@@ -249,7 +280,7 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
     if run.in_classifier:
         stage.start(checkpoint["classifier"]["epochs"])
         stage.progress = StageProgress.from_dict(checkpoint["classifier"])
-        stage.load_state(checkpoint["state"])
+        _load_state(run, stage, checkpoint["state"])
     else:
         if not _classifier_applies(config, encoder, len(vectors.bias), run.show):
             return None
