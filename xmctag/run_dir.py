@@ -152,13 +152,9 @@ def load_neighbours(out: Path) -> tuple[np.ndarray, NeighbourLabels] | None:
     return np.load(out / TRAIN_EMBEDDINGS, mmap_mode="r", allow_pickle=False), NeighbourLabels.load(out / TRAIN_LABELS)
 
 
-def _sample_rows(n_rows: int, n: int = SAMPLE_ROWS) -> np.ndarray:
-    return np.arange(0, n_rows, max(1, n_rows // n))[:n]
-
-
 def save_sample_texts(out: Path, texts: list[str], images=None) -> None:
     """A spread of training rows for the export parity check; ``images`` (``ImageInputs``): their image inputs."""
-    rows = _sample_rows(len(texts))
+    rows = np.arange(0, len(texts), max(1, len(texts) // SAMPLE_ROWS))[:SAMPLE_ROWS]
     (out / SAMPLE_TEXTS).write_text(json.dumps([texts[i] for i in rows], ensure_ascii=False, indent=0) + "\n")
     if images is not None:
         np.savez(out / SAMPLE_IMAGES, features=images.features[rows], mask=images.mask[rows])
