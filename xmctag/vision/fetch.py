@@ -2,7 +2,11 @@
 
 ``Source``: where one image comes from (inline bytes, a file, a URL, or an invalid value with its reason), as
 ``xmctag.vision.images.sources_of`` parses the image column. ``read_source(source, options)`` -> ``(bytes, "ok")`` or
-``(None, reason)``: files are read whole up to ``FetchOptions.max_bytes``; URLs are fetched with the standard library
+``(None, reason)``. Files, named by an untrusted catalog, are opened without blocking (``O_NONBLOCK``: a named pipe
+cannot hang the open) and checked on the open descriptor: only regular files are read (devices such as
+``/dev/zero``, FIFOs, sockets and directories, symlinks to them included: ``fetch_failed: not a regular file``), and
+never more than ``FetchOptions.max_bytes + 1`` bytes, whatever their size says (``/proc`` files say 0): larger ones
+are refused. URLs are fetched with the standard library
 (``urllib``), with a timeout and retries with exponential backoff on errors that may pass (timeouts, connection
 errors, HTTP 408/429/5xx). After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer from a server
 (offline machine, no DNS), the run stops fetching (``NetworkGate``): its remaining URLs are skipped at once, with a
@@ -11,8 +15,10 @@ warning. The statuses (``OK`` or a reason) are what summaries count (``xmctag.vi
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -113,15 +119,39 @@ def read_source(source: Source, options: FetchOptions | None = None) -> tuple[by
     return _fetch_url(source.ref, options)
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _read_file(path: Path, options: FetchOptions) -> tuple[bytes | None, str]:
+    not_regular = f"{FETCH_FAILED}: not a regular file"
     try:
-        if path.stat().st_size > options.max_bytes:
-            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
-        return path.read_bytes(), OK
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        if not stat.S_ISREG(os.stat(path).st_mode):  # devices are not even opened (opening some has effects)
+            return None, not_regular
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
         return None, MISSING
     except OSError as e:
         return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
+    try:
+        st = os.fstat(fd)  # the file opened, not the name: one swapped for a device or FIFO meanwhile gains nothing
+        if not stat.S_ISREG(st.st_mode):
+            return None, not_regular
+        if st.st_size > options.max_bytes:
+            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
+        chunks, size = [], 0
+        while size <= options.max_bytes:  # size on disk is not trusted (/proc files say 0, files grow)
+            chunk = os.read(fd, min(1 << 20, options.max_bytes + 1 - size))
+            if not chunk:
+                return b"".join(chunks), OK
+            chunks.append(chunk)
+            size += len(chunk)
+        return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
+    except BlockingIOError:  # a regular file that would block even so (/proc/kmsg)
+        return None, f"{FETCH_FAILED}: read would block"
+    except OSError as e:
+        return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
+    finally:
+        os.close(fd)
 
 
 def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
