@@ -15,9 +15,13 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
+import numpy as np
+import polars as pl
 import pytest
-from test_vision import encoded, picture
+from test_vision import encoded, picture, tiny_models  # noqa: F401 - tiny_models is a fixture used here
+from typer.testing import CliRunner
 
 from xmctag.errors import UserError
 from xmctag.vision import images as img
@@ -306,3 +310,85 @@ def test_address_kinds_and_allowed_host_entries():
             HostPolicy([bad])
     with pytest.raises(UserError, match="'a/b'"):
         img.FetchOptions(allowed_hosts=["a/b"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The setting reaches the fetcher: CLI and API
+
+
+def test_image_hosts_option_of_embed_images_reaches_the_fetcher(tmp_path, server, tiny_models):  # noqa: F811
+    from xmctag.cli import app
+
+    catalog = tmp_path / "cat.parquet"
+    pl.DataFrame({"image": [f"{server.url}/img.png"]}).write_parquet(catalog)
+    args = ["embed-images", str(catalog), "--vision", str(tiny_models["clip"]), "--cache-dir", str(tmp_path / "c"),
+            "--quiet"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "loopback address 127.0.0.1 refused (not in image hosts)" in " ".join(refused.output.split())
+    assert server.connections == 0
+    allowed = CliRunner().invoke(app, args + ["--image-hosts", "images.corp.example, 127.0.0.0/8"],
+                                 catch_exceptions=False)
+    assert allowed.exit_code == 0, allowed.output
+    assert "1 ok (0 cached, 1 newly embedded)" in allowed.output and server.hits == {"/img.png": 1}
+    bad = CliRunner().invoke(app, args + ["--image-hosts", "http://images.corp"])
+    assert bad.exit_code == 2 and "'http://images.corp' is not a host name" in " ".join(bad.output.split())
+
+
+def test_image_hosts_option_of_tag_and_train(tmp_path, monkeypatch):
+    from xmctag.cli import app
+    from xmctag.tagger import Tagger
+    from xmctag.training import trainer
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise UserError("captured")
+
+    monkeypatch.setattr(trainer, "train", capture)
+    result = CliRunner().invoke(app, ["train", "--train", "t.parquet", "--labels", "l.parquet", "--out",
+                                      str(tmp_path / "run"), "--image-hosts", "10.0.0.0/8,images.corp"])
+    assert "captured" in result.output and seen["image_hosts"] == ("10.0.0.0/8", "images.corp")
+    monkeypatch.setattr(Tagger, "load", classmethod(lambda cls, *a, **k: SimpleNamespace(tag_file=capture)))
+    result = CliRunner().invoke(app, ["tag", "c.parquet", "--model", str(tmp_path), "--image-hosts", "::1"])
+    assert "captured" in result.output and seen["image_hosts"] == ("::1",)
+    # Tagger.images -> BundleImages -> FetchOptions
+    fake = SimpleNamespace(path=tmp_path, device="cpu", fusion={"max_images": 1, "vision_dim": 4, "model_id": "m"})
+    assert Tagger.images(fake, tmp_path / "c", None, 2, ("::1",)).options.allowed_hosts == ("::1",)
+
+
+class _Encoder:
+    model_id, dim = "test-model", 4
+
+    def embed(self, pictures, batch_size=32):
+        return np.ones((len(pictures), self.dim), np.float32)
+
+
+def test_tagging_fetches_urls_by_the_setting(tmp_path, server):
+    from xmctag.vision.tagging import BundleImages
+
+    fusion = {"max_images": 1, "vision_dim": 4, "model_id": "test-model"}
+    url = f"{server.url}/img.png"
+    for hosts, used in [((), 0), (LOCAL, 1)]:
+        images = BundleImages(tmp_path, fusion, tmp_path / f"cache{used}", workers=2, image_hosts=hosts)
+        images.encoder = _Encoder()
+        _, mask = images.features([url], tmp_path)
+        assert (int(mask.sum()), images.counts.used) == (used, used)
+    assert images.counts.examples == {}
+    assert server.hits == {"/img.png": 1}
+
+
+def test_training_fetches_urls_by_the_setting(tmp_path, server, tiny_models):  # noqa: F811
+    import torch
+
+    from xmctag.config import Config
+    from xmctag.progress import Progress
+    from xmctag.training.images import prepare_images
+
+    config = Config(vision=str(tiny_models["clip"]), image_cache_dir=str(tmp_path / "cache"))
+    sets = {"train": (tmp_path / "train.parquet", [f"{server.url}/img.png"])}
+    with pytest.raises(UserError, match=r"loopback address 127.0.0.1 refused \(not in image hosts\)"):
+        prepare_images(config, tmp_path, sets, torch.device("cpu"), Progress(False))
+    fusion, _ = prepare_images(config, tmp_path, sets, torch.device("cpu"), Progress(False), image_hosts=LOCAL)
+    assert fusion["images"]["train"]["ok"] == 1 and server.hits == {"/img.png": 1}

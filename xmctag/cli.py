@@ -17,9 +17,11 @@ from rich.markup import escape
 from xmctag.cli_util import (
     DeviceOption,
     ImageColOption,
+    ImageHostsOption,
     QuietOption,
     WorkersOption,
     err_console,
+    image_hosts,
     label_columns,
     newest_bundle,
     out_console,
@@ -70,6 +72,7 @@ def train(
     image_col: Optional[str] = ImageColOption,
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
                                             "runs [default: <out>/image_cache]."),
+    hosts: Optional[str] = ImageHostsOption,
     seed: Optional[int] = typer.Option(None, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last "
                                 "checkpoint (either stage's); a finished run is refused: use --overwrite to train "
@@ -84,6 +87,7 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
+    allowed = image_hosts(hosts)
     overrides = dict(encoder=encoder, epochs=parse_epochs(epochs, "--epochs"),
                      classifier_epochs=parse_epochs(classifier_epochs, "--classifier-epochs"),
                      time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
@@ -94,7 +98,7 @@ def train(
     saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None
     config = Config.create(config_file, base=saved, **overrides)
     result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
-                       device=device, progress=not quiet)
+                       device=device, progress=not quiet, image_hosts=allowed)
     if result.dev_metrics:
         print_metrics(result.dev_metrics, title=f"dev ({dev})")
     err_console.print(f"model written to {result.run_dir}")
@@ -144,16 +148,19 @@ def tag(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Image bundles: image-embedding cache "
                                              "[default: the bundle's, else xmctag-image-cache beside the output]."),
     workers: int = WorkersOption,
+    hosts: Optional[str] = ImageHostsOption,
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
     from xmctag.tagger import Tagger, check_options
 
     check_options(top_k, min_score)  # before the bundle is loaded
+    allowed = image_hosts(hosts)
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
                          exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
-                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers)
+                              strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers,
+                              image_hosts=allowed)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
@@ -215,13 +222,14 @@ def embed_images(
                                              "~/.cache/xmctag."),
     max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),
     workers: int = WorkersOption,
+    hosts: Optional[str] = ImageHostsOption,
     quiet: bool = QuietOption,
 ):
     """Precompute the image-embedding cache of a catalog (only new or changed images are embedded)."""
     from xmctag.vision.embed import embed_images as embed_api
 
     summary = embed_api(catalog, image_col=image_col, encoder=vision, cache_dir=cache_dir, max_images=max_images,
-                        workers=workers, progress=not quiet)
+                        workers=workers, progress=not quiet, image_hosts=image_hosts(hosts))
     for line in summary.lines():
         err_console.print(line, highlight=False, soft_wrap=True)
 

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ from xmctag.training.schedule import seed_everything
 from xmctag.training.settings import check_lengths, resolve_settings
 from xmctag.training.stage import StageProgress, run_epochs, short
 from xmctag.vision.cache import check_cache_dir
+from xmctag.vision.netguard import HostPolicy
 
 
 @dataclass
@@ -67,10 +68,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Path | None = None,
           config: Config | None = None, resume: bool = False, overwrite: bool = False, device: str = "auto",
-          progress: bool = True) -> TrainResult:
-    """Trains a model and writes a self-contained run directory to ``out``."""
+          progress: bool = True, image_hosts: Sequence[str] = ()) -> TrainResult:
+    """Trains a model and writes a self-contained run directory to ``out``.
+
+    ``image_hosts``: hosts, addresses and CIDR networks that image URLs may reach although they are not public
+    (``xmctag.vision.netguard``). A setting of this machine's network, not of the model: not saved with the run, so
+    a resumed run needs it again.
+    """
     config = config or Config()
     config.validate()
+    HostPolicy(image_hosts)  # a bad entry fails now, not after the data is read
     auto_vision = config.vision == "auto"
     config = resolve_settings(config, train)
     out, show, device_ = Path(out), Progress(progress), resolve_device(device)
@@ -90,7 +97,8 @@ def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Pat
     groups = _exclusive_groups(data, config, show)
 
     # 2. Images, the encoder to train, token ids.
-    config, fusion = prepare_fusion(config, data, out, device_, show, explicit=not auto_vision)
+    config, fusion = prepare_fusion(config, data, out, device_, show, explicit=not auto_vision,
+                                    image_hosts=image_hosts)
     tokenizer, encoder = prepare_model(tokenizer, backbone, config, device_,  # decoders: prompt tokenizer, LoRA
                                        vision_dim=fusion["dim"] if fusion else None)
     if isinstance(encoder, FusedEncoder):
