@@ -1,8 +1,9 @@
 """Image inputs for tagging with a fused bundle: ONNX Runtime only (no torch), cache first.
 
-``BundleImages(bundle, fusion, cache_dir, workers, image_hosts)``; ``features(values, base_dir)`` -> ``(features (B, M, V) float32,
-mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_embedding`` and ``image_mask``. Pictures
-whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
+``BundleImages(bundle, fusion, cache_dir, workers, image_hosts)``; ``features(values, base_dir)`` -> ``(features
+(B, M, V) float32, mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_embedding`` and
+``image_mask``. Image URLs reach public addresses and those of ``image_hosts`` only (``xmctag.vision.netguard``).
+Pictures whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
 embed-images``) are not decoded at all; the others are read and decoded by ``workers`` threads and embedded with the
 bundle's ``vision.onnx`` (loaded on first need, so a fully cached catalog never loads it). A missing or broken
 picture only masks its slot out; ``counts`` says how many images were used, missing (no such file), failed (could
