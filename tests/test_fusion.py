@@ -283,6 +283,7 @@ def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, mon
     fusion = {"max_images": 1, "vision_dim": 16, "model_id": "test-model"}  # no picture to embed: no vision graph
     images = BundleImages(tmp_path, fusion, tmp_path / "cache", workers=2)
     images.options.retries = 0
+    images.options.allowed_hosts = ("127.0.0.1",)  # the URL's loopback address
     _, mask = images.features(["nope.png", url, None, "real.png", "s3://b/x.png", url], tmp_path, row0=10)
     assert not mask.any()
     counts = images.counts.to_dict()

@@ -133,7 +133,8 @@ def server(monkeypatch):
     s.close()
 
 
-FAST = img.FetchOptions(workers=4, timeout=0.5, retries=1, backoff=0.05)
+LOCAL = ("127.0.0.1",)  # the test servers' address: loopback, refused unless allowed
+FAST = img.FetchOptions(workers=4, timeout=0.5, retries=1, backoff=0.05, allowed_hosts=LOCAL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_fetching_stops_after_network_failures_in_a_row(monkeypatch):
     import warnings
 
     monkeypatch.setattr(fetch, "NETWORK_FAILURES_TO_GIVE_UP", 3)
-    options = img.FetchOptions(workers=2, timeout=0.5, retries=1, backoff=0.01)
+    options = img.FetchOptions(workers=2, timeout=0.5, retries=1, backoff=0.01, allowed_hosts=LOCAL)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         products = img.load_images(closed_port_urls(30, monkeypatch), ".", decode=False, options=options)
@@ -462,7 +463,7 @@ def test_a_column_without_any_usable_image_is_an_error_naming_it(tmp_path, tiny_
     pl.DataFrame({"image": closed_port_urls(12, monkeypatch)}).write_parquet(tmp_path / "urls.parquet")
     with pytest.warns(UserWarning, match="reached no server"), pytest.raises(UserError, match="column 'image'"):
         embed_images(tmp_path / "urls.parquet", encoder=str(tiny_models["clip"]), cache_dir=tmp_path / "c",
-                     fetch=img.FetchOptions(workers=1, timeout=0.5, retries=0))
+                     fetch=img.FetchOptions(workers=1, timeout=0.5, retries=0, allowed_hosts=LOCAL))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from xmctag.cli_util import (DeviceOption, ImageColOption, QuietOption, SummaryJsonOption, WorkersOption,
-                             err_console, label_columns, newest_bundle, out_console, parse_epochs, print_examples,
-                             print_metrics, show_warning, split_list, terminate_on_sigterm, user_errors)
+from xmctag.cli_util import (DeviceOption, ImageColOption, ImageHostsOption, QuietOption, SummaryJsonOption,
+                             WorkersOption, err_console, image_hosts, label_columns, newest_bundle, out_console,
+                             parse_epochs, print_examples, print_metrics, show_warning, split_list,
+                             terminate_on_sigterm, user_errors)
 from xmctag.errors import UserError
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
@@ -57,6 +58,7 @@ def train(
     image_col: Optional[str] = ImageColOption,
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
                                             "runs [default: <out>/image_cache]."),
+    hosts: Optional[str] = ImageHostsOption,
     seed: Optional[int] = typer.Option(None, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last "
                                 "checkpoint (either stage's); a finished run is refused: use --overwrite to train "
@@ -72,6 +74,7 @@ def train(
     from xmctag.run_dir import CONFIG
     from xmctag.training.trainer import train as train_api
 
+    allowed = image_hosts(hosts)
     overrides = dict(encoder=encoder, epochs=parse_epochs(epochs, "--epochs"),
                      classifier_epochs=parse_epochs(classifier_epochs, "--classifier-epochs"),
                      time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
@@ -82,7 +85,7 @@ def train(
     saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None
     config = Config.create(config_file, base=saved, **overrides)
     result = train_api(train, labels, out, dev=dev, config=config, resume=resume, overwrite=overwrite,
-                       device=device, progress=not quiet, summary_json=summary_json)
+                       device=device, progress=not quiet, summary_json=summary_json, image_hosts=allowed)
     if result.dev_metrics:
         print_metrics(result.dev_metrics, title=f"dev ({dev})")
     err_console.print(f"model written to {result.run_dir}")
@@ -143,6 +146,7 @@ def tag(
                                      "catalog, every row skipped) [default: exit 3, no output]."),
     escape_formulas: bool = typer.Option(False, "--escape-formulas", help="CSV: prefix values starting with = + - "
                                          "@ with ' so spreadsheets show them as text (changes those values)."),
+    hosts: Optional[str] = ImageHostsOption,
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
@@ -151,11 +155,12 @@ def tag(
 
     check_options(top_k, min_score)  # before the bundle is loaded
     checks = RunChecks(max_skipped_share, max_image_failure_share, allow_empty)
+    allowed = image_hosts(hosts)
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
                          exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
                               strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers, checks=checks,
-                              summary_json=summary_json, escape_formulas=escape_formulas)
+                              summary_json=summary_json, escape_formulas=escape_formulas, image_hosts=allowed)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
@@ -217,13 +222,14 @@ def embed_images(
                                              "~/.cache/xmctag."),
     max_images: int = typer.Option(1, "--max-images", help="Images per product (list columns)."),
     workers: int = WorkersOption,
+    hosts: Optional[str] = ImageHostsOption,
     quiet: bool = QuietOption,
 ):
     """Precompute the image-embedding cache of a catalog (only new or changed images are embedded)."""
     from xmctag.vision.embed import embed_images as embed_api
 
     summary = embed_api(catalog, image_col=image_col, encoder=vision, cache_dir=cache_dir, max_images=max_images,
-                        workers=workers, progress=not quiet)
+                        workers=workers, progress=not quiet, image_hosts=image_hosts(hosts))
     for line in summary.lines():
         err_console.print(line, highlight=False, soft_wrap=True)
 

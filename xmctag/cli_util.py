@@ -91,6 +91,19 @@ ImageColOption = typer.Option(None, "--image-col", help="Image column: bytes, re
 WorkersOption = typer.Option(16, "--workers", min=1, help="Threads that read, fetch and decode images.")
 SummaryJsonOption = typer.Option(None, "--summary-json", help="Write a JSON summary of the run here, however it "
                                  "ends (status, exit code, counts, timings, versions).")
+ImageHostsOption = typer.Option(None, "--image-hosts", metavar="HOST_OR_CIDR,...", help="Hosts, addresses and "
+                                "networks that image URLs may reach although they are not public (loopback, "
+                                "private, link-local), comma-separated, e.g. images.corp.example,.cdn.corp,"
+                                "10.20.0.0/16 [default: public addresses only].")
+
+
+def image_hosts(value: Optional[str]) -> tuple[str, ...]:
+    """``--image-hosts`` as a tuple, checked now (a bad entry is a ``UserError`` before any work)."""
+    from xmctag.vision.netguard import HostPolicy
+
+    hosts = tuple(split_list(value) or ())
+    HostPolicy(hosts)
+    return hosts
 
 
 def newest_bundle(directory: Path) -> Path:

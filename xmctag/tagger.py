@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -85,12 +86,14 @@ class Tagger:
         """The manifest's ``fusion`` section for a bundle with image fusion, else None (text only)."""
         return self.bundle.fusion
 
-    def images(self, cache_dir: str | Path | None = None, output: Path | None = None, workers: int = 8):
-        """A ``BundleImages`` reading the image cache (``xmctag.vision.tagging.resolve_cache_dir``)."""
+    def images(self, cache_dir: str | Path | None = None, output: Path | None = None, workers: int = 8,
+               image_hosts: Sequence[str] = ()):
+        """A ``BundleImages`` reading the image cache (``xmctag.vision.tagging.resolve_cache_dir``); ``image_hosts``
+        as for ``tag_file``."""
         from xmctag.vision.tagging import BundleImages, resolve_cache_dir
 
         directory = resolve_cache_dir(cache_dir, self.fusion.get("cache_dir"), output)
-        return BundleImages(self.bundle, self.fusion, directory, self.device, workers)
+        return BundleImages(self.bundle, self.fusion, directory, self.device, workers, image_hosts)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
@@ -175,16 +178,19 @@ class Tagger:
         return indices, scores
 
     def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None,
-            cache_dir: str | Path | None = None, base_dir: str | Path = ".") -> pl.DataFrame:
+            cache_dir: str | Path | None = None, base_dir: str | Path = ".",
+            image_hosts: Sequence[str] = ()) -> pl.DataFrame:
         """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have an id and text (others are left out).
 
-        Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``).
+        Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``;
+        ``image_hosts`` as for ``tag_file``).
         """
         self.catalog.check_schema("frame", frame.schema)
         batch = self.catalog.prepare(frame, source="frame")
         images = None
         if self.fusion is not None and "image" in batch.columns:
-            images = self.images(cache_dir).features(batch["image"].to_list(), Path(base_dir))
+            images = self.images(cache_dir, image_hosts=image_hosts).features(batch["image"].to_list(),
+                                                                              Path(base_dir))
         ids, labels, _, scores = self._tag_prepared(batch, top_k, min_score, images)
         return pl.DataFrame({"id": ids, "labels": labels, "scores": [s.tolist() for s in scores]},
                             schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)})
@@ -194,7 +200,7 @@ class Tagger:
                  fmt: str | None = None, min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
                  progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8,
                  checks: RunChecks | None = None, summary_json: str | Path | None = None,
-                 escape_formulas: bool = False) -> TagSummary:
+                 escape_formulas: bool = False, image_hosts: Sequence[str] = ()) -> TagSummary:
         """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing.
 
         ``fmt``: ``parquet``, ``csv`` or ``jsonl``; None: from ``output``'s extension (``.parquet``, ``.csv``,
@@ -213,6 +219,8 @@ class Tagger:
 
         Fused bundles: ``cache_dir`` is the image-embedding cache (default: the bundle's, see
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
+        Image URLs reach public addresses only, and the hosts, addresses and CIDR networks of ``image_hosts``
+        (``xmctag.vision.netguard``).
         """
         catalog = Path(catalog)
         checks = checks or RunChecks()
@@ -239,7 +247,7 @@ class Tagger:
             with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas) as writer:
                 try:
                     self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict,
-                                   progress, cache_dir, workers)
+                                   progress, cache_dir, workers, tuple(image_hosts))
                 finally:
                     report.update(summary.to_dict())
                 checks.check(summary)  # before the output is renamed into place: a failed run leaves none
@@ -247,11 +255,11 @@ class Tagger:
 
     def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
                   top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,
-                  cache_dir: str | Path | None, workers: int) -> None:
+                  cache_dir: str | Path | None, workers: int, image_hosts: tuple[str, ...]) -> None:
         total = count_rows(catalog)
         show = Progress(progress)
         started = time.perf_counter()
-        images = self.images(cache_dir, summary.output, workers) if self.fusion is not None else None
+        images = self.images(cache_dir, summary.output, workers, image_hosts) if self.fusion is not None else None
 
         def prepared():
             """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""

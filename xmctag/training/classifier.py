@@ -68,6 +68,20 @@ class ClassifierStage:
         self.optimizer = self.scheduler = None
         self.trainable: list[torch.nn.Parameter] = []
 
+    @staticmethod
+    def applies(config: Config, encoder, n_labels: int, show: Progress) -> bool:
+        """Whether the stage runs: not when off, for a decoder, or above ``classifier_max_labels`` (logged)."""
+        if config.classifier_epochs == 0:
+            return False
+        if encoder.is_decoder:
+            show.log("classifier stage: skipped (encoder models only)")
+            return False
+        if n_labels > config.classifier_max_labels:
+            show.log(f"classifier stage: skipped ({n_labels:,} labels > classifier_max_labels "
+                     f"{config.classifier_max_labels:,})")
+            return False
+        return True
+
     def _targets(self, batch: np.ndarray) -> np.ndarray:
         targets = np.zeros((len(batch), len(self.head_b)), dtype=bool)
         for row, i in enumerate(batch):

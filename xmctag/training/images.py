@@ -17,7 +17,7 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,12 +35,14 @@ def image_cache_dir(config: Config, out: Path) -> Path:
 
 
 def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[Any] | None]], device,
-                   show: Progress, explicit: bool = True) -> tuple[dict | None, dict[str, ImageInputs | None]]:
+                   show: Progress, explicit: bool = True,
+                   image_hosts: Sequence[str] = ()) -> tuple[dict | None, dict[str, ImageInputs | None]]:
     """``sets``: name -> (file, image values per kept row, or None) -> (fusion description, name -> ``ImageInputs``).
 
     Relative image paths resolve against each file's directory, as ``xmctag embed-images`` does. ``sets["train"]``
     comes first; if none of its products has a usable image: ``(None, {})`` with a warning, or with ``explicit``
-    (``vision`` named by the user, not "auto") a ``UserError``.
+    (``vision`` named by the user, not "auto") a ``UserError``. ``image_hosts``: the non-public hosts and networks
+    that image URLs may reach (``FetchOptions.allowed_hosts``).
     """
     from xmctag.vision.encoders import load_vision_encoder
     from xmctag.vision.images import FetchOptions
@@ -54,7 +56,8 @@ def prepare_images(config: Config, out: Path, sets: dict[str, tuple[Path, list[A
               "image_col": config.image_col, "max_images": config.max_images,
               "cache_dir": str(cache_dir.resolve()), "images": {}}
     inputs: dict[str, ImageInputs | None] = {}
-    options = FetchOptions()  # one for the run: after enough network failures in a row, URLs are not fetched
+    # One for the run: after enough network failures in a row, URLs are not fetched.
+    options = FetchOptions(allowed_hosts=tuple(image_hosts))
     for name, (path, values) in sets.items():
         if values is None:
             inputs[name] = None
@@ -103,7 +106,8 @@ def embed_values(values: list[Any], base_dir: Path, encoder, cache_dir: Path, ma
     return ImageInputs(features, mask), summary
 
 
-def prepare_fusion(config: Config, data, out: Path, device, show: Progress, explicit: bool):
+def prepare_fusion(config: Config, data, out: Path, device, show: Progress, explicit: bool,
+                   image_hosts: Sequence[str] = ()):
     """Image fusion for a run: embeds the images of ``data`` (a ``TrainingData``) and sets its ``*_images``.
 
     Returns ``(config, fusion)``: ``fusion`` as ``prepare_images`` gives it (saved as ``fusion.json``), or None for a
@@ -115,7 +119,7 @@ def prepare_fusion(config: Config, data, out: Path, device, show: Progress, expl
     fusion, images = prepare_images(config, out, {
         "train": (paths["train"], data.train.images),
         "dev": (paths["dev"] or paths["train"], data.dev.images if data.dev is not None else None),
-        "labels": (paths["labels"], data.labels.images)}, device, show, explicit=explicit)
+        "labels": (paths["labels"], data.labels.images)}, device, show, explicit=explicit, image_hosts=image_hosts)
     if fusion is None:  # vision "auto", and no training product has a usable image
         config = dataclasses.replace(config, vision="none")
         config.save(out / CONFIG)  # text only, as export and tagging will read it

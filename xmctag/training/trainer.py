@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -49,6 +49,7 @@ from xmctag.training.schedule import seed_everything
 from xmctag.training.settings import check_lengths, resolve_settings
 from xmctag.training.stage import StageProgress, run_epochs, short
 from xmctag.vision.cache import check_cache_dir
+from xmctag.vision.netguard import HostPolicy
 
 
 @dataclass
@@ -68,12 +69,18 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Path | None = None,
           config: Config | None = None, resume: bool = False, overwrite: bool = False, device: str = "auto",
-          progress: bool = True, summary_json: str | Path | None = None) -> TrainResult:
+          progress: bool = True, summary_json: str | Path | None = None,
+          image_hosts: Sequence[str] = ()) -> TrainResult:
     """Trains a model and writes a self-contained run directory to ``out`` (``run_training``); ``summary_json``:
-    where to write the run's summary, however it ends (``xmctag.summary.run_summary``)."""
+    where to write the run's summary, however it ends (``xmctag.summary.run_summary``).
+
+    ``image_hosts``: hosts, addresses and CIDR networks that image URLs may reach although they are not public
+    (``xmctag.vision.netguard``). A setting of this machine's network, not of the model: not saved with the run, so
+    a resumed run needs it again.
+    """
     with run_summary(summary_json, "train", run_dir=str(out), train=str(train), labels=str(labels),
                      dev=str(dev) if dev is not None else None) as report:
-        result = run_training(train, labels, out, dev, config, resume, overwrite, device, progress)
+        result = run_training(train, labels, out, dev, config, resume, overwrite, device, progress, image_hosts)
         metrics = json.loads((result.run_dir / run_dir.METRICS).read_text())
         report.update({k: v for k, v in metrics.items() if k != "history"})
     return result
@@ -81,10 +88,11 @@ def train(train: str | Path, labels: str | Path, out: str | Path, dev: str | Pat
 
 def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: str | Path | None = None,
                  config: Config | None = None, resume: bool = False, overwrite: bool = False, device: str = "auto",
-                 progress: bool = True) -> TrainResult:
+                 progress: bool = True, image_hosts: Sequence[str] = ()) -> TrainResult:
     """The training run, top to bottom (see the module docstring)."""
     config = config or Config()
     config.validate()
+    HostPolicy(image_hosts)  # a bad entry fails now, not after the data is read
     auto_vision = config.vision == "auto"
     config = resolve_settings(config, train)
     out, show, device_ = Path(out), Progress(progress), resolve_device(device)
@@ -104,7 +112,8 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     groups = _exclusive_groups(data, config, show)
 
     # 2. Images, the encoder to train, token ids.
-    config, fusion = prepare_fusion(config, data, out, device_, show, explicit=not auto_vision)
+    config, fusion = prepare_fusion(config, data, out, device_, show, explicit=not auto_vision,
+                                    image_hosts=image_hosts)
     tokenizer, encoder = prepare_model(tokenizer, backbone, config, device_,  # decoders: prompt tokenizer, LoRA
                                        vision_dim=fusion["dim"] if fusion else None)
     if isinstance(encoder, FusedEncoder):
@@ -282,7 +291,7 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
         stage.progress = StageProgress.from_dict(checkpoint["classifier"])
         _load_state(run, stage, checkpoint["state"])
     else:
-        if not _classifier_applies(config, encoder, len(vectors.bias), run.show):
+        if not ClassifierStage.applies(config, encoder, len(vectors.bias), run.show):
             return None
         minutes_left = config.time_budget_minutes - sum(r["seconds"] for r in dual.progress.history) / 60
         epochs = stage.plan(minutes_left, run.show) if config.classifier_epochs == "auto" else config.classifier_epochs
@@ -328,17 +337,3 @@ def _exclusive_groups(data: TrainingData, config: Config, show: Progress):
         show.log("exclusive label groups (tag --exclusive-groups keeps one label of each): "
                  + ", ".join(f"{g} ({n} labels)" for g, n in names.items()))
     return groups
-
-
-def _classifier_applies(config: Config, encoder, n_labels: int, show: Progress) -> bool:
-    """Whether the classifier stage runs: not when off, for a decoder, or above ``classifier_max_labels``."""
-    if config.classifier_epochs == 0:
-        return False
-    if encoder.is_decoder:
-        show.log("classifier stage: skipped (encoder models only)")
-        return False
-    if n_labels > config.classifier_max_labels:
-        show.log(f"classifier stage: skipped ({n_labels:,} labels > classifier_max_labels "
-                 f"{config.classifier_max_labels:,})")
-        return False
-    return True

@@ -76,16 +76,20 @@ def embed_images(
     fetch: img.FetchOptions | None = None,
     refetch: bool = False,
     progress: bool = False,
+    image_hosts: Sequence[str] = (),
 ) -> ImageEmbedSummary:
     """Embeds the images of a Parquet catalog into the cache; returns what it saw.
 
     ``encoder``: a name for ``load_vision_encoder``, a loaded ``VisionEncoder`` or an ``OnnxVisionEncoder`` (anything
     with ``model_id``, ``dim`` and ``embed(pictures, batch_size)``). ``batch_size``: pictures per forward pass.
     ``workers``: threads that read, fetch and decode (``fetch``: timeout, retries, ...; its ``workers`` wins when
-    given). ``refetch=False`` trusts the content recorded for a URL or unchanged file on an earlier run when its
-    embedding is cached (no download); ``True`` reads every source again (pictures whose content changed behind the
-    same URL are then re-embedded). A catalog whose image values are all unusable (none ok out of N > 0: the wrong
-    column, no network) is a ``UserError`` after the run, naming the column and an example.
+    given). ``image_hosts``: hosts, addresses and CIDR networks that image URLs may reach although they are not
+    public (added to ``fetch.allowed_hosts``; by default URLs reach public addresses only, see
+    ``xmctag.vision.netguard``). ``refetch=False`` trusts the content recorded for a URL or unchanged file on an
+    earlier run when its embedding is cached (no download); ``True`` reads every source again (pictures whose
+    content changed behind the same URL are then re-embedded). A catalog whose image values are all unusable (none
+    ok out of N > 0: the wrong column, no network) is a ``UserError`` after the run, naming the column and an
+    example.
     """
     import pyarrow.parquet as pq
 
@@ -101,6 +105,9 @@ def embed_images(
         raise UserError(f"{path}: missing image column {image_col!r} (has: {', '.join(parquet.schema_arrow.names)})")
     check_cache_dir(cache_dir if cache_dir is not None else default_cache_dir(),
                     "--cache-dir" if cache_dir is not None else "image cache")
+    # A gate of its own: a network given up on in an earlier run is tried again.
+    options = dataclasses.replace(fetch, gate=img.NetworkGate()) if fetch else img.FetchOptions(workers=workers)
+    options = dataclasses.replace(options, allowed_hosts=options.allowed_hosts + tuple(image_hosts))
     if isinstance(encoder, str):
         from xmctag.vision.encoders import load_vision_encoder
         from xmctag.vision.onnx_export import ExportedVisionEncoder
@@ -109,8 +116,6 @@ def embed_images(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = EmbeddingCache(cache_dir, encoder.model_id, encoder.dim)
     sources = SourceIndex(cache_dir)
-    # A gate of its own: a network given up on in an earlier run is tried again.
-    options = dataclasses.replace(fetch, gate=img.NetworkGate()) if fetch else img.FetchOptions(workers=workers)
     summary = ImageEmbedSummary(encoder.model_id)
     show = Progress(progress)
     row0 = 0

@@ -2,25 +2,39 @@
 
 ``Source``: where one image comes from (inline bytes, a file, a URL, or an invalid value with its reason), as
 ``xmctag.vision.images.sources_of`` parses the image column. ``read_source(source, options)`` -> ``(bytes, "ok")`` or
-``(None, reason)``: files are read whole up to ``FetchOptions.max_bytes``; URLs are fetched with the standard library
-(``urllib``), with a timeout and retries with exponential backoff on errors that may pass (timeouts, connection
-errors, HTTP 408/429/5xx). After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer from a server
-(offline machine, no DNS), the run stops fetching (``NetworkGate``): its remaining URLs are skipped at once, with a
-warning. The statuses (``OK`` or a reason) are what summaries count (``xmctag.vision.images.reason_category``).
+``(None, reason)``. The catalog is untrusted, so:
+
+- Files: opened without blocking (``O_NONBLOCK``: a named pipe cannot hang the open) and checked on the open
+  descriptor: only regular files are read (devices such as ``/dev/zero``, FIFOs, sockets and directories, symlinks
+  to them included: ``fetch_failed: not a regular file``), and never more than ``FetchOptions.max_bytes + 1``
+  bytes, whatever their size says (``/proc`` files say 0): larger ones are refused.
+- URLs: fetched with the standard library (``urllib``) under the rules of ``xmctag.vision.netguard``: no private,
+  loopback, link-local or other non-public address unless ``FetchOptions.allowed_hosts`` names it (checked on the
+  address actually connected to, for the URL and every redirect), redirects only to http(s) and at most 5, and a
+  total ``deadline`` per URL over all attempts, retry sleeps and reads (``fetch_failed: deadline exceeded``), on
+  top of the ``timeout`` of each socket operation. Errors that may pass (timeouts, connection errors, HTTP
+  408/429/5xx) are retried with exponential backoff while the deadline allows.
+
+After ``NETWORK_FAILURES_TO_GIVE_UP`` URLs in a row failed without any answer from a server (offline machine, no
+DNS), the run stops fetching (``NetworkGate``): its remaining URLs are skipped at once, with a warning. The statuses
+(``OK`` or a reason) are what summaries count (``xmctag.vision.images.reason_category``).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import stat
 import threading
 import time
 import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
+
+from xmctag.vision import netguard
 
 OK = "ok"
 NULL = "null"
@@ -60,15 +74,24 @@ class NetworkGate:
 
 @dataclass
 class FetchOptions:
-    """How image bytes are read. ``timeout`` is per socket operation (connect, each read), in seconds."""
+    """How image bytes are read. ``timeout`` is per socket operation (connect, each read), ``deadline`` the total
+    per URL (all attempts, retry sleeps and reads), both in seconds. ``allowed_hosts``: host names (``.domain`` for
+    all names under it), IP addresses and CIDR networks that URLs may reach although they are not public (loopback,
+    private, link-local, ...; see ``xmctag.vision.netguard``): by default only public addresses are fetched."""
 
     workers: int = 16  # threads reading files and URLs (I/O bound; decoding also runs there, PIL frees the GIL)
     timeout: float = 10.0
+    deadline: float = 30.0
     retries: int = 2  # extra attempts after the first, for errors that may pass
     backoff: float = 0.5  # seconds before the first retry, doubled each time (plus up to 25 % jitter)
     max_bytes: int = 32 * 1024 * 1024  # larger downloads are refused: no product photo needs more
     user_agent: str = "xmctag (product image fetcher)"
+    allowed_hosts: tuple[str, ...] = ()
     gate: NetworkGate = field(default_factory=NetworkGate, repr=False, compare=False)  # state of the run's fetches
+
+    def __post_init__(self):
+        self.allowed_hosts = tuple(self.allowed_hosts)
+        netguard.host_policy(self.allowed_hosts)  # a bad entry is a UserError now, not a status per URL
 
 
 @dataclass(frozen=True)
@@ -113,40 +136,74 @@ def read_source(source: Source, options: FetchOptions | None = None) -> tuple[by
     return _fetch_url(source.ref, options)
 
 
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _read_file(path: Path, options: FetchOptions) -> tuple[bytes | None, str]:
+    not_regular = f"{FETCH_FAILED}: not a regular file"
     try:
-        if path.stat().st_size > options.max_bytes:
-            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
-        return path.read_bytes(), OK
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        if not stat.S_ISREG(os.stat(path).st_mode):  # devices are not even opened (opening some has effects)
+            return None, not_regular
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
         return None, MISSING
     except OSError as e:
         return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
+    try:
+        st = os.fstat(fd)  # the file opened, not the name: one swapped for a device or FIFO meanwhile gains nothing
+        if not stat.S_ISREG(st.st_mode):
+            return None, not_regular
+        if st.st_size > options.max_bytes:
+            return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
+        chunks, size = [], 0
+        while size <= options.max_bytes:  # size on disk is not trusted (/proc files say 0, files grow)
+            chunk = os.read(fd, min(1 << 20, options.max_bytes + 1 - size))
+            if not chunk:
+                return b"".join(chunks), OK
+            chunks.append(chunk)
+            size += len(chunk)
+        return None, f"{FETCH_FAILED}: file larger than {options.max_bytes} bytes"
+    except BlockingIOError:  # a regular file that would block even so (/proc/kmsg)
+        return None, f"{FETCH_FAILED}: read would block"
+    except OSError as e:
+        return None, f"{FETCH_FAILED}: {e.strerror or type(e).__name__}"
+    finally:
+        os.close(fd)
 
 
 def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
     gate = options.gate
     if gate.closed:
         return None, NETWORK_SKIPPED
-    request = urllib.request.Request(url, headers={"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.5"})
+    headers = {"User-Agent": options.user_agent, "Accept": "image/*,*/*;q=0.5"}
+    policy = netguard.host_policy(options.allowed_hosts)
+    budget = netguard.Budget(options.deadline, options.timeout)
     reason, answered = "", False
     for attempt in range(options.retries + 1):
         if attempt:
-            delay = options.backoff * 2 ** (attempt - 1)
-            time.sleep(delay * (1 + 0.25 * random.random()))  # jitter: retries of many threads do not line up
+            delay = options.backoff * 2 ** (attempt - 1) * (1 + 0.25 * random.random())  # jitter: threads apart
+            if delay >= budget.left():
+                break  # no time left for another try: the last failure is the reason
+            time.sleep(delay)
             if gate.closed:
                 return None, NETWORK_SKIPPED
+        current, retry = netguard.Attempt(policy, budget), True
         try:
-            with urllib.request.urlopen(request, timeout=options.timeout) as response:
-                data = response.read(options.max_bytes + 1)
+            data = netguard.get(url, headers, current, options.max_bytes)
             gate.record(reached_server=True)
-            if len(data) > options.max_bytes:
-                return None, f"{FETCH_FAILED}: larger than {options.max_bytes} bytes"
             return data, OK
+        except netguard.TooLarge as e:
+            gate.record(reached_server=True)
+            return None, f"{FETCH_FAILED}: {e}"
+        except netguard.Refused as e:  # final; counted by the gate only when a server answered (a redirect)
+            if current.answered:
+                gate.record(reached_server=True)
+            return None, f"{FETCH_FAILED}: {e}"
+        except netguard.DeadlineExceeded as e:
+            reason, retry = str(e), False
         except urllib.error.HTTPError as e:
-            reason, answered = f"HTTP {e.code}", True
-            if e.code not in _RETRY_HTTP_CODES:
-                break
+            e.close()
+            reason, current.answered, retry = f"HTTP {e.code}", True, e.code in _RETRY_HTTP_CODES
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
                 reason = "timeout"
@@ -158,5 +215,10 @@ def _fetch_url(url: str, options: FetchOptions) -> tuple[bytes | None, str]:
             reason = type(e).__name__
         except ValueError as e:  # malformed URL
             return None, f"{FETCH_FAILED}: {e}"
+        answered = answered or current.answered
+        if retry and budget.left() <= 0:  # the last wait was cut short by the deadline
+            reason, retry = str(netguard.DeadlineExceeded()), False
+        if not retry:
+            break
     gate.record(reached_server=answered, reason=reason)
     return None, f"{FETCH_FAILED}: {reason}"

@@ -1,8 +1,9 @@
 """Image inputs for tagging with a fused bundle: ONNX Runtime only (no torch), cache first.
 
-``BundleImages(bundle, fusion, cache_dir, workers)``; ``features(values, base_dir)`` -> ``(features (B, M, V) float32,
-mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_embedding`` and ``image_mask``. Pictures
-whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
+``BundleImages(bundle, fusion, cache_dir, workers, image_hosts)``; ``features(values, base_dir)`` -> ``(features
+(B, M, V) float32, mask (B, M) int64)`` for a batch of image-column values, the graph's ``image_embedding`` and
+``image_mask``. Image URLs reach public addresses and those of ``image_hosts`` only (``xmctag.vision.netguard``).
+Pictures whose embedding is cached (keyed by content sha256 + vision model id, shared with training and ``xmctag
 embed-images``) are not decoded at all; the others are read and decoded by ``workers`` threads and embedded with the
 bundle's ``vision.onnx`` (loaded on first need, so a fully cached catalog never loads it). A missing or broken
 picture only masks its slot out; ``counts`` says how many images were used, missing (no such file), failed (could
@@ -78,16 +79,18 @@ class _LazyVisionGraph:
 
 
 class BundleImages:
-    """See the module docstring. ``bundle``: an open ``xmctag.bundle.Bundle``; ``fusion``: its ``fusion`` section."""
+    """See the module docstring. ``bundle``: an open ``xmctag.bundle.Bundle``; ``fusion``: its ``fusion`` section;
+    ``image_hosts``: the non-public hosts and networks that image URLs may reach (``FetchOptions.allowed_hosts``)."""
 
-    def __init__(self, bundle: Bundle, fusion: dict, cache_dir: Path, device: str = "cpu", workers: int = 8):
+    def __init__(self, bundle: Bundle, fusion: dict, cache_dir: Path, device: str = "cpu", workers: int = 8,
+                 image_hosts: Sequence[str] = ()):
         from xmctag.vision.embed import ImageFeatures
 
         self.max_images = int(fusion["max_images"])
         self.dim = int(fusion["vision_dim"])
         self.cache_dir = cache_dir
         self.encoder = _LazyVisionGraph(bundle, fusion["model_id"], self.dim, device)
-        self.options = img.FetchOptions(workers=max(1, workers))
+        self.options = img.FetchOptions(workers=max(1, workers), allowed_hosts=tuple(image_hosts))
         self._features = ImageFeatures(cache_dir, fusion["model_id"], self.dim, ".", self.max_images)
         self.counts = ImageCounts()
         self.slots_seen = 0  # for the images/s of the progress line
