@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 from conftest import make_catalog
-from test_vision import encoded, tiny_models  # noqa: F401 - tiny_models is a fixture used here
+from test_vision import encoded
 from typer.testing import CliRunner
 
 from xmctag import Config, Tagger, UserError, export, run_dir, train
@@ -67,7 +67,7 @@ def image_catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fused_run(tmp_path_factory, image_catalog, tiny_encoder_dir, tiny_models):  # noqa: F811
+def fused_run(tmp_path_factory, image_catalog, tiny_encoder_dir, tiny_models):
     out = tmp_path_factory.mktemp("fused-runs") / "run"
     config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=1, classifier_epochs=1,
                     batch_size=32, lr=1e-3,
@@ -117,7 +117,7 @@ def test_labelled_set_keeps_image_values_aligned_with_rows(image_catalog):
 
 
 # -- training ----------------------------------------------------------------------------------------------------
-def test_fused_run_holds_projection_fusion_info_and_image_counts(fused_run, tiny_models):  # noqa: F811
+def test_fused_run_holds_projection_fusion_info_and_image_counts(fused_run, tiny_models):
     from safetensors.torch import load_file
 
     fusion = run_dir.load_fusion(fused_run)
@@ -166,7 +166,8 @@ def test_embedding_does_not_depend_on_batch_or_padding(fused_run, image_catalog)
     assert np.abs(alone[images.has_image] - text_only[images.has_image]).max() > 1e-3
 
 
-def test_second_run_with_a_shared_cache_embeds_nothing_new(image_catalog, tiny_encoder_dir, tiny_models,  # noqa: F811
+@pytest.mark.e2e
+def test_second_run_with_a_shared_cache_embeds_nothing_new(image_catalog, tiny_encoder_dir, tiny_models,
                                                            tmp_path):
     config = Config(encoder=tiny_encoder_dir, vision=str(tiny_models["clip"]), epochs=0, max_length=16,
                     label_max_length=12, label_vector_epochs=1, knn_neighbours=0,
@@ -273,13 +274,11 @@ def test_cache_falls_back_next_to_the_output_when_the_bundle_cache_is_not_writab
     assert resolve_cache_dir(tmp_path / "mine", str(tmp_path / "ok"), None) == tmp_path / "mine"
 
 
-def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, monkeypatch):
-    from test_vision import closed_port_urls
-
+def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, closed_port_urls):
     from xmctag.vision.tagging import BundleImages, summary_lines
 
     (tmp_path / "real.png").write_bytes(b"not a picture")
-    url = closed_port_urls(1, monkeypatch)[0]
+    url = closed_port_urls(1)[0]
     fusion = {"max_images": 1, "vision_dim": 16, "model_id": "test-model"}  # no picture to embed: no vision graph
     images = BundleImages(tmp_path, fusion, tmp_path / "cache", workers=2)
     images.options.retries = 0
@@ -297,8 +296,9 @@ def test_tag_time_image_counts_tell_failures_apart_with_an_example(tmp_path, mon
         f"images: 2 broken, e.g. {examples['broken']}"]
 
 
+@pytest.mark.e2e
 def test_auto_vision_without_a_usable_training_image_trains_text_only(tmp_path, catalog_dir, tiny_encoder_dir,
-                                                                      tiny_models, monkeypatch):  # noqa: F811
+                                                                      tiny_models, monkeypatch):
     import xmctag.training.images as training_images
 
     monkeypatch.setattr(training_images, "DEFAULT_VISION_ENCODER", str(tiny_models["clip"]))  # "auto" picks it
@@ -370,7 +370,8 @@ def test_catalog_without_the_image_column_is_tagged_text_only(fused_bundle, imag
     assert pl.read_parquet(tmp_path / "a.parquet").equals(pl.read_parquet(tmp_path / "b.parquet"))
 
 
-def test_fused_decoder_trains_exports_with_parity_and_tags(image_catalog, tiny_models, tmp_path_factory):  # noqa: F811
+@pytest.mark.e2e
+def test_fused_decoder_trains_exports_with_parity_and_tags(image_catalog, tiny_models, tmp_path_factory):
     """The decoder path with the image token, end to end: LoRA run -> merged export with the image inputs -> fp32
     and fp16 parity with and without images -> tagging through ONNX Runtime."""
     from test_decoder import SMALL, make_tokenizer
