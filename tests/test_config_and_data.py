@@ -97,6 +97,7 @@ def test_training_rows_without_text_or_known_labels_are_skipped_and_counted(tmp_
         load_labelled_set(tmp_path / "bad.parquet", Config(), LabelTable.load(tmp_path / "l.parquet", config))
 
 
+@pytest.mark.e2e
 def test_resume_continues_and_refuses_changed_settings(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import xmctag.training.trainer as trainer
 

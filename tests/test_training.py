@@ -3,6 +3,9 @@
 import json
 import re
 
+import pytest
+from conftest import count_training_steps, stop_after_checkpoint
+
 from xmctag import run_dir as layout
 
 
@@ -36,6 +39,7 @@ def test_classifier_stage_head_becomes_the_label_vectors(trained_run):
     assert "Classifier stage: 1 epoch(s) (setting: 1)" in (trained_run / layout.CARD).read_text()
 
 
+@pytest.mark.e2e
 def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny_encoder_dir, catalog_dir):
     import numpy as np
     import torch
@@ -72,6 +76,7 @@ def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny
     assert after < 0.8 * before
 
 
+@pytest.mark.e2e
 def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -107,6 +112,7 @@ def _quick(tiny_encoder_dir, **settings):
                             label_max_length=12, label_vector_epochs=1, knn_neighbours=0), **settings})
 
 
+@pytest.mark.e2e
 def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_encoder_dir):
     import shutil
 
@@ -146,6 +152,7 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_enc
     layout.load_run(run)
 
 
+@pytest.mark.e2e
 def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import polars as pl
     import pytest
@@ -198,6 +205,7 @@ def _classifier_config(tiny_encoder_dir):
                   knn_neighbours=5)
 
 
+@pytest.mark.e2e
 def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
@@ -227,6 +235,7 @@ def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tin
     assert metrics["history"][-1]["dev_label_vectors"] == metrics["history"][1]["dev_head"]
 
 
+@pytest.mark.e2e
 def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
     import pytest
@@ -237,15 +246,8 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
 
     files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet",
                  dev=catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
-    save_checkpoint = trainer._save_checkpoint
-
-    def save_then_stop(path, state):
-        save_checkpoint(path, state)
-        if state["stage"] == "classifier":
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:  # interrupted after classifier epoch 1 of 2
-        patch.setattr(trainer, "_save_checkpoint", save_then_stop)
+        stop_after_checkpoint(patch, "classifier", epoch=1)
         with pytest.raises(KeyboardInterrupt):
             train(out=tmp_path / "resumed", **files)
 
@@ -272,6 +274,46 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
     assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()
 
 
+@pytest.mark.e2e
+def test_dual_encoder_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+    # A plain encoder (no classifier stage) stopped between its two epochs, then resumed: the same run as one that
+    # was never interrupted.
+    import numpy as np
+    import polars as pl
+
+    from xmctag import train
+
+    for name, rows in (("train", 128), ("dev", 40)):  # small: three runs train here
+        pl.read_parquet(catalog_dir / f"{name}.parquet").head(rows).write_parquet(tmp_path / f"{name}.parquet")
+    files = dict(train=tmp_path / "train.parquet", labels=catalog_dir / "labels.parquet", dev=tmp_path / "dev.parquet",
+                 progress=False, config=_quick(tiny_encoder_dir, epochs=2, lr=1e-3, warmup_steps=2,
+                                               cluster_start_epoch=1, knn_neighbours=5, label_vector_epochs=2))
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, "dual encoder", epoch=1)
+        with pytest.raises(KeyboardInterrupt):
+            train(out=tmp_path / "resumed", **files)
+    assert layout.run_state(tmp_path / "resumed") == "interrupted"
+    with monkeypatch.context() as patch:  # only epoch 2 is trained again
+        steps = count_training_steps(patch)
+        train(out=tmp_path / "resumed", resume=True, **files)
+    assert len(steps) == 128 // 32  # one epoch of batches
+    train(out=tmp_path / "straight", **files)
+
+    resumed, straight = (json.loads((tmp_path / name / layout.METRICS).read_text()) for name in ("resumed", "straight"))
+    assert [h.get("epoch") for h in resumed["history"]] == [1, 2, None]
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    for a, b in zip(resumed["history"], straight["history"]):
+        for key in ("loss", "dev"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert resumed["dev"] == pytest.approx(straight["dev"], abs=1e-5)
+    for name in (layout.LABEL_VECTORS, layout.LABEL_EMBEDDINGS, layout.TRAIN_EMBEDDINGS):
+        np.testing.assert_allclose(np.load(tmp_path / "resumed" / name), np.load(tmp_path / "straight" / name),
+                                   atol=1e-5, err_msg=name)
+    assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()
+
+
+@pytest.mark.e2e
 def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
@@ -305,6 +347,7 @@ def _with_image_column(catalog_dir, tmp_path):
     return path
 
 
+@pytest.mark.e2e
 def test_lengths_beyond_the_models_positions_are_refused_before_writing(tmp_path, catalog_dir, tiny_encoder_dir):
     import pytest
 
