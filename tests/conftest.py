@@ -80,6 +80,17 @@ def catalog_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_catalog_dir(tmp_path_factory) -> Path:
+    """The catalog at a third of the size (128 training rows, 40 dev rows, the same labels): for tests that train
+    several runs to compare them, where the size of the data does not matter."""
+    out = tmp_path_factory.mktemp("small-catalog")
+    make_catalog(128, seed=1).write_parquet(out / "train.parquet")
+    make_catalog(40, seed=2).write_parquet(out / "dev.parquet")
+    make_labels().write_parquet(out / "labels.parquet")
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, catalog_dir, tiny_encoder_dir) -> Path:
     """A run trained on the synthetic catalog (shared by export/tag tests)."""
     from xmctag import Config, train
@@ -143,8 +154,9 @@ def closed_port_urls(monkeypatch):
 
 # -- shared artefacts stay as they were built ------------------------------------------------------------------------
 # Fixtures whose directory tests share (session or module scope); a test may read them, never change them.
-READ_ONLY_FIXTURES = ("catalog_dir", "tiny_encoder_dir", "trained_run", "tiny_bundle", "tiny_models", "fused_run",
-                      "fused_bundle", "image_catalog", "dev_predictions", "decoder_run", "decoder_bundle")
+READ_ONLY_FIXTURES = ("catalog_dir", "small_catalog_dir", "tiny_encoder_dir", "trained_run", "tiny_bundle",
+                      "tiny_models", "fused_run", "fused_bundle", "image_catalog", "dev_predictions", "decoder_run",
+                      "decoder_bundle")
 
 
 def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
