@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import os
 
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
 # One OpenMP thread for torch (and faiss) unless the caller sets OMP_NUM_THREADS: the test models are tiny, and with
 # two threads on a busy 2-core machine each step waits for the other thread's core (the training tests ran 10x
-# slower: 184 s against 16 s for test_training + test_config_and_data). Set here, before torch is imported.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# slower: 184 s against 16 s for test_training + test_config_and_data). torch is already imported here (pytest's
+# filterwarnings setting names torch.jit.TracerWarning), so it is told directly; the variable is for the libraries
+# loaded later and for subprocesses.
+if "OMP_NUM_THREADS" not in os.environ:
+    import torch
 
-import shutil  # noqa: E402 - after the thread setting
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import pytest  # noqa: E402
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 COLOURS = ["red", "blue", "green", "black", "white", "yellow", "pink", "grey"]
 ARTICLES = ["shirt", "jeans", "shoes", "watch", "bag", "dress", "jacket", "socks", "cap", "belt"]
