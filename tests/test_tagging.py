@@ -1,5 +1,6 @@
 """Tagging with the exported bundle: parity with PyTorch, batch invariance, skips, formats, atomic output."""
 
+import copy
 import json
 import shutil
 import warnings
@@ -26,11 +27,23 @@ def bundle(tiny_bundle):
     return tiny_bundle
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle):
+    """The shared bundle loaded once per module (Tagger.load takes ~0.3 s, most of it the runtime package check);
+    tests get copies of it (``tagger``), never this one."""
+    return Tagger.load(tiny_bundle, device="cpu")
+
+
 @pytest.fixture()
-def tagger(bundle):
-    """A Tagger of the test's own (tests change its settings). The default: all labels ranked freely
+def tagger(loaded):
+    """A Tagger of the test's own (tests change its settings: encode_batch_size, the neighbour votes, methods
+    patched on the instance): a copy of ``loaded`` whose settings, manifest and label arrays are its own; the ONNX
+    session and the faiss indexes, which tagging only reads, are shared. The default: all labels ranked freely
     (test_one_label_per_exclusive_facet_when_asked has the other way)."""
-    return Tagger.load(bundle, device="cpu")
+    own = copy.copy(loaded)
+    own.manifest, own.config = copy.deepcopy(loaded.manifest), copy.deepcopy(loaded.config)
+    own.label_ids, own.label_texts = loaded.label_ids.copy(), loaded.label_texts.copy()
+    return own
 
 
 def test_tokenizers_library_matches_the_training_tokenizer(tagger, trained_run):
@@ -419,10 +432,10 @@ def test_a_broken_manifest_is_a_clear_error(bundle, copy_of):
 
 # -- eval: bad inputs and where the PSP propensities come from ------------------------------------------------------
 @pytest.fixture(scope="module")
-def dev_predictions(tiny_bundle, catalog_dir, tmp_path_factory):
+def dev_predictions(loaded, catalog_dir, tmp_path_factory):
     """Predictions for the dev products with the colour left out of their titles (so that the model has to guess
     it and PSP@k depends on the propensities), in every format; ``truth.parquet`` is their truth. Read-only."""
-    tagger = Tagger.load(tiny_bundle, device="cpu")
+    tagger = loaded
     out = tmp_path_factory.mktemp("preds")
     dev = pl.read_parquet(catalog_dir / "dev.parquet")
     dev.with_columns(pl.col("title").str.replace(r" \w+ ", " ")).write_parquet(out / "truth.parquet")
