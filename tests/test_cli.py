@@ -100,9 +100,10 @@ def test_train_export_tag_eval(cli_run, trained_run, tiny_bundle, catalog_dir):
     assert report["propensity_source"].startswith("training counts of bundle")
     train_metrics = json.loads((cli_run / "runs/tiny/metrics.json").read_text())["dev"]
     # The bundle on ONNX Runtime + faiss reproduces training's dev evaluation (PyTorch + exact scoring): the same
-    # rankings, so equal precision and nDCG; PSP@5 is a sum of float32 propensities, so 1e-6 for the summing order.
-    for name in ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5"):
-        assert report["metrics"][name] == pytest.approx(train_metrics[name], abs=1e-6), name
+    # ranking of every product, and the same metric code (and training counts) on it, so the same numbers to the
+    # last bit. (Measured: every difference 0.0. A tolerance would only hide a changed ranking or propensity.)
+    assert set(report["metrics"]) == set(train_metrics)  # P, nDCG, PSP and R at 1, 3, 5
+    assert report["metrics"] == train_metrics
 
     result = invoke("eval", "preds.parquet", "--truth", catalog_dir / "dev.parquet", "--train",
                     catalog_dir / "train.parquet")
