@@ -55,18 +55,18 @@ def refused(bundle, match: str, verify: bool = True) -> str:
 # -- the bundle id covers the manifest --------------------------------------------------------------------------------
 @pytest.mark.parametrize("key,value", [("scoring.scale", 3.0), ("scoring.knn_weight", 0.9),
                                        ("tokenization.max_length", 8), ("dims.neighbours", 0)])
-def test_editing_a_setting_in_the_manifest_is_refused(bundle_dir, copy_of, key, value):
-    copy = copy_of(bundle_dir)
+def test_editing_a_setting_in_the_manifest_is_refused(tiny_bundle, copy_of, key, value):
+    copy = copy_of(tiny_bundle)
     edit(copy, set_key(key, value))
     for verify in (True, False):  # the id check is cheap: it runs without hash verification too
         refused(copy, r"manifest.json: the manifest was modified after export .*re-export the bundle", verify)
 
 
-def test_a_resealed_setting_is_another_bundle_id(bundle_dir, copy_of):
+def test_a_resealed_setting_is_another_bundle_id(tiny_bundle, copy_of):
     # The id names what results depend on: the same files with another scale are another bundle.
-    copy = copy_of(bundle_dir)
-    original = Bundle.open(bundle_dir).bundle_id
-    assert manifest_file.bundle_id_of(json.loads((bundle_dir / layout.MANIFEST).read_text())) == original
+    copy = copy_of(tiny_bundle)
+    original = Bundle.open(tiny_bundle).bundle_id
+    assert manifest_file.bundle_id_of(json.loads((tiny_bundle / layout.MANIFEST).read_text())) == original
     edit(copy, set_key("scoring.scale", 3.0), reseal=True)
     assert Tagger.load(copy, device="cpu").bundle_id not in (original, None)
     # ... while what never changes results (provenance, export diagnostics) is outside the id
@@ -77,8 +77,8 @@ def test_a_resealed_setting_is_another_bundle_id(bundle_dir, copy_of):
 
 
 @pytest.mark.parametrize("rehash_id", [False, True])
-def test_format_1_is_refused_even_as_a_downgrade(bundle_dir, copy_of, rehash_id):
-    copy = copy_of(bundle_dir)
+def test_format_1_is_refused_even_as_a_downgrade(tiny_bundle, copy_of, rehash_id):
+    copy = copy_of(tiny_bundle)
     edit(copy, set_key("format", "xmctag-bundle/1"), rehash_id=rehash_id)
     message = refused(copy, "bundle format 'xmctag-bundle/1'", verify=False)
     assert "re-export" in message and "does not cover its manifest" in message
@@ -86,8 +86,8 @@ def test_format_1_is_refused_even_as_a_downgrade(bundle_dir, copy_of, rehash_id)
 
 # -- every file listed, nothing else in the bundle ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["README.md", run_dir.LABEL_VECTORS])
-def test_a_file_dropped_from_files_then_edited_is_refused(bundle_dir, copy_of, name):
-    copy = copy_of(bundle_dir)
+def test_a_file_dropped_from_files_then_edited_is_refused(tiny_bundle, copy_of, name):
+    copy = copy_of(tiny_bundle)
 
     def drop(manifest):
         del manifest["files"][name]
@@ -101,15 +101,15 @@ def test_a_file_dropped_from_files_then_edited_is_refused(bundle_dir, copy_of, n
 
 
 @pytest.mark.parametrize("extra", ["notes.txt", "tokenizer/added_tokens.json", "deep/er/x.bin"])
-def test_an_unlisted_file_is_refused(bundle_dir, copy_of, extra):
-    copy = copy_of(bundle_dir)
+def test_an_unlisted_file_is_refused(tiny_bundle, copy_of, extra):
+    copy = copy_of(tiny_bundle)
     (copy / extra).parent.mkdir(parents=True, exist_ok=True)
     (copy / extra).write_text("{}")
     refused(copy, rf"{extra} is not in the manifest's files", verify=False)
 
 
-def test_a_listed_file_that_is_missing_or_changed_is_refused(bundle_dir, copy_of):
-    copy = copy_of(bundle_dir)
+def test_a_listed_file_that_is_missing_or_changed_is_refused(tiny_bundle, copy_of):
+    copy = copy_of(tiny_bundle)
     with open(copy / run_dir.LABELS, "ab") as f:
         f.write(b"x")
     refused(copy, f"{run_dir.LABELS} does not match the manifest")
@@ -118,8 +118,8 @@ def test_a_listed_file_that_is_missing_or_changed_is_refused(bundle_dir, copy_of
     refused(copy, f"{run_dir.LABELS} is missing", verify=False)
 
 
-def test_a_file_tagging_reads_must_be_listed(bundle_dir, copy_of):
-    copy = copy_of(bundle_dir)
+def test_a_file_tagging_reads_must_be_listed(tiny_bundle, copy_of):
+    copy = copy_of(tiny_bundle)
     (copy / layout.INDEX).unlink()
 
     def drop(manifest):
@@ -132,20 +132,20 @@ def test_a_file_tagging_reads_must_be_listed(bundle_dir, copy_of):
 # -- paths stay inside the bundle ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", ["../x/tokenizer.json", "ABSOLUTE", "tokenizer/../../x/tokenizer.json",
                                   "./tokenizer/tokenizer.json", "tokenizer//tokenizer.json", "manifest.json"])
-def test_a_tokenizer_path_outside_the_bundle_is_refused(bundle_dir, copy_of, tmp_path, path):
-    copy = copy_of(bundle_dir)
+def test_a_tokenizer_path_outside_the_bundle_is_refused(tiny_bundle, copy_of, tmp_path, path):
+    copy = copy_of(tiny_bundle)
     outside = tmp_path / "x" / "tokenizer.json"  # a real tokenizer there: only the path check stands in the way
     outside.parent.mkdir()
-    shutil.copy(bundle_dir / "tokenizer" / "tokenizer.json", outside)
+    shutil.copy(tiny_bundle / "tokenizer" / "tokenizer.json", outside)
     path = str(outside) if path == "ABSOLUTE" else path
     edit(copy, set_key("tokenization.tokenizer", path), rehash_id=True)
     refused(copy, r"tokenization.tokenizer names .*, which is not a relative path inside the bundle", verify=False)
 
 
 @pytest.mark.parametrize("key", ["files", "graph.files"])
-def test_other_manifest_paths_outside_the_bundle_are_refused(bundle_dir, copy_of, tmp_path, key):
-    copy = copy_of(bundle_dir)
-    (tmp_path / "evil.onnx").write_bytes((bundle_dir / layout.ONNX_FP32).read_bytes())
+def test_other_manifest_paths_outside_the_bundle_are_refused(tiny_bundle, copy_of, tmp_path, key):
+    copy = copy_of(tiny_bundle)
+    (tmp_path / "evil.onnx").write_bytes((tiny_bundle / layout.ONNX_FP32).read_bytes())
 
     def change(manifest):
         if key == "files":
@@ -157,9 +157,9 @@ def test_other_manifest_paths_outside_the_bundle_are_refused(bundle_dir, copy_of
     refused(copy, rf"{key} names .*evil.onnx', which is not a relative path inside the bundle", verify=False)
 
 
-def test_symlinks_out_of_the_bundle_are_refused(bundle_dir, copy_of, tmp_path):
+def test_symlinks_out_of_the_bundle_are_refused(tiny_bundle, copy_of, tmp_path):
     # Same content as the real file, so every hash matches: only the symlink check can tell.
-    copy = copy_of(bundle_dir)
+    copy = copy_of(tiny_bundle)
     outside = tmp_path / "outside"
     shutil.copytree(copy / layout.TOKENIZER, outside)
     tokenizer = copy / layout.TOKENIZER / "tokenizer.json"
@@ -176,8 +176,8 @@ def test_symlinks_out_of_the_bundle_are_refused(bundle_dir, copy_of, tmp_path):
     refused(copy, "extra is a symlink to '/etc/passwd', outside the bundle", verify=False)
 
 
-def test_a_symlink_inside_the_bundle_to_a_listed_file_is_fine(bundle_dir, copy_of):
-    copy = copy_of(bundle_dir)
+def test_a_symlink_inside_the_bundle_to_a_listed_file_is_fine(tiny_bundle, copy_of):
+    copy = copy_of(tiny_bundle)
     (copy / "README.md").unlink()
     (copy / "README.md").symlink_to(layout.INDEX)  # stays inside; its content is checked like any file's
     edit(copy, lambda manifest: None, reseal=True)
@@ -190,8 +190,8 @@ DAMAGEABLE = [layout.INDEX, layout.NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS, run_di
 
 
 @pytest.mark.parametrize("name", DAMAGEABLE)
-def test_a_truncated_file_is_a_one_line_error_naming_it(bundle_dir, copy_of, catalog_dir, tmp_path, name):
-    copy = copy_of(bundle_dir)
+def test_a_truncated_file_is_a_one_line_error_naming_it(tiny_bundle, copy_of, catalog_dir, tmp_path, name):
+    copy = copy_of(tiny_bundle)
     data = (copy / name).read_bytes()
     (copy / name).write_bytes(data[: len(data) // 2])
     edit(copy, lambda manifest: None, reseal=True)
@@ -223,10 +223,10 @@ class _Touch:
         return Path.touch, (Path(self.path),)
 
 
-def test_a_pickle_in_a_bundle_is_never_loaded(bundle_dir, copy_of, tmp_path):
+def test_a_pickle_in_a_bundle_is_never_loaded(tiny_bundle, copy_of, tmp_path):
     import numpy as np
 
-    copy = copy_of(bundle_dir)
+    copy = copy_of(tiny_bundle)
     marker = tmp_path / "unpickled"
     indptr = np.empty(1, dtype=object)
     indptr[0] = _Touch(marker)
@@ -243,8 +243,8 @@ def test_a_pickle_in_a_bundle_is_never_loaded(bundle_dir, copy_of, tmp_path):
     ("dims.labels", 7, "label table .* does not match the manifest"),
     ("files.README.md", "0" * 63, "invalid key 'files'"),
 ])
-def test_a_resealed_manifest_with_wrong_values_is_a_clear_error(bundle_dir, copy_of, key, value, match):
-    copy = copy_of(bundle_dir)
+def test_a_resealed_manifest_with_wrong_values_is_a_clear_error(tiny_bundle, copy_of, key, value, match):
+    copy = copy_of(tiny_bundle)
     if key.startswith("files."):
         def change(manifest):
             manifest["files"]["README.md"] = value
@@ -260,8 +260,8 @@ def test_a_resealed_manifest_with_wrong_values_is_a_clear_error(bundle_dir, copy
         Tagger.load(copy, device="cpu", verify=False)
 
 
-def test_a_manifest_with_a_duplicate_key_is_refused(bundle_dir, copy_of):
-    copy = copy_of(bundle_dir)
+def test_a_manifest_with_a_duplicate_key_is_refused(tiny_bundle, copy_of):
+    copy = copy_of(tiny_bundle)
     text = (copy / layout.MANIFEST).read_text()
     (copy / layout.MANIFEST).write_text(text.replace('"scoring": {', '"scoring": {"scale": 3.0, ', 1))
     with pytest.raises(UserError, match="not valid JSON .*duplicate key 'scale'"):

@@ -97,13 +97,14 @@ def test_training_rows_without_text_or_known_labels_are_skipped_and_counted(tmp_
         load_labelled_set(tmp_path / "bad.parquet", Config(), LabelTable.load(tmp_path / "l.parquet", config))
 
 
-def test_resume_continues_and_refuses_changed_settings(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.e2e
+def test_resume_continues_and_refuses_changed_settings(tmp_path, small_catalog_dir, tiny_encoder_dir, monkeypatch):
     import xmctag.training.trainer as trainer
 
     config = Config(encoder=tiny_encoder_dir, epochs=1, classifier_epochs=0, batch_size=32, lr=1e-3, warmup_steps=2,
                     max_length=16, label_max_length=12, label_vector_epochs=2)
-    files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet", out=tmp_path / "run",
-                 progress=False)
+    files = dict(train=small_catalog_dir / "train.parquet", labels=small_catalog_dir / "labels.parquet",
+                 out=tmp_path / "run", progress=False)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

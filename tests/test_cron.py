@@ -28,14 +28,14 @@ from xmctag.summary import RunChecks, TagSummary
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def bundle(trained_run, tmp_path_factory):
-    return export(trained_run, tmp_path_factory.mktemp("cron") / "bundle", progress=False)
+@pytest.fixture()
+def bundle(tiny_bundle):
+    return tiny_bundle  # shared, read-only
 
 
 @pytest.fixture(scope="module")
-def tagger(bundle):
-    return Tagger.load(bundle, device="cpu")
+def tagger(tiny_bundle):
+    return Tagger.load(tiny_bundle, device="cpu")
 
 
 def write_catalog(path: Path, titles: list[str | None], ids: list[str | None] | None = None) -> Path:

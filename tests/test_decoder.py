@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ARTICLES, BRANDS, COLOURS
+from conftest import ARTICLES, BRANDS, COLOURS, stop_after_checkpoint
 
 from xmctag import Config, Tagger, UserError, export, run_dir, train
 from xmctag import bundle as layout
@@ -372,20 +372,15 @@ def test_onnx_tagger_matches_pytorch_and_is_batch_invariant(decoder_bundle, deco
         np.testing.assert_array_equal(tagger.predict(TEXTS, 5)[0], top_alone)
 
 
+@pytest.mark.e2e
 def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, catalog_dir, qwen2_dir, monkeypatch):
     config = Config(encoder=qwen2_dir, epochs=2, batch_size=32, lora_lr=1e-3, warmup_steps=2, max_length=16,
                     label_max_length=12, label_vector_epochs=1, lora_rank=4)
     pl.read_parquet(catalog_dir / "train.parquet").head(64).write_parquet(tmp_path / "train.parquet")
     files = dict(train=tmp_path / "train.parquet", labels=catalog_dir / "labels.parquet", config=config,
                  progress=False)
-    save_checkpoint = run_dir.save_checkpoint
-
-    def save_then_stop(*args, **kwargs):
-        save_checkpoint(*args, **kwargs)
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:  # stop after epoch 1: the checkpoint holds the LoRA weights
-        patch.setattr(run_dir, "save_checkpoint", save_then_stop)
+        stop_after_checkpoint(patch, "dual encoder", epoch=1)
         with pytest.raises(KeyboardInterrupt):
             train(out=tmp_path / "resumed", **files)
     train(out=tmp_path / "resumed", resume=True, **files)

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-from test_vision import encoded, picture, tiny_models  # noqa: F401 - tiny_models is a fixture used here
+from test_vision import encoded, picture
 from typer.testing import CliRunner
 
 from xmctag.errors import UserError
@@ -376,7 +376,8 @@ def test_image_hosts_option_of_tag_and_train(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["tag", "c.parquet", "--model", str(tmp_path), "--image-hosts", "::1"])
     assert "captured" in result.output and seen["image_hosts"] == ("::1",)
     # Tagger.images -> BundleImages -> FetchOptions
-    fake = SimpleNamespace(path=tmp_path, bundle=None, device="cpu", fusion={"max_images": 1, "vision_dim": 4, "model_id": "m"})
+    fake = SimpleNamespace(path=tmp_path, bundle=None, device="cpu",
+                           fusion={"max_images": 1, "vision_dim": 4, "model_id": "m"})
     assert Tagger.images(fake, tmp_path / "c", None, 2, ("::1",)).options.allowed_hosts == ("::1",)
 
 

@@ -36,5 +36,20 @@ def test_no_runtime_installed_is_a_clear_error(monkeypatch):
         runtime.check_runtime_packages()
 
 
-def test_one_runtime_set_passes():
-    runtime.check_runtime_packages()  # this environment has the cpu extra
+def test_one_runtime_set_passes(monkeypatch):
+    # This environment has one runtime set (the cpu extra): the check reads the real installed distributions, finds
+    # exactly one of each pair, and lets it through.
+    seen = []
+    distributions = importlib.metadata.distributions
+
+    def recorded(**kwargs):
+        found = list(distributions(**kwargs))
+        seen.extend(d.metadata["Name"].lower().replace("_", "-") for d in found if d.metadata["Name"])
+        return found
+
+    monkeypatch.setattr(importlib.metadata, "distributions", recorded)
+    runtime.check_runtime_packages()
+    assert len({"onnxruntime", "onnxruntime-gpu"} & set(seen)) == 1, seen
+    assert len({"faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11"} & set(seen)) == 1, seen
+    assert "CPUExecutionProvider" in runtime.onnxruntime().get_available_providers()
+    assert runtime.resolve_device("cpu") == "cpu"

@@ -1,15 +1,17 @@
 """Tagging with the exported bundle: parity with PyTorch, batch invariance, skips, formats, atomic output."""
 
+import copy
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from xmctag import Tagger, UserError, export, run_dir
+from xmctag import Tagger, UserError, run_dir
 from xmctag.evaluation.evaluator import exact_top_k, predict_exact
 from xmctag.io.predictions import read_parquet_metadata
 from xmctag.label_groups import group_ids
@@ -21,15 +23,29 @@ TITLES = ["acme red shirt", "zeta blue jeans with a much longer title than the o
           "nova white watch", "orbit pink dress", "lumen grey belt", "acme black socks and a yellow bag"]
 
 
-@pytest.fixture(scope="module")
-def bundle(trained_run, tmp_path_factory):
-    return export(trained_run, tmp_path_factory.mktemp("tag") / "bundle", progress=False)
+@pytest.fixture()
+def bundle(tiny_bundle):
+    """The shared export of the tiny run (read-only: change a copy_of it)."""
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def tagger(bundle):
-    # The default: all labels ranked freely (test_one_label_per_exclusive_facet_when_asked has the other way).
-    return Tagger.load(bundle, device="cpu")
+def loaded(tiny_bundle):
+    """The shared bundle loaded once per module (Tagger.load takes ~0.3 s, most of it the runtime package check);
+    tests get copies of it (``tagger``), never this one."""
+    return Tagger.load(tiny_bundle, device="cpu")
+
+
+@pytest.fixture()
+def tagger(loaded):
+    """A Tagger of the test's own (tests change its settings: encode_batch_size, the neighbour votes, methods
+    patched on the instance): a copy of ``loaded`` whose settings, manifest and label arrays are its own; the ONNX
+    session and the faiss indexes, which tagging only reads, are shared. The default: all labels ranked freely
+    (test_one_label_per_exclusive_facet_when_asked has the other way)."""
+    own = copy.copy(loaded)
+    own.manifest, own.config = copy.deepcopy(loaded.manifest), copy.deepcopy(loaded.config)
+    own.label_ids, own.label_texts = loaded.label_ids.copy(), loaded.label_texts.copy()
+    return own
 
 
 def test_tokenizers_library_matches_the_training_tokenizer(tagger, trained_run):
@@ -65,20 +81,22 @@ def test_without_neighbour_votes_scores_are_label_vector_sigmoids(tagger, traine
     run = run_dir.load_run(trained_run)
     embeddings = tagger.embed(TITLES)
     expected_top, expected_logits = exact_top_k(embeddings, run.vectors, 5)
-    saved = tagger.knn_neighbours, tagger.knn_weight
-    tagger.knn_neighbours, tagger.knn_weight = 0, 0.0
-    try:
-        indices, scores = tagger.predict(TITLES, top_k=5)
-    finally:
-        tagger.knn_neighbours, tagger.knn_weight = saved
+    tagger.knn_neighbours, tagger.knn_weight = 0, 0.0  # this test's own Tagger
+    indices, scores = tagger.predict(TITLES, top_k=5)
     np.testing.assert_array_equal(indices, expected_top)
     np.testing.assert_allclose(scores, 1 / (1 + np.exp(-run.vectors.scale * expected_logits)), rtol=1e-4, atol=1e-6)
 
 
-def test_int8_graph_is_close_to_fp32_and_precision_is_checked(bundle, tagger):
+def test_int8_graph_is_close_to_fp32_and_precision_is_checked(bundle, tagger, catalog_dir):
     int8 = Tagger.load(bundle, device="cpu", precision="int8")
     cosine = (int8.embed(TITLES) * tagger.embed(TITLES)).sum(axis=1)
     assert cosine.min() > 0.95
+    # What tagging gives, not only the angle: the top-5 labels of the dev products mostly agree with fp32's.
+    titles = pl.read_parquet(catalog_dir / "dev.parquet")["title"].to_list()
+    fp32_top, int8_top = tagger.predict(titles, top_k=5)[0], int8.predict(titles, top_k=5)[0]
+    shared = np.array([len(set(a) & set(b)) / 5 for a, b in zip(fp32_top, int8_top)])
+    assert shared.mean() >= 0.8 and shared.min() >= 0.6, shared
+    assert (fp32_top[:, 0] == int8_top[:, 0]).mean() >= 0.95  # the best label
     with pytest.raises(UserError, match="precision"):
         Tagger.load(bundle, device="cpu", precision="int4")
 
@@ -101,11 +119,10 @@ def test_a_cuda_provider_that_cannot_start_is_never_a_silent_cpu_run(bundle, tag
 def test_embedding_and_top_k_do_not_depend_on_batch_neighbours(tagger):
     alone = np.vstack([tagger.embed([t]) for t in TITLES])
     for batch_size in (1, 2, 3, 64):
-        tagger.encode_batch_size = batch_size
+        tagger.encode_batch_size = batch_size  # this test's own Tagger
         np.testing.assert_allclose(tagger.embed(TITLES), alone, atol=1e-6)
         np.testing.assert_array_equal(tagger.predict(TITLES, 5)[0], np.vstack([tagger.predict([t], 5)[0]
                                                                                   for t in TITLES]))
-    tagger.encode_batch_size = 64
 
 
 def test_tag_frame(tagger):
@@ -122,10 +139,18 @@ def write_catalog(path, titles, ids=None):
     return path
 
 
-def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_path):
+def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_path, writer_spy, monkeypatch):
+    import pyarrow.parquet as pq
+
     titles = TITLES * 30 + [None, ""]
     catalog = write_catalog(tmp_path / "cat.parquet", titles)
+    embed = tagger.embed
+    monkeypatch.setattr(tagger, "embed", lambda texts, *args: (writer_spy.events.append(("embed", len(texts))),
+                                                               embed(texts, *args))[1])
     summary = tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=4, batch_size=50, progress=False)
+    # Streamed: each batch of 50 rows read is encoded, then appended to the output, before the next is read.
+    assert writer_spy.events == [("embed", 50), ("write", 50)] * 4 + [("embed", 10), ("write", 10)]
+    assert pq.ParquetFile(tmp_path / "out.parquet").num_row_groups == 5  # one row group per append
     assert summary.rows_read == len(titles) and summary.rows_tagged == len(titles) - 2
     assert summary.skipped == {"empty text": 2}
     out = pl.read_parquet(tmp_path / "out.parquet")
@@ -139,26 +164,48 @@ def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_pat
     assert meta["bundle_id"] == tagger.bundle_id and meta["top_k"] == "4"
 
 
-@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_long_formats_one_row_per_rank(tagger, tmp_path, fmt):
-    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
-    tagger.tag_file(catalog, tmp_path / f"out.{fmt}", top_k=3, fmt=fmt, batch_size=3, progress=False)
-    out = pl.read_csv(tmp_path / "out.csv") if fmt == "csv" else pl.read_ndjson(tmp_path / "out.jsonl")
-    assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle"]
-    assert out.height == 3 * len(TITLES)
-    assert out["rank"].to_list()[:3] == [1, 2, 3]
-    assert (out["bundle_id"] == tagger.bundle_id).all()
-    assert (out["bundle"] == str(tagger.path.resolve())).all()
-    assert out.filter(pl.col("id") == "c0")["label_text"].to_list()[0].startswith(("colour", "article"))
+def exploded(tagger, parquet) -> pl.DataFrame:
+    """A Parquet prediction file in the CSV/JSONL layout: one row per (product, rank), with the label's text."""
+    texts = pl.DataFrame({"label": tagger.label_ids.tolist(), "label_text": tagger.label_texts.tolist()})
+    return (pl.read_parquet(parquet).with_columns(rank=pl.int_ranges(1, pl.col("labels").list.len() + 1))
+            .explode("labels", "scores", "rank").drop_nulls("labels")
+            .rename({"labels": "label", "scores": "score"})
+            .join(texts, on="label", how="left", maintain_order="left")
+            .select("id", pl.col("rank").cast(pl.Int64), "label", "label_text", "score"))
+
+
+@pytest.mark.parametrize("min_score", [None, 0.5])
+def test_long_formats_hold_the_parquet_predictions_row_by_row(tagger, tmp_path, min_score):
+    titles = TITLES * 3 + ["umbrella"]
+    catalog = write_catalog(tmp_path / "cat.parquet", titles)
+    for fmt in ("parquet", "csv", "jsonl"):
+        tagger.tag_file(catalog, tmp_path / f"out.{fmt}", top_k=3, batch_size=4, min_score=min_score,
+                        progress=False)
+    expected = exploded(tagger, tmp_path / "out.parquet")
+    assert expected.height == 3 * len(titles) if min_score is None else 0 < expected.height < 3 * len(titles)
+    for out in (pl.read_csv(tmp_path / "out.csv"), pl.read_ndjson(tmp_path / "out.jsonl")):
+        assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle"]
+        got = out.select("id", pl.col("rank").cast(pl.Int64), "label", "label_text",
+                         pl.col("score").cast(pl.Float32))
+        assert got.equals(expected), (got, expected)  # same rows, same order, same float32 scores
+        assert (out["bundle_id"] == tagger.bundle_id).all()
+        assert (out["bundle"] == str(tagger.path.resolve())).all()
 
 
 def test_min_score_drops_low_scores(tagger, tmp_path):
     catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
-    tagger.tag_file(catalog, tmp_path / "out.parquet", top_k=5, min_score=0.5, progress=False)
-    out = pl.read_parquet(tmp_path / "out.parquet")
-    scores = out["scores"].explode().drop_nulls()
-    assert (scores >= 0.5).all()
-    assert out["labels"].list.len().max() < 5
+    tagger.tag_file(catalog, tmp_path / "all.parquet", top_k=5, progress=False)
+    unfiltered = pl.read_parquet(tmp_path / "all.parquet")
+    threshold = float(np.median(unfiltered["scores"].explode().to_numpy()))  # about half the labels go
+    tagger.tag_file(catalog, tmp_path / "cut.parquet", top_k=5, min_score=threshold, progress=False)
+    cut = pl.read_parquet(tmp_path / "cut.parquet")
+    # Exactly the unfiltered predictions without the scores below the threshold, in the same order.
+    expected = [[(label, score) for label, score in zip(labels, scores) if score >= threshold]
+                for labels, scores in zip(unfiltered["labels"].to_list(), unfiltered["scores"].to_list())]
+    got = [list(zip(labels, scores)) for labels, scores in zip(cut["labels"].to_list(), cut["scores"].to_list())]
+    assert cut["id"].to_list() == unfiltered["id"].to_list()
+    assert got == expected
+    assert 0 < sum(map(len, got)) < 5 * len(TITLES)  # some labels dropped, some kept
 
 
 def test_strict_failure_mid_run_leaves_no_output(tagger, tmp_path):
@@ -267,7 +314,7 @@ def test_a_catalog_that_is_not_parquet_is_caught_by_its_content(tagger, tmp_path
     assert tagger.tag_file(tmp_path / "parquet-named.csv", tmp_path / "out.parquet", progress=False).rows_tagged == 2
 
 
-def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeypatch, sys_is_unwritable):
+def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeypatch):
     from xmctag import tagger as tagger_module
 
     catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
@@ -276,9 +323,6 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
         raise AssertionError("the catalog was read before the output was checked")
 
     monkeypatch.setattr(tagger_module, "read_batches", no_reading)
-    if sys_is_unwritable:
-        with pytest.raises(UserError, match=r"--output /sys/x.parquet: cannot write in /sys \("):
-            tagger.tag_file(catalog, "/sys/x.parquet", progress=False)
     with pytest.raises(UserError, match="--output .*nowhere/x.parquet: directory .*nowhere does not exist"):
         tagger.tag_file(catalog, tmp_path / "nowhere" / "x.parquet", progress=False)
 
@@ -289,6 +333,41 @@ def test_an_unwritable_output_fails_before_any_tagging(tagger, tmp_path, monkeyp
     with pytest.raises(UserError, match=r"--output .*out.parquet: cannot write in .* \(Permission denied\)"):
         tagger.tag_file(catalog, tmp_path / "out.parquet", progress=False)
     assert list(tmp_path.iterdir()) == [catalog]
+
+
+def test_an_output_in_a_read_only_file_system_fails_before_any_tagging(tagger, tmp_path, sys_is_unwritable):
+    if not sys_is_unwritable:
+        pytest.skip("/sys is writable here")
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    with pytest.raises(UserError, match=r"--output /sys/x.parquet: cannot write in /sys \("):
+        tagger.tag_file(catalog, "/sys/x.parquet", progress=False)
+    assert not Path("/sys/x.parquet").exists()
+
+
+def test_tagging_never_imports_torch(bundle, tmp_path):
+    # The tagging side needs ONNX Runtime, faiss, tokenizers and polars only: a machine without torch tags.
+    import subprocess
+    import sys
+
+    catalog = write_catalog(tmp_path / "cat.parquet", TITLES)
+    code = """if True:
+        import sys
+        from xmctag import Tagger
+        from xmctag.cli import app
+        tagger = Tagger.load(sys.argv[1], device="cpu")
+        print(tagger.tag_file(sys.argv[2], sys.argv[3], top_k=3, progress=False).rows_tagged)
+        try:
+            app(["tag", sys.argv[2], "--model", sys.argv[1], "-o", sys.argv[4], "--quiet"])
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(bundle), str(catalog), str(tmp_path / "api.parquet"),
+                           str(tmp_path / "cli.csv")], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == [str(len(TITLES)), "[]"], done.stdout  # tagged, and no torch module
+    assert pl.read_csv(tmp_path / "cli.csv")["id"].n_unique() == len(TITLES)
 
 
 @pytest.mark.parametrize("name,fmt,expected", [
@@ -355,9 +434,10 @@ def test_a_broken_manifest_is_a_clear_error(bundle, copy_of):
 
 # -- eval: bad inputs and where the PSP propensities come from ------------------------------------------------------
 @pytest.fixture(scope="module")
-def dev_predictions(tagger, catalog_dir, tmp_path_factory):
+def dev_predictions(loaded, catalog_dir, tmp_path_factory):
     """Predictions for the dev products with the colour left out of their titles (so that the model has to guess
-    it and PSP@k depends on the propensities), in every format; ``truth.parquet`` is their truth."""
+    it and PSP@k depends on the propensities), in every format; ``truth.parquet`` is their truth. Read-only."""
+    tagger = loaded
     out = tmp_path_factory.mktemp("preds")
     dev = pl.read_parquet(catalog_dir / "dev.parquet")
     dev.with_columns(pl.col("title").str.replace(r" \w+ ", " ")).write_parquet(out / "truth.parquet")

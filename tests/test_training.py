@@ -3,6 +3,9 @@
 import json
 import re
 
+import pytest
+from conftest import count_training_steps, stop_after_checkpoint
+
 from xmctag import run_dir as layout
 
 
@@ -36,6 +39,7 @@ def test_classifier_stage_head_becomes_the_label_vectors(trained_run):
     assert "Classifier stage: 1 epoch(s) (setting: 1)" in (trained_run / layout.CARD).read_text()
 
 
+@pytest.mark.e2e
 def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny_encoder_dir, catalog_dir):
     import numpy as np
     import torch
@@ -72,7 +76,8 @@ def test_classifier_stage_starts_from_the_label_vectors_and_lowers_its_loss(tiny
     assert after < 0.8 * before
 
 
-def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_path):
+@pytest.mark.e2e
+def test_auto_epochs_follow_the_time_budget(small_catalog_dir, tiny_encoder_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
@@ -81,7 +86,7 @@ def test_auto_epochs_follow_the_time_budget(catalog_dir, tiny_encoder_dir, tmp_p
     def run(name, **settings):
         config = Config(encoder=tiny_encoder_dir, epochs="auto", batch_size=32, max_length=16, label_max_length=12,
                         label_vector_epochs=2, knn_neighbours=0, **settings)
-        train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", tmp_path / name, config=config,
+        train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", tmp_path / name, config=config,
               progress=False)
         return json.loads((tmp_path / name / layout.METRICS).read_text())
 
@@ -107,7 +112,8 @@ def _quick(tiny_encoder_dir, **settings):
                             label_max_length=12, label_vector_epochs=1, knn_neighbours=0), **settings})
 
 
-def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_encoder_dir):
+@pytest.mark.e2e
+def test_overwrite_replaces_only_a_run_directory(tmp_path, small_catalog_dir, tiny_encoder_dir):
     import shutil
 
     import pytest
@@ -117,7 +123,7 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_enc
     config = _quick(tiny_encoder_dir)
     # A folder holding the input catalogs (here: also other files) is never deleted.
     data = tmp_path / "data"
-    shutil.copytree(catalog_dir, data)
+    shutil.copytree(small_catalog_dir, data)
     with pytest.raises(UserError, match=f"--out {data}: holds --train .*train.parquet and --labels"):
         train(data / "train.parquet", data / "labels.parquet", data, config=config, overwrite=True, progress=False)
     # Nor any directory with files a run does not write (a home directory, a project).
@@ -126,9 +132,9 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_enc
     (home / "notes.txt").write_text("mine")
     (home / layout.CONFIG).write_text(json.dumps({"editor": "vim"}))
     with pytest.raises(UserError, match=f"--out {home}: not an xmctag run directory"):
-        train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", home, config=config, overwrite=True,
-              progress=False)
-    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in catalog_dir.iterdir())
+        train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", home, config=config,
+              overwrite=True, progress=False)
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in small_catalog_dir.iterdir())
     assert sorted(p.name for p in home.iterdir()) == [layout.CONFIG, "notes.txt", "projects"]
 
     # A run directory is replaced, its image cache kept (valid for any run); an input inside it is refused.
@@ -137,16 +143,18 @@ def test_overwrite_replaces_only_a_run_directory(tmp_path, catalog_dir, tiny_enc
     (run / layout.IMAGE_CACHE / "shard").write_text("embeddings")
     config.save(run / layout.CONFIG)
     (run / layout.FUSION).write_text("{}")  # stale: the new run is text only
-    shutil.copy(catalog_dir / "labels.parquet", run / layout.LABELS)
+    shutil.copy(small_catalog_dir / "labels.parquet", run / layout.LABELS)
     with pytest.raises(UserError, match="holds --labels"):
-        train(catalog_dir / "train.parquet", run / layout.LABELS, run, config=config, overwrite=True, progress=False)
-    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", run, config=config, overwrite=True,
-          progress=False)
+        train(small_catalog_dir / "train.parquet", run / layout.LABELS, run, config=config, overwrite=True,
+              progress=False)
+    train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", run, config=config,
+          overwrite=True, progress=False)
     assert not (run / layout.FUSION).exists() and (run / layout.IMAGE_CACHE / "shard").exists()
     layout.load_run(run)
 
 
-def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.e2e
+def test_a_failed_run_does_not_block_the_rerun(tmp_path, small_catalog_dir, tiny_encoder_dir, monkeypatch):
     import polars as pl
     import pytest
 
@@ -154,9 +162,9 @@ def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encod
     from xmctag.training.dual_encoder import DualEncoderStage
 
     config, out = _quick(tiny_encoder_dir, epochs=1), tmp_path / "run"
-    files = dict(train=catalog_dir / "train.parquet", out=out, config=config, progress=False)
+    files = dict(train=small_catalog_dir / "train.parquet", out=out, config=config, progress=False)
     bad = tmp_path / "labels.parquet"
-    pl.read_parquet(catalog_dir / "labels.parquet").rename({"text": "name"}).write_parquet(bad)
+    pl.read_parquet(small_catalog_dir / "labels.parquet").rename({"text": "name"}).write_parquet(bad)
     with pytest.raises(UserError, match="missing column"):
         train(labels=bad, **files)
     assert not out.exists()  # the inputs are checked before anything is written
@@ -167,9 +175,9 @@ def test_a_failed_run_does_not_block_the_rerun(tmp_path, catalog_dir, tiny_encod
     with monkeypatch.context() as patch:  # stopped during epoch 1: before the first checkpoint
         patch.setattr(DualEncoderStage, "train_step", stop)
         with pytest.raises(KeyboardInterrupt):
-            train(labels=catalog_dir / "labels.parquet", **files)
+            train(labels=small_catalog_dir / "labels.parquet", **files)
     assert layout.run_state(out) == "started"
-    train(labels=catalog_dir / "labels.parquet", **files)  # the same command, no --overwrite
+    train(labels=small_catalog_dir / "labels.parquet", **files)  # the same command, no --overwrite
     assert layout.run_state(out) == "finished"
 
 
@@ -198,7 +206,8 @@ def _classifier_config(tiny_encoder_dir):
                   knn_neighbours=5)
 
 
-def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.e2e
+def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, small_catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
     import xmctag.training.stage as stage
@@ -212,8 +221,8 @@ def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tin
     monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
         evaluated.append((products, vectors)), evaluate(products, vectors, *args))[1])
     out = tmp_path / "run"
-    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", out, dev=catalog_dir / "dev.parquet",
-          config=_classifier_config(tiny_encoder_dir), progress=False)
+    train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", out,
+          dev=small_catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
 
     metrics = json.loads((out / layout.METRICS).read_text())
     assert [h.get("classifier_epoch") for h in metrics["history"]] == [None, 1, 2, None]
@@ -228,26 +237,20 @@ def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tin
     assert metrics["history"][-1]["dev_label_vectors"] == metrics["history"][1]["dev_head"]
 
 
-def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.e2e
+def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, small_catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
     import pytest
 
     import xmctag.training.trainer as trainer
-    from xmctag import run_dir, train
+    from xmctag import train
     from xmctag.training.classifier import ClassifierStage
     from xmctag.training.dual_encoder import DualEncoderStage
 
-    files = dict(train=catalog_dir / "train.parquet", labels=catalog_dir / "labels.parquet",
-                 dev=catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
-    save_checkpoint = run_dir.save_checkpoint
-
-    def save_then_stop(out, state):
-        save_checkpoint(out, state)
-        if state["stage"] == "classifier":
-            raise KeyboardInterrupt
-
+    files = dict(train=small_catalog_dir / "train.parquet", labels=small_catalog_dir / "labels.parquet",
+                 dev=small_catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
     with monkeypatch.context() as patch:  # interrupted after classifier epoch 1 of 2
-        patch.setattr(run_dir, "save_checkpoint", save_then_stop)
+        stop_after_checkpoint(patch, "classifier", epoch=1)
         with pytest.raises(KeyboardInterrupt):
             train(out=tmp_path / "resumed", **files)
 
@@ -274,7 +277,46 @@ def test_classifier_stage_resumes_after_its_last_checkpoint(tmp_path, catalog_di
     assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()
 
 
-def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.e2e
+def test_dual_encoder_stage_resumes_after_its_last_checkpoint(tmp_path, small_catalog_dir, tiny_encoder_dir,
+                                                               monkeypatch):
+    # A plain encoder (no classifier stage) stopped between its two epochs, then resumed: the same run as one that
+    # was never interrupted.
+    import numpy as np
+
+    from xmctag import train
+
+    files = dict(train=small_catalog_dir / "train.parquet", labels=small_catalog_dir / "labels.parquet",
+                 dev=small_catalog_dir / "dev.parquet", progress=False,
+                 config=_quick(tiny_encoder_dir, epochs=2, lr=1e-3, warmup_steps=2, cluster_start_epoch=1,
+                               knn_neighbours=5, label_vector_epochs=2))
+    with monkeypatch.context() as patch:
+        stop_after_checkpoint(patch, "dual encoder", epoch=1)
+        with pytest.raises(KeyboardInterrupt):
+            train(out=tmp_path / "resumed", **files)
+    assert layout.run_state(tmp_path / "resumed") == "interrupted"
+    with monkeypatch.context() as patch:  # only epoch 2 is trained again
+        steps = count_training_steps(patch)
+        train(out=tmp_path / "resumed", resume=True, **files)
+    assert len(steps) == 128 // 32  # one epoch of batches
+    train(out=tmp_path / "straight", **files)
+
+    resumed, straight = (json.loads((tmp_path / name / layout.METRICS).read_text()) for name in ("resumed", "straight"))
+    assert [h.get("epoch") for h in resumed["history"]] == [1, 2, None]
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    for a, b in zip(resumed["history"], straight["history"]):
+        for key in ("loss", "dev"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert resumed["dev"] == pytest.approx(straight["dev"], abs=1e-5)
+    for name in (layout.LABEL_VECTORS, layout.LABEL_EMBEDDINGS, layout.TRAIN_EMBEDDINGS):
+        np.testing.assert_allclose(np.load(tmp_path / "resumed" / name), np.load(tmp_path / "straight" / name),
+                                   atol=1e-5, err_msg=name)
+    assert not (tmp_path / "resumed" / layout.CHECKPOINT).exists()
+
+
+@pytest.mark.e2e
+def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, small_catalog_dir, tiny_encoder_dir, monkeypatch):
     import numpy as np
 
     import xmctag.training.stage as stage
@@ -288,7 +330,8 @@ def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, catalog_dir, tiny_en
     monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
         evaluated.append(products), evaluate(products, vectors, *args))[1])
     out = tmp_path / "run"
-    train(catalog_dir / "train.parquet", catalog_dir / "labels.parquet", out, dev=catalog_dir / "dev.parquet",
+    train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", out,
+          dev=small_catalog_dir / "dev.parquet",
           config=_quick(tiny_encoder_dir, epochs=2, classifier_epochs=0, lr=1e-3, warmup_steps=2), progress=False)
 
     assert json.loads((out / layout.METRICS).read_text())["best_epoch"] == 1
@@ -308,6 +351,7 @@ def _with_image_column(catalog_dir, tmp_path):
     return path
 
 
+@pytest.mark.e2e
 def test_lengths_beyond_the_models_positions_are_refused_before_writing(tmp_path, catalog_dir, tiny_encoder_dir):
     import pytest
 
