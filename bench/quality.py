@@ -8,7 +8,9 @@ For the dataset's train/dev/labels (title only), it computes on dev:
 1. TF-IDF (word 1-2 + char 2-5 grams) one-vs-rest LinearSVC (``baselines.tfidf_linear_svc``);
 2. zero-shot MiniLM: the off-the-shelf encoder, products vs label texts (with synonyms);
 3. xmctag through its public API, exactly as the CLI runs it: ``train`` (defaults, plus any ``--set`` overrides),
-   ``export``, ``Tagger.tag_file`` on the dev catalog, ``evaluate`` with the training catalog's propensities.
+   ``export``, ``Tagger.tag_file`` on the dev catalog, ``evaluate`` with the training catalog's propensities; with
+   the lexical stage (the default), also its two parts apart: the dense ranking and the lexical model alone. The
+   fusion weights are fitted on this dev set, so the fused row is what a dev-tuned model scores on dev.
 
 It prints the machine, the date, a markdown table (P@1/3/5, nDCG@5, PSP@1/3/5, R@5) and the time of each xmctag
 phase, and keeps the run, bundle, predictions and a JSON summary under ``--work/<dataset>/``. The test splits are
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         final = result.history[-1]
         if "dev_exclusive_groups" in final:  # exact search, one label per exclusive facet (tag --exclusive-groups)
             results["  same model, tag --exclusive-groups"] = final["dev_exclusive_groups"]
+        if "dev_lexical" in final:  # the fused ranking's two parts (training's exact search, same dev rows)
+            results["  of which: dense (label vectors + neighbour votes)"] = final["dev_dense"]
+            results["  of which: lexical model alone (TF-IDF label trees)"] = final["dev_lexical"]
+            fusion = json.loads((run / "lexical" / "lexical.json").read_text())["fusion"]
+            print(f"- fusion weights {fusion['weights']} for training counts <= {fusion['bands']} and above, "
+                  f"fitted on {fusion['fitted_on']}; lexical stage {final.get('lexical_seconds', 0) / 60:.1f} min")
         if "dev_label_vectors" in final:
             results["  of which: label vectors alone (no neighbour votes)"] = final["dev_label_vectors"]
         encoder_only = [h["dev"] for h in result.history if "epoch" in h and "dev" in h]

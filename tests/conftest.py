@@ -11,14 +11,19 @@ that needs to change one works on a copy (``copy_of``). Tests that train a model
 
 from __future__ import annotations
 
+import copy
+import io
 import os
-
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+
+from xmctag import Tagger
 
 # One OpenMP thread for torch (and faiss) unless the caller sets OMP_NUM_THREADS: the test models are tiny, and with
 # two threads on a busy 2-core machine each step waits for the other thread's core (the training tests ran 10x
@@ -156,6 +161,128 @@ def closed_port_urls(monkeypatch):
     port = held.getsockname()[1]
     yield lambda n: [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(n)]
     held.close()
+
+
+# -- the tiny bundle loaded for tagging -----------------------------------------------------------------------------
+@pytest.fixture()
+def bundle(tiny_bundle):
+    """The shared export of the tiny run (read-only: change a copy_of it)."""
+    return tiny_bundle
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_bundle):
+    """The shared bundle loaded once per session (Tagger.load takes ~0.3 s, most of it the runtime package check);
+    tests get copies of it (``tagger``), never this one."""
+    return Tagger.load(tiny_bundle, device="cpu")
+
+
+@pytest.fixture()
+def tagger(loaded):
+    """A Tagger of the test's own (tests change its settings: encode_batch_size, the neighbour votes, methods
+    patched on the instance): a copy of ``loaded`` whose settings, manifest and label arrays are its own; the ONNX
+    session and the faiss indexes, which tagging only reads, are shared. The default: all labels ranked freely
+    (test_one_label_per_exclusive_facet_when_asked has the other way)."""
+    own = copy.copy(loaded)
+    own.manifest, own.config = copy.deepcopy(loaded.manifest), copy.deepcopy(loaded.config)
+    own.label_ids, own.label_texts = loaded.label_ids.copy(), loaded.label_texts.copy()
+    return own
+
+
+def write_catalog(path: Path, titles: list[str | None], ids: list[str | None] | None = None) -> Path:
+    """A Parquet catalog of ``id`` and ``title`` (ids p0, p1, ... unless given), both String even when all null."""
+    ids = ids if ids is not None else [f"p{i}" for i in range(len(titles))]
+    pl.DataFrame({"id": ids, "title": titles}, schema={"id": pl.String, "title": pl.String}).write_parquet(path)
+    return path
+
+
+# -- pictures, vision encoders and an image server -----------------------------------------------------------------
+def picture(seed: int, size=(24, 18)):
+    """A PIL picture of random pixels, the same for the same seed."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def encoded(pic, fmt: str = "PNG") -> bytes:
+    """The picture as image-file bytes."""
+    buffer = io.BytesIO()
+    pic.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def clip_encoder(tiny_models):
+    from xmctag.vision.encoders import load_vision_encoder
+
+    return load_vision_encoder(str(tiny_models["clip"]))
+
+
+@pytest.fixture(scope="session")
+def effnet():
+    from xmctag.vision.encoders import load_vision_encoder
+
+    return load_vision_encoder("builtin:efficientnet-lite0")
+
+
+class ImageServer:
+    """``/img/N.png`` (a picture), ``/404``, ``/slow`` (no answer until the server closes), ``/flaky`` (500 once,
+    then the picture), ``/garbage`` (200 with bytes that are no image). ``hits`` counts requests per path."""
+
+    def __init__(self):
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_GET(self):
+                with server.lock:
+                    server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                    count = server.hits[self.path]
+                if self.path.startswith("/img/"):
+                    return self.reply(200, encoded(picture(int(self.path[5:].split(".")[0]))))
+                if self.path == "/slow":  # whatever the client's timeout and the machine's load: it times out
+                    server.closing.wait(timeout=60)
+                    return self.reply(200, encoded(picture(0)))
+                if self.path == "/flaky":
+                    return self.reply(500, b"busy") if count == 1 else self.reply(200, encoded(picture(7)))
+                if self.path == "/garbage":
+                    return self.reply(200, b"<html>not an image</html>")
+                return self.reply(404, b"not found")
+
+            def reply(self, code: int, body: bytes):
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.closing.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server(monkeypatch):
+    """An ``ImageServer`` on 127.0.0.1 for one test (test_fetch_security has a server of its own)."""
+    for name in ("NO_PROXY", "no_proxy"):  # a proxy configured on the machine must not see 127.0.0.1
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    s = ImageServer()
+    yield s
+    s.close()
 
 
 # -- shared artefacts stay as they were built ------------------------------------------------------------------------

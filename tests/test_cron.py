@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from conftest import write_catalog
 from typer.testing import CliRunner
 
-from xmctag import Tagger, UserError, export
+from xmctag import UserError, export
 from xmctag.cli import app
 from xmctag.errors import EnvironmentFailure, OutputLocked, ThresholdError
 from xmctag.io.atomic import OutputLock
@@ -26,22 +27,6 @@ from xmctag.io.predictions import read_parquet_metadata
 from xmctag.summary import RunChecks, TagSummary
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture()
-def bundle(tiny_bundle):
-    return tiny_bundle  # shared, read-only
-
-
-@pytest.fixture(scope="module")
-def tagger(tiny_bundle):
-    return Tagger.load(tiny_bundle, device="cpu")
-
-
-def write_catalog(path: Path, titles: list[str | None], ids: list[str | None] | None = None) -> Path:
-    ids = ids if ids is not None else [f"p{i}" for i in range(len(titles))]
-    pl.DataFrame({"id": ids, "title": titles}, schema={"id": pl.String, "title": pl.String}).write_parquet(path)
-    return path
 
 
 def invoke(*args):

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-from test_vision import encoded, picture
+from conftest import encoded, picture
 from typer.testing import CliRunner
 
 from xmctag.errors import UserError

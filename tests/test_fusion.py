@@ -1,7 +1,7 @@
 """Image fusion end to end: train -> export -> tag on a small synthetic catalog with images, parity of the fused ONNX
 graph, batch invariance, broken/missing images counted, the image cache reused.
 
-The vision model is the tiny random CLIP of test_vision.py; the text model the tiny BERT of conftest.py. Images are
+The vision model is the tiny random CLIP and the text model the tiny BERT of conftest.py. Images are
 noisy solid squares in the product's colour, as inline bytes or relative paths; every tenth row has none, a missing
 file or bytes that are no picture.
 """
@@ -15,8 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import make_catalog
-from test_vision import encoded
+from conftest import encoded, make_catalog
 from typer.testing import CliRunner
 
 from xmctag import Config, Tagger, UserError, export, run_dir, train

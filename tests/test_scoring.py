@@ -158,3 +158,42 @@ def test_exclusive_groups_widen_the_candidates_until_top_k_is_full():
     calls.clear()
     rank_labels(queries, matrix, 4.0, search, None, 0.0, k)
     assert calls == [(12, 32)]
+
+
+def test_fused_blend_matches_brute_force_with_the_lexical_scores():
+    """With one lexical weight for every label the fused top-k over the candidates is the brute-force top-k over
+    all labels; with a weight per label band each candidate's score is still (1 - a_l) * dense + a_l * lexical."""
+    rng = np.random.default_rng(2)
+    n_labels, dim, n_train, n = 200, 8, 150, 25
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    matrix = np.hstack([rng.normal(size=(n_labels, dim)) * 0.3, rng.normal(size=(n_labels, 1)) * 0.1])
+    train = unit(rng.normal(size=(n_train, dim)))
+    train_labels = [rng.choice(n_labels, size=rng.integers(1, 6), replace=False) for _ in range(n_train)]
+    queries = unit(rng.normal(size=(n, dim)))
+    dense = brute_force(queries, matrix, 5.0, train_labels, train, 10, 10.0, 0.5, 5)
+    lexical_top = np.array([rng.choice(n_labels, size=12, replace=False) for _ in range(n)])
+    lexical_top[0, 6:] = -1  # fewer lexical candidates for this product
+    lexical_scores = np.where(lexical_top >= 0, np.sort(rng.random((n, 12)), axis=1)[:, ::-1], 0.0)
+    lexical_all = np.zeros((n, n_labels))
+    for i in range(n):
+        found = lexical_top[i] >= 0
+        lexical_all[i, lexical_top[i][found]] = lexical_scores[i][found]
+
+    lv_logits = np.hstack([queries, np.ones((n, 1))]) @ matrix.T
+    candidates = np.argsort(-lv_logits, axis=1)[:, :32]
+    sims = queries @ train.T
+    nn = np.argsort(-sims, axis=1)[:, :10]
+    votes = NeighbourLabels.from_lists(train_labels).votes(nn, np.take_along_axis(sims, nn, 1), 10.0)
+    for weights in (np.full(n_labels, 0.4), rng.choice([0.2, 0.5, 0.8], size=n_labels)):
+        expected = (1 - weights) * dense + weights * lexical_all
+        top, scores = blend_top_k(queries, matrix, 5.0, candidates, np.take_along_axis(lv_logits, candidates, 1),
+                                  votes, 0.5, 5, lexical=(lexical_top, lexical_scores, weights))
+        np.testing.assert_allclose(np.take_along_axis(expected, top, 1), scores, rtol=1e-6)
+        assert np.all(np.diff(scores, axis=1) <= 0)
+        if np.ptp(weights) == 0:  # one weight: exact
+            np.testing.assert_allclose(scores, np.sort(expected, axis=1)[:, ::-1][:, :5], rtol=1e-6)
+    # A lexical weight of 0 is the dense ranking.
+    plain = blend_top_k(queries, matrix, 5.0, candidates, np.take_along_axis(lv_logits, candidates, 1), votes, 0.5, 5)
+    zero = blend_top_k(queries, matrix, 5.0, candidates, np.take_along_axis(lv_logits, candidates, 1), votes, 0.5, 5,
+                       lexical=(lexical_top, lexical_scores, np.zeros(n_labels)))
+    np.testing.assert_allclose(zero[1], plain[1], rtol=1e-9)

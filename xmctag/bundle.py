@@ -12,10 +12,13 @@
     train_labels.npz       the training products' label indices (CSR), row i of neighbours.faiss -> its labels
     vision.onnx            image fusion only: the frozen vision encoder, pixel_values -> image_embedding (fp32 only)
     vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
+    lexical/               the lexical model (TF-IDF + label trees, ``xmctag.lexical``; optional): the manifest's
+                           ``lexical`` section holds its fusion weights, candidates and beam
     config.json            the training Config
     README.md              model card of the run
     manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
-                           graph, tokenization, scoring, training, fusion (image fusion only), and, outside the
+                           graph, tokenization, scoring, training, fusion (image fusion only), lexical (with a
+                           lexical model), and, outside the
                            bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
 
 A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
@@ -105,6 +108,9 @@ class Bundle:
             names += [NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS]
         if self.fusion is not None:
             names += [VISION_FP32, VISION_META]
+        if self.manifest.get("lexical") is not None:
+            folder = self.manifest["lexical"]["folder"]
+            names += [f"{folder}/lexical.json", f"{folder}/features.json"]
         return names
 
     def check_file(self, name: str) -> None:
@@ -263,6 +269,27 @@ class Bundle:
         if problem:
             raise self._mismatch(f"{run_dir.TRAIN_LABELS} ({problem})")
         return index, labels
+
+    def lexical(self):
+        """The lexical model (``xmctag.lexical.LexicalModel``) and each label's fusion weight ``(L,)``, or None when
+        the bundle has none. The weights come from the manifest (covered by the bundle id), and must be the ones
+        its ``lexical.json`` was saved with."""
+        from xmctag.lexical import LexicalModel, label_weights
+
+        section = self.manifest.get("lexical")
+        if section is None:
+            return None
+        with self._reading(f"{section['folder']}/lexical.json"):
+            model = LexicalModel.load(self.path / section["folder"])
+        if model.trees.n_labels != self.dims["labels"]:
+            raise self._mismatch(f"the lexical model ({model.trees.n_labels} labels, manifest: "
+                                 f"{self.dims['labels']})")
+        saved = {key: model.fusion.get(key) for key in ("bands", "weights")}
+        if saved != {key: section[key] for key in ("bands", "weights")} or \
+                (model.candidates, int(model.settings["beam"])) != (section["candidates"], section["beam"]):
+            raise self._mismatch("the lexical model's fusion weights, candidates or beam")
+        counts = self.labels(["train_count"], optional=())["train_count"].to_numpy()
+        return model, label_weights(section, counts)
 
     def vision_encoder(self, device: str = "cpu"):
         """The bundle's vision graph as an ``OnnxVisionEncoder`` (fused bundles), checked against ``fusion``."""

@@ -14,10 +14,26 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from xmctag.cli_util import (DeviceOption, ImageColOption, ImageHostsOption, QuietOption, SummaryJsonOption,
-                             WorkersOption, err_console, image_hosts, label_columns, newest_bundle, out_console,
-                             parse_epochs, print_examples, print_metrics, show_warning, split_list,
-                             terminate_on_sigterm, user_errors)
+from xmctag.cli_util import (
+    DeviceOption,
+    ImageColOption,
+    ImageHostsOption,
+    QuietOption,
+    SummaryJsonOption,
+    WorkersOption,
+    err_console,
+    image_hosts,
+    label_columns,
+    newest_bundle,
+    out_console,
+    parse_epochs,
+    print_examples,
+    print_metrics,
+    show_warning,
+    split_list,
+    terminate_on_sigterm,
+    user_errors,
+)
 from xmctag.errors import UserError
 from xmctag.vision.registry import DEFAULT_VISION_ENCODER
 
@@ -59,6 +75,8 @@ def train(
     cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Image-embedding cache, shareable between "
                                             "runs [default: <out>/image_cache]."),
     hosts: Optional[str] = ImageHostsOption,
+    lexical: Optional[str] = typer.Option(None, "--lexical", help="Lexical model fused with the dense ranking: "
+                                          "omikuji (TF-IDF label trees) or none (dense only) [default: omikuji]."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last "
                                 "checkpoint (either stage's); a finished run is refused: use --overwrite to train "
@@ -79,7 +97,7 @@ def train(
                      classifier_epochs=parse_epochs(classifier_epochs, "--classifier-epochs"),
                      time_budget_minutes=time_budget, batch_size=batch_size, max_length=max_length, lr=lr,
                      id_col=id_col, text_cols=split_list(text_cols), labels_col=labels_col,
-                     **label_columns(label_cols), seed=seed, vision=vision, image_col=image_col,
+                     **label_columns(label_cols), seed=seed, vision=vision, image_col=image_col, lexical=lexical,
                      image_cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     # A resumed run keeps its saved settings; what --config and the flags set now must agree (the API checks).
     saved = Config.load(out / CONFIG).to_dict() if resume and (out / CONFIG).exists() else None

@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from xmctag.errors import UserError
 
@@ -105,6 +104,16 @@ class Config:
     knn_neighbours: int = 20  # training products that vote; 0 = label vectors alone (smaller bundle)
     knn_temperature: float = 10.0  # vote weight exp(T * similarity), normalised over the neighbours
     knn_weight: float = 0.5  # score = (1 - w) * sigmoid(label-vector logit) + w * neighbour vote
+    # --- lexical stage (TF-IDF label trees fused with the dense ranking; xmctag/lexical/, bench/RESULTS.md) -------
+    lexical: str = "omikuji"  # "omikuji": label trees over TF-IDF word 1-2 + char 2-5 grams; "none": dense only
+    lexical_min_df: int = 2  # a term counts when it is in at least this many training texts
+    lexical_max_features: int = 2_000_000  # per analyzer (words, characters): the most frequent terms
+    lexical_trees: int = 3
+    lexical_cluster_k: int = 2  # children per tree node (2 and max_depth 20: Parabel-like; 100 and 3: Bonsai-like)
+    lexical_max_depth: int = 20
+    lexical_beam: int = 10  # beam width of the tree search
+    lexical_candidates: int = 50  # lexical labels per product that join the dense candidates
+    lexical_bands: list[int] = field(default_factory=lambda: [5, 50])  # training counts: a fusion weight per band
     # --- evaluation --------------------------------------------------------------------------------------------
     eval_ks: list[int] = field(default_factory=lambda: [1, 3, 5])
     psp_a: float = 0.55
@@ -164,6 +173,12 @@ class Config:
             (self.max_images >= 1, "max_images must be >= 1"),
             (self.image_lr > 0, "image_lr must be > 0"),
             (bool(self.vision) and bool(self.image_col), "vision and image_col must not be empty"),
+            (self.lexical in ("omikuji", "none"), f"lexical must be omikuji or none, not {self.lexical!r}"),
+            (self.lexical_min_df >= 1 and self.lexical_max_features >= 1 and self.lexical_trees >= 1
+             and self.lexical_cluster_k >= 2 and self.lexical_max_depth >= 1 and self.lexical_beam >= 1
+             and self.lexical_candidates >= 1, "lexical_* counts must be >= 1 (lexical_cluster_k >= 2)"),
+            (list(self.lexical_bands) == sorted(set(self.lexical_bands)) and all(b >= 0 for b in self.lexical_bands),
+             "lexical_bands must be increasing training counts >= 0"),
             (self.label_groups in ("auto", "column", "prefix", "none"),
              f"label_groups must be auto, column, prefix or none, not {self.label_groups!r}"),
         ]

@@ -180,6 +180,14 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
     faiss = runtime.faiss()
     for name in layout.COPIED_FROM_RUN:
         shutil.copy2(trained.path / name, target / name)
+    lexical = None
+    if (trained.path / run_dir.LEXICAL).is_dir():
+        shutil.copytree(trained.path / run_dir.LEXICAL, target / run_dir.LEXICAL)
+        spec = json.loads((target / run_dir.LEXICAL / "lexical.json").read_text())
+        lexical = {"folder": run_dir.LEXICAL, "bands": spec["fusion"]["bands"], "weights": spec["fusion"]["weights"],
+                   "candidates": spec["settings"]["candidates"], "beam": spec["settings"]["beam"],
+                   "score": "(1 - a_l) * dense score + a_l * lexical score, a_l = weights[band of label l's "
+                            "training count: <= bands[0], <= bands[1], ..., above]"}
     vectors = trained.vectors.index_matrix()
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
@@ -220,6 +228,8 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
         manifest["tokenization"]["prompt"] = prompt
     if fusion is not None:
         manifest["fusion"] = fusion_manifest(fusion, decoder=prompt is not None)
+    if lexical is not None:
+        manifest["lexical"] = lexical
     manifest_file.seal(target, manifest)  # files: every file's sha256; bundle_id: manifest_file.bundle_id_of
 
 

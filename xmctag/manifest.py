@@ -46,7 +46,7 @@ def bundle_id_of(manifest: dict) -> str:
     """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace,
     ASCII) of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section
     that affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
-    ``training``, and any key a later xmctag adds."""
+    ``training``, ``lexical``, and any key a later xmctag adds."""
     covered = {key: value for key, value in manifest.items() if key not in VOLATILE_KEYS}
     canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -102,6 +102,10 @@ SCHEMA = [
     ("fusion.cache_dir", lambda v: v is None or isinstance(v, str), False),
     ("fusion.vision_graph", _is(dict), True), ("fusion.vision_graph.files", _names, True),
     ("fusion.vision_graph.meta", _is(str), True),
+    ("lexical", _is(dict), False), ("lexical.folder", _is(str), True),
+    ("lexical.bands", lambda v: isinstance(v, list) and all(_int(0)(b) for b in v), True),
+    ("lexical.weights", lambda v: isinstance(v, list) and all(_number(w) and 0 <= w <= 1 for w in v), True),
+    ("lexical.candidates", _int(1), True), ("lexical.beam", _int(1), True),
 ]
 
 
@@ -113,6 +117,9 @@ def named_paths(manifest: dict) -> list[tuple[str, str]]:
     if vision is not None:
         named += [("fusion.vision_graph.files", name) for name in vision["files"]]
         named.append(("fusion.vision_graph.meta", vision["meta"]))
+    lexical = manifest.get("lexical")
+    if lexical is not None:
+        named += [("lexical.folder", f"{lexical['folder']}/{name}") for name in ("lexical.json", "features.json")]
     return named
 
 

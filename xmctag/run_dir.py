@@ -10,6 +10,7 @@
     metrics.json           per-epoch history, final dev metrics, number of training rows
     README.md              model card
     sample_texts.json      a few training product texts (real rows for the export parity check)
+    lexical/               the lexical model and its fusion weights (``xmctag.lexical``; absent with lexical "none")
     fusion.json            image fusion only: vision model (name, id, dim), image column, max_images, cache dir
     image_projection.safetensors  image fusion only: the trained projection (weight, bias)
     sample_images.npz      image fusion only: image features + mask of the sample_texts rows (parity check)
@@ -62,6 +63,7 @@ SAMPLE_TEXTS = "sample_texts.json"
 TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
 FUSION = "fusion.json"
+LEXICAL = "lexical"
 SAMPLE_IMAGES = "sample_images.npz"
 IMAGE_CACHE = "image_cache"  # the default image-embedding cache (training.images.image_cache_dir)
 CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (save_checkpoint)
@@ -69,7 +71,7 @@ SAMPLE_ROWS = 96
 # Every name a run writes at its top level.
 RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
                          LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION,
-                         PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE})
+                         PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE, LEXICAL})
 
 
 def is_run_dir(path: Path) -> bool:

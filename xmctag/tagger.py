@@ -5,7 +5,8 @@
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
 
 Per product: text from the model's text columns -> tokens -> ONNX encoder -> embedding q -> faiss searches of the
-label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``)
+label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``),
+fused with the lexical model's scores when the bundle has one (``xmctag.lexical``: TF-IDF label trees, on the CPU)
 -> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its size (the bundle's
 indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``). The bundle is read and
 checked by ``xmctag.bundle.Bundle``; the catalog by ``xmctag.io.catalog``.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -51,7 +53,8 @@ class Tagger:
     """A bundle ready to tag: ONNX session, tokenizer, faiss indexes (labels, training products), label table."""
 
     def __init__(self, bundle: Bundle, session, tokenizer, index, labels: pl.DataFrame, device: str,
-                 encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False):
+                 encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False,
+                 lexical=None):
         self.bundle = bundle
         self.path, self.manifest, self.config = bundle.path, bundle.manifest, bundle.config
         self.session = session
@@ -68,6 +71,8 @@ class Tagger:
         self.knn_temperature = float(scoring.get("knn_temperature", 0.0))
         self.knn_weight = float(scoring.get("knn_weight", 0.0)) if self.knn_neighbours else 0.0
         self.label_vectors = bundle.label_vectors()  # memory-mapped: only candidate rows are read
+        # The lexical model and each label's fusion weight (Bundle.lexical), or None: the dense score alone.
+        self.lexical, self.lexical_weights = lexical if lexical is not None else (None, None)
         self.encode_batch_size = encode_batch_size
         groups = labels["exclusive_group"].to_list() if exclusive_groups and "exclusive_group" in labels else None
         self.groups = group_ids(groups)  # at most one label of each exclusive facet per product
@@ -124,7 +129,7 @@ class Tagger:
         if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
             encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
         return cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
-                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups)
+                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical())
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -161,10 +166,25 @@ class Tagger:
         """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first;
         ``k`` is ``top_k``, at most the number of labels."""
         check_options(top_k, min_score)
-        return self.rank(self.embed(texts, images), top_k, min_score)
+        if self.lexical is None:
+            return self.rank(self.embed(texts, images), top_k, min_score)
+        # The lexical model runs on a thread of its own while ONNX Runtime encodes (both release the GIL for
+        # most of their work), so on a multi-core CPU its cost mostly hides behind the encoder's.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmctag-lexical") as pool:
+            lexical = pool.submit(self.lexical_candidates, texts)
+            embeddings = self.embed(texts, images)
+            return self.rank(embeddings, top_k, min_score, lexical.result())
 
-    def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None):
-        """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k."""
+    def lexical_candidates(self, texts: list[str]):
+        """The lexical model's candidates, scores and label weights for ``rank`` (None without a lexical model)."""
+        if self.lexical is None:
+            return None
+        top, scores = self.lexical.predict(texts)
+        return top, scores, self.lexical_weights
+
+    def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None, lexical=None):
+        """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k;
+        ``lexical``: ``lexical_candidates`` of the same products (None: the dense score alone)."""
         check_options(top_k, min_score)
         top_k = min(top_k, len(self.label_ids))  # more would only be -1 padding, and memory grows with batch x k
         votes = None
@@ -172,7 +192,7 @@ class Tagger:
             sims, neighbours = self.neighbour_index.search(embeddings, self.knn_neighbours)
             votes = self.neighbour_labels.votes(neighbours, sims, self.knn_temperature)
         indices, scores = rank_labels(embeddings, self.label_vectors, self.scale, self.index.search, votes,
-                                      self.knn_weight, top_k, self.groups)
+                                      self.knn_weight, top_k, self.groups, lexical=lexical)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
         return indices, scores

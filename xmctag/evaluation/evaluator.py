@@ -8,6 +8,7 @@ import torch
 from xmctag.config import Config
 from xmctag.evaluation.metrics import evaluate_rankings
 from xmctag.scoring import LabelVectors, NeighbourLabels, rank_labels
+from xmctag.scoring.ranking import candidate_table, label_vector_candidates
 
 
 @torch.inference_mode()
@@ -31,26 +32,52 @@ def exact_top_k(products: np.ndarray, vectors: LabelVectors, k: int):
     return indices, logits
 
 
+def neighbour_votes(products: np.ndarray, config: Config, neighbours: tuple[np.ndarray, NeighbourLabels] | None,
+                    own_rows: np.ndarray | None = None):
+    """``NeighbourLabels.votes`` of ``products`` over the training products (None without neighbours).
+    ``own_rows``: each product's own row among the training products (a held-out slice of train), left out of its
+    neighbours."""
+    if neighbours is None or config.knn_neighbours <= 0 or config.knn_weight <= 0:
+        return None
+    embeddings, labels = neighbours
+    k = config.knn_neighbours
+    sims, ids = exact_search(products, embeddings, k + (own_rows is not None))
+    if own_rows is not None:
+        others = ids != own_rows[:, None]
+        others[others.sum(axis=1) > k, -1] = False  # not among them: drop the last instead
+        sims, ids = sims[others].reshape(len(ids), k), ids[others].reshape(len(ids), k)
+    return labels.votes(ids, sims, config.knn_temperature)
+
+
 def predict_exact(products: np.ndarray, vectors: LabelVectors, k: int, config: Config,
-                  neighbours: tuple[np.ndarray, NeighbourLabels] | None = None, groups: np.ndarray | None = None):
+                  neighbours: tuple[np.ndarray, NeighbourLabels] | None = None, groups: np.ndarray | None = None,
+                  lexical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
     """What the tagger would predict (``xmctag.scoring``), with exact search: labels and scores ``(n, k)``.
 
     ``neighbours``: the training products' embeddings and labels, for the kNN part (None: label vectors only);
-    ``groups``: exclusive-group id per label (``label_groups.group_ids``), or None.
+    ``groups``: exclusive-group id per label (``label_groups.group_ids``), or None; ``lexical``: the lexical
+    model's candidates, scores and label weights (``xmctag.scoring.ranking.blend_top_k``), or None.
     """
     matrix = vectors.index_matrix()
-    votes = None
-    if neighbours is not None and config.knn_neighbours > 0 and config.knn_weight > 0:
-        embeddings, labels = neighbours
-        sims, ids = exact_search(products, embeddings, config.knn_neighbours)
-        votes = labels.votes(ids, sims, config.knn_temperature)
+    votes = neighbour_votes(products, config, neighbours)
     return rank_labels(products, matrix, vectors.scale, lambda queries, n: exact_search(queries, matrix, n), votes,
-                       config.knn_weight, k, groups)
+                       config.knn_weight, k, groups, lexical=lexical)
+
+
+def exact_candidates(products: np.ndarray, vectors: LabelVectors, config: Config, neighbours=None,
+                     lexical: tuple[np.ndarray, np.ndarray] | None = None, own_rows: np.ndarray | None = None):
+    """``xmctag.scoring.ranking.candidate_table`` of ``products`` with exact search (what fusion weights are
+    fitted on); ``own_rows`` as for ``neighbour_votes``."""
+    matrix = vectors.index_matrix()
+    queries = np.hstack([products, np.ones((len(products), 1), np.float32)])
+    logits, top = exact_search(queries, matrix, label_vector_candidates(max(config.eval_ks)))
+    votes = neighbour_votes(products, config, neighbours, own_rows)
+    return candidate_table(products, matrix, vectors.scale, top, logits, votes, config.knn_weight, lexical)
 
 
 def evaluate_scores(products: np.ndarray, vectors: LabelVectors, truth: list[np.ndarray], config: Config,
                     inv_p: np.ndarray | None,
                     neighbours: tuple[np.ndarray, NeighbourLabels] | None = None,
-                    groups: np.ndarray | None = None) -> dict[str, float]:
-    top, _ = predict_exact(products, vectors, max(config.eval_ks), config, neighbours, groups)
+                    groups: np.ndarray | None = None, lexical=None) -> dict[str, float]:
+    top, _ = predict_exact(products, vectors, max(config.eval_ks), config, neighbours, groups, lexical)
     return evaluate_rankings(top, truth, tuple(config.eval_ks), inv_p)

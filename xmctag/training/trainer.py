@@ -10,8 +10,10 @@
    through a head started from those vectors, whose best epoch's head becomes the label vectors. Both stages run
    through ``stage.run_epochs``: dev evaluation after each epoch, the best epoch kept, a checkpoint for ``--resume``
    (``run_dir.save_checkpoint``). Their epochs are planned on the time budget when "auto" (``budget.py``).
-4. Embed the training products for the neighbour votes (``xmctag.scoring``), evaluate on dev with the final scoring,
-   and write the run directory (``xmctag.run_dir``) with its model card (``model_card.py``).
+4. Embed the training products for the neighbour votes (``xmctag.scoring``); the lexical stage (``lexical.py``:
+   TF-IDF label trees, and the weights that fuse their scores with the dense ones, fitted on dev); evaluate on dev
+   with the final scoring (dense, lexical and fused rankings recorded), and write the run directory
+   (``xmctag.run_dir``) with its model card (``model_card.py``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from xmctag import run_dir
 from xmctag.config import Config
 from xmctag.errors import UserError
-from xmctag.evaluation.evaluator import evaluate_scores
+from xmctag.evaluation.evaluator import evaluate_scores, exact_candidates
+from xmctag.evaluation.metrics import evaluate_rankings
 from xmctag.label_groups import exclusive_groups, group_ids, group_names
 from xmctag.losses import make_loss
 from xmctag.models.build import prepare_model
@@ -44,6 +48,7 @@ from xmctag.training.data import TrainingData
 from xmctag.training.dual_encoder import DualEncoderStage
 from xmctag.training.images import image_cache_dir, prepare_fusion
 from xmctag.training.label_vectors import fit_label_vectors
+from xmctag.training.lexical import fit_fusion, holdout_rows, train_lexical
 from xmctag.training.model_card import write_model_card
 from xmctag.training.schedule import seed_everything
 from xmctag.training.settings import check_lengths, resolve_settings
@@ -138,7 +143,10 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     # 4. The final model: neighbours, dev metrics, the run directory.
     final: dict[str, Any] = {"stage": "label vectors", "seconds": round(time.perf_counter() - started, 1)}
     neighbours = (products, NeighbourLabels.from_lists(data.train.labels)) if config.knn_neighbours > 0 else None
-    dev_result = _final_dev_metrics(run, encoder, vectors, neighbours, groups, final)
+    dev_products = (encode_ids(encoder, data.dev_ids, data.pad_id, device=device_, images=data.dev_images)
+                    if data.dev is not None else None)
+    lexical = _lexical_stage(run, vectors, products, dev_products, neighbours, final)
+    dev_result = _final_dev_metrics(run, dev_products, vectors, neighbours, groups, final, lexical)
     done = classifier.progress if classifier is not None else StageProgress()
     history = dual.progress.history + done.history + [final]
     run_dir.save_labels(out, data.labels, label_embeddings, vectors, data.train_label_counts())
@@ -306,25 +314,69 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
     return stage
 
 
-def _final_dev_metrics(run: Run, encoder, vectors: LabelVectors, neighbours, groups, final: dict):
+def _lexical_stage(run: Run, vectors: LabelVectors, products, dev_products, neighbours, final: dict):
+    """The lexical model (``lexical.py``) with its fusion weights fitted on dev (or a held-out slice of train);
+    None with ``lexical = "none"``."""
+    data, config, show = run.data, run.config, run.show
+    if config.lexical == "none":
+        return None
+    started = time.perf_counter()
+    held = holdout_rows(len(data.train), config.seed) if data.dev is None else np.array([], dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(data.train)), held)
+    with show.task("lexical model: TF-IDF + label trees", total=None):
+        model = train_lexical([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep],
+                              len(data.labels), config, run.out / run_dir.LEXICAL)
+    counts = data.train_label_counts()
+    if data.dev is not None:
+        texts, truth, queries, own, fitted_on = data.dev.texts, data.dev.labels, dev_products, None, "dev"
+    elif len(held):
+        texts, truth = [data.train.texts[i] for i in held], [data.train.labels[i] for i in held]
+        queries, own, fitted_on = products[held], held, f"a held-out slice of train ({len(held)} rows)"
+    else:
+        model.fusion = {"bands": list(config.lexical_bands), "weights": [0.5] * (len(config.lexical_bands) + 1),
+                        "fitted_on": "nothing (no dev set, too few training rows to hold out): 0.5"}
+        model.save_spec(run.out / run_dir.LEXICAL)
+        return model
+    lex_top, lex_scores = model.predict(texts)
+    table = exact_candidates(queries, vectors, config, neighbours, (lex_top, lex_scores), own)
+    model.fusion = fit_fusion(table, truth, run.data.inv_p, counts, config, fitted_on)
+    model.save_spec(run.out / run_dir.LEXICAL)
+    final["lexical_seconds"] = round(time.perf_counter() - started, 1)
+    show.log(f"lexical model: {model.features.n_features:,} features, fusion weights {model.fusion['weights']} "
+             f"for training counts <= {config.lexical_bands} and above (fitted on {fitted_on}), "
+             f"{final['lexical_seconds']:.0f} s")
+    return model
+
+
+def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, groups, final: dict, lexical=None):
     """Dev metrics of the final model (None without a dev set), recorded in ``final`` with those of the label
-    vectors alone and, with exclusive groups, of what ``tag --exclusive-groups`` gives; all on one embedding."""
+    vectors alone, of the dense and lexical rankings apart (with a lexical model) and, with exclusive groups, of
+    what ``tag --exclusive-groups`` gives; all on one embedding."""
     data, config, show = run.data, run.config, run.show
     if data.dev is None:
         return None
-    products = encode_ids(encoder, data.dev_ids, data.pad_id, device=run.device, images=data.dev_images)
+    fused = None
+    if lexical is not None:
+        lex_top, lex_scores = lexical.predict(data.dev.texts)
+        fused = (lex_top, lex_scores, lexical.label_weights(data.train_label_counts()))
+        final["dev_lexical"] = evaluate_rankings(lex_top[:, :max(config.eval_ks)], data.dev.labels,
+                                                 tuple(config.eval_ks), data.inv_p)
 
-    def metrics(neighbours=None, groups=None):
-        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, groups)
+    def metrics(neighbours=None, groups=None, lexical=None):
+        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, groups, lexical)
 
     final["dev_label_vectors"] = metrics()
-    final["dev"] = metrics(neighbours)
+    final["dev_dense"] = metrics(neighbours)
+    final["dev"] = metrics(neighbours, lexical=fused)
     if groups is not None:  # for the record: what `tag --exclusive-groups` would give
-        final["dev_exclusive_groups"] = metrics(neighbours, groups)
+        final["dev_exclusive_groups"] = metrics(neighbours, groups, fused)
         show.log("with exclusive groups: dev " + short(final["dev_exclusive_groups"]))
     show.log("label vectors: dev " + short(final["dev_label_vectors"]))
     if neighbours is not None:
-        show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + short(final["dev"]))
+        show.log(f"label vectors + {config.knn_neighbours} neighbours: dev " + short(final["dev_dense"]))
+    if fused is not None:
+        show.log("lexical model alone: dev " + short(final["dev_lexical"]))
+        show.log("fused (what tag reports): dev " + short(final["dev"]))
     return final["dev"]
 
 

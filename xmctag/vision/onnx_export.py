@@ -125,6 +125,13 @@ class ExportedVisionEncoder:
             self._onnx = self._export()
         return (self._onnx or self.torch_encoder).embed(pictures, batch_size)
 
+    @property
+    def runtime(self) -> str | None:
+        """What embeds: None before the first picture, then ``"onnxruntime"`` or ``"torch"`` (the fallback)."""
+        if not self._tried:
+            return None
+        return "onnxruntime" if self._onnx is not None else "torch"
+
     def _export(self):
         from xmctag.vision.onnx_runtime import OnnxVisionEncoder
 

@@ -1,5 +1,4 @@
-"""Triplet loss with hard negatives and dynamic margin, the InfoNCE option, and which one a config picks;
-hard-negative batching by balanced clusters."""
+"""losses/: the triplet (OHNM) and InfoNCE losses by hand, their gradients and edge cases; the config picks one."""
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ from xmctag.config import Config
 from xmctag.losses import make_loss
 from xmctag.losses.infonce import InfoNCELoss
 from xmctag.losses.triplet import TripletOHNMLoss
-from xmctag.training.batching import balanced_clusters, batches_from_clusters
 
 
 def test_triplet_loss_by_hand():
@@ -60,17 +58,3 @@ def test_the_config_picks_the_loss():
     assert make_loss(Config(loss="infonce", temperature=0.2)).temperature == 0.2
     with pytest.raises(ValueError, match="auto"):  # "auto" depends on the model: train() resolves it first
         make_loss(Config())
-
-
-def test_balanced_clusters_partition_and_group_similar_items():
-    rng = np.random.default_rng(0)
-    centres = np.eye(8)[:2] * 10
-    x = np.vstack([centres[i % 2] + rng.normal(size=8) for i in range(200)]).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    clusters = balanced_clusters(x, cluster_size=16, rng=rng)
-    flat = np.concatenate(clusters)
-    assert sorted(flat.tolist()) == list(range(200))
-    assert all(8 <= len(c) <= 16 for c in clusters)
-    assert all(len({i % 2 for i in c}) == 1 for c in clusters)  # no cluster mixes the two groups
-    batches = batches_from_clusters(clusters, 32, rng)
-    assert sum(len(b) for b in batches) == 200 and max(len(b) for b in batches) == 32

@@ -2,7 +2,8 @@
 damaged file is a one-line error naming it (``xmctag.manifest``, ``xmctag.bundle.Bundle``).
 
 Each test tampers with a ``copy_of`` the session's exported bundle. "Resealed" means the way an attacker (or a
-careless script) would cover the tracks: file hashes and bundle id recomputed with the current rule."""
+careless script) would cover the tracks: file hashes and bundle id recomputed with the current rule. Last,
+Tagger.load's clear errors for a missing or broken bundle."""
 
 import json
 import os
@@ -16,6 +17,40 @@ from xmctag import bundle as layout
 from xmctag import manifest as manifest_file
 from xmctag.bundle import Bundle
 from xmctag.cli import app
+
+
+def test_bundle_problems_are_clear_errors(trained_run, bundle, copy_of, tmp_path):
+    with pytest.raises(UserError, match="training run, not a bundle"):
+        Tagger.load(trained_run)
+    with pytest.raises(UserError, match="no such bundle"):
+        Tagger.load(tmp_path / "nothing")
+    broken = copy_of(bundle)
+    (broken / "labels.faiss").unlink()
+    with pytest.raises(UserError, match="labels.faiss is missing"):
+        Tagger.load(broken)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["dims"]["labels"] == len(Tagger.load(bundle, verify=False).label_ids)
+
+
+def test_a_broken_manifest_is_a_clear_error(bundle, copy_of):
+    broken = copy_of(bundle)
+    manifest_path = broken / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    cases = [
+        ({k: v for k, v in good.items() if k != "files"}, "missing key 'files'"),
+        ({k: v for k, v in good.items() if k != "tokenization"}, "missing key 'tokenization'"),
+        ({**good, "dims": {"embedding": 32}}, "missing key 'dims.index'"),
+        ({**good, "files": ["encoder.onnx"]}, "invalid key 'files'"),
+        ({k: v for k, v in good.items() if k != "format"}, "missing key 'format'"),
+        (["not", "an", "object"], "not a JSON object"),
+    ]
+    for manifest, message in cases:
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match=rf"manifest.json: {message}.* \(re-export the bundle\)"):
+            Tagger.load(broken, device="cpu")
+    manifest_path.write_text("{ not json")
+    with pytest.raises(UserError, match=r"manifest.json: not valid JSON .*\(re-export the bundle\)"):
+        Tagger.load(broken, device="cpu")
 
 
 def edit(bundle, change, reseal: bool = False, rehash_id: bool = False) -> dict:
