@@ -1,6 +1,6 @@
 """CPU throughput and memory benchmarks of xmctag tagging. A benchmark script, not a test.
 
-Three subcommands; each prints the machine (CPU model, cores, RAM) and the date first, then a markdown table, so
+Four subcommands; each prints the machine (CPU model, cores, RAM) and the date first, then a markdown table, so
 the output can be pasted into bench/RESULTS.md as is.
 
 1. ``speed``: products/s of ONNX Runtime vs PyTorch eager on the CPU, same model. Needs the run directory written
@@ -25,7 +25,14 @@ the output can be pasted into bench/RESULTS.md as is.
    ``RUSAGE_CHILDREN``, which is a max over every child so far). Seconds are wall time of the whole command
    (start-up and model load included). The output row count is checked against the catalog.
 
-3. ``tiny-bundle``: a tiny random-weight model bundle in about a minute, for ``memory`` (which is about
+3. ``fusion``: products/s of ``Tagger.predict`` on one bundle with its lexical model (the fused ranking, what
+   ``tag`` runs) and without it (``tagger.lexical = None``: the dense ranking alone), on the first ``--rows``
+   product texts, best of 2 after a warm-up; also the lexical model's own products/s (features + trees, one
+   thread)::
+
+       python bench/throughput.py fusion --bundle BUNDLE --catalog catalog.parquet [--rows 2000]
+
+4. ``tiny-bundle``: a tiny random-weight model bundle in about a minute, for ``memory`` (which is about
    streaming, not model size: a real MiniLM would take hours on 5M rows with 2 cores)::
 
        python bench/throughput.py tiny-bundle --out /tmp/tiny-bundle [--keep-run /tmp/tiny-run]
@@ -299,6 +306,30 @@ def speed(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # memory: peak RSS of `xmctag tag`
 # ---------------------------------------------------------------------------------------------------------------
+def fusion(args: argparse.Namespace) -> int:
+    from xmctag import Tagger
+
+    tagger = Tagger.load(args.bundle, device="cpu")
+    if tagger.lexical is None:
+        sys.exit(f"{args.bundle}: no lexical model (trained with lexical = \"none\")")
+    texts = read_texts(args.catalog, list(tagger.config.text_cols), args.rows)
+    lexical = tagger.lexical
+    tagger.predict(texts[:WARMUP_ROWS])
+    fused, _ = best_time(lambda: tagger.predict(texts, TOP_K))
+    lexical_only, _ = best_time(lambda: lexical.predict(texts))
+    tagger.lexical = None
+    tagger.predict(texts[:WARMUP_ROWS])
+    dense, _ = best_time(lambda: tagger.predict(texts, TOP_K))
+    print_header(f"tagging throughput with and without the lexical model ({args.bundle})")
+    print(f"- {len(texts)} products of {args.catalog}, top-{TOP_K}, best of {REPEATS}")
+    rows = [["dense ranking (label vectors + neighbour votes)", f"{len(texts) / dense:,.0f}", "100%"],
+            ["fused ranking (dense + lexical, what tag runs)", f"{len(texts) / fused:,.0f}",
+             f"{100 * dense / fused:.0f}%"],
+            ["lexical model alone (features + trees, one thread)", f"{len(texts) / lexical_only:,.0f}", ""]]
+    print(markdown_table(["path", "products/s", "vs dense"], rows))
+    return 0
+
+
 def run_with_peak_rss(cmd: list[str], log: Path) -> tuple[int, float, float]:
     """Runs ``cmd`` (output to ``log``); returns exit code, wall seconds and the child's peak RSS in MiB."""
     with open(log, "wb") as out:
@@ -430,6 +461,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text column(s), comma-separated (default: the model's text columns)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both paths (default: all cores)")
     p.set_defaults(func=speed)
+
+    p = commands.add_parser("fusion", help="products/s with and without the lexical model, same bundle")
+    p.add_argument("--bundle", required=True, help="bundle with a lexical model")
+    p.add_argument("--catalog", required=True, type=Path, help="Parquet catalog with the model's text columns")
+    p.add_argument("--rows", type=int, default=2000, help="first N product texts to tag (default 2000)")
+    p.set_defaults(func=fusion)
 
     p = commands.add_parser("memory", help="peak RSS of `xmctag tag` on synthetic catalogs")
     p.add_argument("--bundle", required=True, help="bundle to tag with (e.g. from tiny-bundle)")

@@ -21,3 +21,21 @@ def test_classifier_stage_head_becomes_the_label_vectors(trained_run):
     assert history[2]["loss"] > 0 and "seconds" in history[2]
     assert metrics["classifier_epochs"] == 1
     assert "Classifier stage: 1 epoch(s) (setting: 1)" in (trained_run / layout.CARD).read_text()
+
+
+def test_the_run_records_the_dense_lexical_and_fused_dev_metrics(trained_run):
+    import numpy as np
+
+    from xmctag.lexical import LexicalModel
+
+    metrics = json.loads((trained_run / layout.METRICS).read_text())
+    final = metrics["history"][-1]
+    assert final["dev"] == metrics["dev"] and final["lexical_seconds"] > 0
+    assert set(final["dev_dense"]) == set(final["dev_lexical"]) == set(final["dev"])
+    model = LexicalModel.load(trained_run / layout.LEXICAL)
+    assert model.fusion["fitted_on"] == "dev" and len(model.fusion["weights"]) == 3
+    assert all(0 <= w <= 1 for w in model.fusion["weights"])
+    # The fit maximises P@1 + P@5 + PSP@5 over weights that include 0 (dense alone) and 1 (lexical alone).
+    value = sum(final["dev"][k] for k in ("P@1", "P@5", "PSP@5"))
+    assert value >= sum(final["dev_dense"][k] for k in ("P@1", "P@5", "PSP@5")) - 1e-9
+    assert np.isclose(model.fusion["value"], value)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xmctag import run_dir
 from xmctag.config import Config
+from xmctag.evaluation.evaluator import exact_candidates
 from xmctag.evaluation.metrics import evaluate_rankings
 from xmctag.lexical import LexicalModel, label_weights
 from xmctag.lexical.features import TfidfFeatures
@@ -42,6 +44,48 @@ def train_lexical(texts: list[str], labels: list[np.ndarray], n_labels: int, con
                 "candidates": config.lexical_candidates}
     LexicalModel(features, trees, settings).save(folder)
     return LexicalModel.load(folder)
+
+
+def train_lexical_stage(data, config: Config, out: Path, show) -> LexicalModel:
+    """The lexical stage of ``xmctag.train``: features and trees on ``data.train`` (``TrainingData``) but its
+    held-out slice (``holdout_rows``, no dev set only), written to ``out/lexical``."""
+    started = time.perf_counter()
+    keep = np.setdiff1d(np.arange(len(data.train)), _held_out(data, config))
+    with show.task("lexical model: TF-IDF + label trees", total=None):
+        model = train_lexical([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep],
+                              len(data.labels), config, out / run_dir.LEXICAL)
+    show.log(f"lexical model: {model.features.n_features:,} features, label trees in "
+             f"{time.perf_counter() - started:.0f} s (out of the time budget)")
+    return model
+
+
+def fit_lexical_fusion(model: LexicalModel, data, config: Config, out: Path, vectors, products, dev_products,
+                       neighbours, show) -> None:
+    """The fusion weights of ``model`` with the final dense model (``vectors``, the training ``products``'
+    embeddings and ``neighbours``), fitted on dev (``dev_products``) or the held-out slice, saved with it."""
+    held = _held_out(data, config)
+    if data.dev is not None:
+        texts, truth, queries, own, fitted_on = data.dev.texts, data.dev.labels, dev_products, None, "dev"
+    elif len(held):
+        texts, truth = [data.train.texts[i] for i in held], [data.train.labels[i] for i in held]
+        queries, own, fitted_on = products[held], held, f"a held-out slice of train ({len(held)} rows)"
+    else:
+        texts = None
+        model.fusion = {"bands": list(config.lexical_bands), "weights": [0.5] * (len(config.lexical_bands) + 1),
+                        "fitted_on": "nothing (no dev set, too few training rows to hold out): 0.5"}
+    if texts is not None:
+        lex_top, lex_scores = model.predict(texts)
+        table = exact_candidates(queries, vectors, config, neighbours, (lex_top, lex_scores), own)
+        model.fusion = fit_fusion(table, truth, data.inv_p, data.train_label_counts(), config, fitted_on)
+    model.save_spec(out / run_dir.LEXICAL)
+    show.log(f"fusion weights {model.fusion['weights']} for training counts <= {config.lexical_bands} and above "
+             f"(fitted on {model.fusion['fitted_on']})")
+
+
+def _held_out(data, config: Config) -> np.ndarray:
+    if data.dev is not None:
+        return np.array([], dtype=np.int64)
+    return holdout_rows(len(data.train), config.seed)
 
 
 def holdout_rows(n: int, seed: int) -> np.ndarray:

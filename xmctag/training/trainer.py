@@ -5,13 +5,14 @@
    written to ``--out`` before this step is over: a bad input leaves nothing behind.
 2. Image fusion (``Config.vision``, ``images.prepare_fusion``): embed the images not cached yet with the frozen vision
    model; products (and labels) then carry one projected token per usable image (``xmctag.models.fusion``).
-3. Dual-encoder stage (``dual_encoder.py``), then label vectors fitted on the frozen product embeddings of its best
+3. The lexical model's features and label trees (``lexical.py``; their minutes come out of the time budget), then the
+   dual-encoder stage (``dual_encoder.py``), then label vectors fitted on the frozen product embeddings of its best
    epoch (``label_vectors.py``), then the classifier stage (``classifier.py``, encoders): the encoder fine-tuned
    through a head started from those vectors, whose best epoch's head becomes the label vectors. Both stages run
    through ``stage.run_epochs``: dev evaluation after each epoch, the best epoch kept, a checkpoint for ``--resume``
    (``run_dir.save_checkpoint``). Their epochs are planned on the time budget when "auto" (``budget.py``).
-4. Embed the training products for the neighbour votes (``xmctag.scoring``); the lexical stage (``lexical.py``:
-   TF-IDF label trees, and the weights that fuse their scores with the dense ones, fitted on dev); evaluate on dev
+4. Embed the training products for the neighbour votes (``xmctag.scoring``); fit the weights that fuse the lexical
+   model's scores with the dense ones (on dev, ``lexical.py``); evaluate on dev
    with the final scoring (dense, lexical and fused rankings recorded), and write the run directory
    (``xmctag.run_dir``) with its model card (``model_card.py``).
 """
@@ -25,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from xmctag import run_dir
 from xmctag.config import Config
 from xmctag.errors import UserError
-from xmctag.evaluation.evaluator import evaluate_scores, exact_candidates
+from xmctag.evaluation.evaluator import evaluate_scores
 from xmctag.evaluation.metrics import evaluate_rankings
 from xmctag.label_groups import exclusive_groups, group_ids, group_names
 from xmctag.losses import make_loss
@@ -48,8 +48,9 @@ from xmctag.training.data import TrainingData
 from xmctag.training.dual_encoder import DualEncoderStage
 from xmctag.training.images import image_cache_dir, prepare_fusion
 from xmctag.training.label_vectors import fit_label_vectors
-from xmctag.training.lexical import fit_fusion, holdout_rows, train_lexical
+from xmctag.training.lexical import fit_lexical_fusion, train_lexical_stage
 from xmctag.training.model_card import write_model_card
+from xmctag.training.resume import load_state, read_checkpoint
 from xmctag.training.schedule import seed_everything
 from xmctag.training.settings import check_lengths, resolve_settings
 from xmctag.training.stage import StageProgress, run_epochs, short
@@ -128,8 +129,13 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
 
     # 3. The stages, each resumed from the checkpoint where it has one.
     encoder.freeze_bottom(config.freeze_layers)
-    checkpoint = _read_checkpoint(out) if resume else None  # restores the torch RNG
+    checkpoint = read_checkpoint(out, (DualEncoderStage, ClassifierStage)) if resume else None  # + torch RNG
     run = Run(out, config, data, tokenizer, device_, show, checkpoint)
+    lexical = None
+    if config.lexical != "none":  # first: its minutes come out of the time budget the stages plan on
+        started = time.perf_counter()
+        lexical = train_lexical_stage(data, config, out, show)
+        run.lexical_minutes = (time.perf_counter() - started) / 60
     dual = _dual_encoder_stage(run, encoder)
     started = time.perf_counter()
     encoder, vectors, label_embeddings, products = _label_vectors(run, dual, encoder)
@@ -145,7 +151,9 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     neighbours = (products, NeighbourLabels.from_lists(data.train.labels)) if config.knn_neighbours > 0 else None
     dev_products = (encode_ids(encoder, data.dev_ids, data.pad_id, device=device_, images=data.dev_images)
                     if data.dev is not None else None)
-    lexical = _lexical_stage(run, vectors, products, dev_products, neighbours, final)
+    if lexical is not None:
+        fit_lexical_fusion(lexical, data, config, out, vectors, products, dev_products, neighbours, show)
+        final["lexical_seconds"] = round(60 * run.lexical_minutes, 1)
     dev_result = _final_dev_metrics(run, dev_products, vectors, neighbours, groups, final, lexical)
     done = classifier.progress if classifier is not None else StageProgress()
     history = dual.progress.history + done.history + [final]
@@ -174,6 +182,12 @@ class Run:
     device: torch.device
     show: Progress
     checkpoint: dict | None  # what --resume continues from
+    lexical_minutes: float = 0.0  # what the lexical stage took: it comes out of the fine-tuning budget
+
+    @property
+    def budget_minutes(self) -> float:
+        """The fine-tuning stages' share of ``time_budget_minutes``: what the lexical stage left."""
+        return self.config.time_budget_minutes - self.lexical_minutes
 
     @property
     def in_classifier(self) -> bool:
@@ -203,37 +217,6 @@ class Run:
                                images=data.train_images))
 
 
-def _read_checkpoint(out: Path) -> dict | None:
-    """The checkpoint ``--resume`` goes on from (``run_dir.load_checkpoint``: the torch RNG restored), None when
-    there is none; one that is not what a stage of this version saved is a ``UserError``."""
-    checkpoint = run_dir.load_checkpoint(out)
-    if checkpoint is None:
-        return None
-    with run_dir.checkpoint_errors(out):
-        stages = {stage.name: stage for stage in (DualEncoderStage, ClassifierStage)}
-        stage = stages.get(checkpoint["stage"])
-        if stage is None:
-            raise ValueError(f"unknown stage {checkpoint['stage']!r}")
-        for name in ("dual_encoder", "classifier") if stage is ClassifierStage else ("dual_encoder",):
-            StageProgress.from_dict(checkpoint[name])
-        for key, kind in stage.state_types.items():
-            if not isinstance(checkpoint["state"][key], kind):
-                raise TypeError(f"state {key!r} is a {type(checkpoint['state'][key]).__name__}")
-    return checkpoint
-
-
-def _load_state(run: Run, stage, state: dict) -> None:
-    """``stage.load_state(state)``; a state that does not fit the stage's model and optimiser is a ``UserError``."""
-    with run_dir.checkpoint_errors(run.out):
-        stage.load_state(state)
-        for group in stage.optimizer.param_groups:  # load_state_dict does not compare the moments' shapes
-            for param in group["params"]:
-                for key, value in stage.optimizer.state.get(param, {}).items():
-                    if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
-                        raise ValueError(f"optimizer {key} of shape {tuple(value.shape)} for a parameter of shape "
-                                         f"{tuple(param.shape)}")
-
-
 def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
     """The dual-encoder stage: planned (or as the checkpoint planned it), resumed, run."""
     config, checkpoint = run.config, run.checkpoint
@@ -246,7 +229,7 @@ def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
         # With classifier_epochs "auto" too, the dual-encoder epochs get dual_encoder_budget_share of the budget,
         # the classifier stage the rest (where the budget binds, its epochs gained more per minute: RESULTS.md).
         shared = config.classifier_epochs == "auto" and not encoder.is_decoder
-        epochs = dual.plan(config.time_budget_minutes * (config.dual_encoder_budget_share if shared else 1.0),
+        epochs = dual.plan(run.budget_minutes * (config.dual_encoder_budget_share if shared else 1.0),
                            run.show)
     if run.in_classifier and epochs != checkpoint["dual_encoder"]["epochs"]:
         raise UserError(f"--resume {run.out}: the run is in its classifier stage, after "
@@ -255,7 +238,7 @@ def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
     if checkpoint is not None:
         dual.progress = StageProgress.from_dict({**checkpoint["dual_encoder"], "epochs": epochs})
         if not run.in_classifier:
-            _load_state(run, dual, checkpoint["state"])
+            load_state(run.out, dual, checkpoint["state"])
             run.show.log(f"resuming after epoch {dual.progress.done} of {epochs}")
     run_epochs(dual, run.stage_evaluation(), lambda: run_dir.save_checkpoint(run.out, {
         "stage": dual.name, "dual_encoder": dual.progress.to_dict(), "state": dual.state()}), run.show)
@@ -297,11 +280,11 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
     if run.in_classifier:
         stage.start(checkpoint["classifier"]["epochs"])
         stage.progress = StageProgress.from_dict(checkpoint["classifier"])
-        _load_state(run, stage, checkpoint["state"])
+        load_state(run.out, stage, checkpoint["state"])
     else:
         if not ClassifierStage.applies(config, encoder, len(vectors.bias), run.show):
             return None
-        minutes_left = config.time_budget_minutes - sum(r["seconds"] for r in dual.progress.history) / 60
+        minutes_left = run.budget_minutes - sum(r["seconds"] for r in dual.progress.history) / 60
         epochs = stage.plan(minutes_left, run.show) if config.classifier_epochs == "auto" else config.classifier_epochs
         if not epochs:
             return None
@@ -312,40 +295,6 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
     run.show.log(f"classifier stage: keeping epoch {stage.progress.best.epoch} of {stage.progress.epochs}"
                  + (" (best on dev)" if run.data.dev is not None else ""))
     return stage
-
-
-def _lexical_stage(run: Run, vectors: LabelVectors, products, dev_products, neighbours, final: dict):
-    """The lexical model (``lexical.py``) with its fusion weights fitted on dev (or a held-out slice of train);
-    None with ``lexical = "none"``."""
-    data, config, show = run.data, run.config, run.show
-    if config.lexical == "none":
-        return None
-    started = time.perf_counter()
-    held = holdout_rows(len(data.train), config.seed) if data.dev is None else np.array([], dtype=np.int64)
-    keep = np.setdiff1d(np.arange(len(data.train)), held)
-    with show.task("lexical model: TF-IDF + label trees", total=None):
-        model = train_lexical([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep],
-                              len(data.labels), config, run.out / run_dir.LEXICAL)
-    counts = data.train_label_counts()
-    if data.dev is not None:
-        texts, truth, queries, own, fitted_on = data.dev.texts, data.dev.labels, dev_products, None, "dev"
-    elif len(held):
-        texts, truth = [data.train.texts[i] for i in held], [data.train.labels[i] for i in held]
-        queries, own, fitted_on = products[held], held, f"a held-out slice of train ({len(held)} rows)"
-    else:
-        model.fusion = {"bands": list(config.lexical_bands), "weights": [0.5] * (len(config.lexical_bands) + 1),
-                        "fitted_on": "nothing (no dev set, too few training rows to hold out): 0.5"}
-        model.save_spec(run.out / run_dir.LEXICAL)
-        return model
-    lex_top, lex_scores = model.predict(texts)
-    table = exact_candidates(queries, vectors, config, neighbours, (lex_top, lex_scores), own)
-    model.fusion = fit_fusion(table, truth, run.data.inv_p, counts, config, fitted_on)
-    model.save_spec(run.out / run_dir.LEXICAL)
-    final["lexical_seconds"] = round(time.perf_counter() - started, 1)
-    show.log(f"lexical model: {model.features.n_features:,} features, fusion weights {model.fusion['weights']} "
-             f"for training counts <= {config.lexical_bands} and above (fitted on {fitted_on}), "
-             f"{final['lexical_seconds']:.0f} s")
-    return model
 
 
 def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, groups, final: dict, lexical=None):
