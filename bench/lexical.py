@@ -5,8 +5,8 @@
 
 ``compare``: for each variant, the features and label trees that ``xmctag train`` builds (``train_lexical``, title
 only) on train, then P@1/3/5, PSP@1/3/5 of the lexical ranking alone on dev, training seconds and prediction
-ms/product (one thread, as tagging runs it). Variants: ``parabel`` (the default: 3 trees, 2 children per node,
-depth 20) and ``bonsai`` (3 trees, 100 children, depth 3).
+ms/product (one thread, as tagging runs it). Variants: ``bonsai`` (the default: 3 trees, 100 children per node,
+unbalanced, depth 3) and ``parabel`` (3 trees, 2 balanced children, depth 20).
 
 ``scale``: a synthetic catalog whose labels each have their own three-word signature (drawn from a 60k-word
 vocabulary); a product names the signatures of 1-3 labels among 4-8 noise words. Labels follow a Zipf-like
@@ -28,8 +28,8 @@ import numpy as np
 from common import markdown_table, print_header
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = {"parabel": {"lexical_cluster_k": 2, "lexical_max_depth": 20},
-            "bonsai": {"lexical_cluster_k": 100, "lexical_max_depth": 3}}
+VARIANTS = {"bonsai": {"lexical_cluster_k": 100, "lexical_cluster_balanced": False, "lexical_max_depth": 3},
+            "parabel": {"lexical_cluster_k": 2, "lexical_cluster_balanced": True, "lexical_max_depth": 20}}
 COLUMNS = ["P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5"]
 
 

@@ -1,6 +1,7 @@
 """Label trees over sparse features: omikuji (the Rust library behind Annif's XMC backend; Parabel and Bonsai
-style trees of one-vs-rest linear classifiers). Training reads a temporary file in the Extreme Classification
-Repository format; the trees are saved in omikuji's own directory format (JSON settings + CBOR trees, no pickle)."""
+style trees of one-vs-rest linear classifiers; the defaults are Bonsai's shape: 100 children per node, depth 3).
+Training reads a temporary file in the Extreme Classification Repository format; the trees are saved in omikuji's
+own directory format (JSON settings + CBOR trees, no pickle)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ class LabelTrees:
         return int(self.model.n_features)
 
     @classmethod
-    def train(cls, features, labels: list[np.ndarray], n_labels: int, trees: int = 3, cluster_k: int = 2,
-              max_depth: int = 20, threads: int | None = None) -> "LabelTrees":
+    def train(cls, features, labels: list[np.ndarray], n_labels: int, trees: int = 3, cluster_k: int = 100,
+              max_depth: int = 3, balanced: bool = False, threads: int | None = None) -> "LabelTrees":
         """``features`` ``(n, F)`` CSR with sorted indices; ``labels[i]``: label indices of row ``i`` (rows without
         a label are left out: they teach the trees nothing)."""
         lib = omikuji()
         params = lib.Model.default_hyper_param()
         params.n_trees, params.cluster_k, params.max_depth = trees, cluster_k, max_depth
+        params.cluster_balanced = balanced
         folder = tempfile.mkdtemp(prefix="xmctag-lexical-")
         try:
             path = os.path.join(folder, "train.txt")

@@ -37,9 +37,11 @@ def train_lexical(texts: list[str], labels: list[np.ndarray], n_labels: int, con
     features = TfidfFeatures.fit(texts, min_df=config.lexical_min_df, max_features=config.lexical_max_features)
     matrix = features.transform(texts)
     trees = LabelTrees.train(matrix, labels, n_labels, trees=config.lexical_trees,
-                             cluster_k=config.lexical_cluster_k, max_depth=config.lexical_max_depth)
+                             cluster_k=config.lexical_cluster_k, max_depth=config.lexical_max_depth,
+                             balanced=config.lexical_cluster_balanced)
     settings = {"trees": config.lexical_trees, "cluster_k": config.lexical_cluster_k,
-                "max_depth": config.lexical_max_depth, "min_df": config.lexical_min_df,
+                "cluster_balanced": config.lexical_cluster_balanced, "max_depth": config.lexical_max_depth,
+                "min_df": config.lexical_min_df,
                 "max_features": config.lexical_max_features, "beam": config.lexical_beam,
                 "candidates": config.lexical_candidates}
     LexicalModel(features, trees, settings).save(folder)
