@@ -48,36 +48,38 @@ def train_lexical(texts: list[str], labels: list[np.ndarray], n_labels: int, con
     return LexicalModel.load(folder)
 
 
-def train_lexical_stage(data, config: Config, out: Path, show) -> LexicalModel:
+def train_lexical_stage(data, config: Config, out: Path, show) -> tuple[LexicalModel, float]:
     """The lexical stage of ``xmctag.train``: features and trees on ``data.train`` (``TrainingData``) but its
-    held-out slice (``holdout_rows``, no dev set only), written to ``out/lexical``."""
+    held-out slice (``holdout_rows``, no dev set only), written to ``out/lexical``; with the minutes it took."""
     started = time.perf_counter()
     keep = np.setdiff1d(np.arange(len(data.train)), _held_out(data, config))
     with show.task("lexical model: TF-IDF + label trees", total=None):
         model = train_lexical([data.train.texts[i] for i in keep], [data.train.labels[i] for i in keep],
                               len(data.labels), config, out / run_dir.LEXICAL)
-    show.log(f"lexical model: {model.features.n_features:,} features, label trees in "
-             f"{time.perf_counter() - started:.0f} s (out of the time budget)")
-    return model
+    seconds = time.perf_counter() - started
+    show.log(f"lexical model: {model.features.n_features:,} features, label trees in {seconds:.0f} s (out of the "
+             "time budget)")
+    return model, seconds / 60
 
 
 def fit_lexical_fusion(model: LexicalModel, data, config: Config, out: Path, vectors, products, dev_products,
-                       neighbours, show) -> None:
+                       dev_lexical, neighbours, show) -> None:
     """The fusion weights of ``model`` with the final dense model (``vectors``, the training ``products``'
-    embeddings and ``neighbours``), fitted on dev (``dev_products``) or the held-out slice, saved with it."""
+    embeddings and ``neighbours``), fitted on dev (``dev_products``, and ``dev_lexical``: ``model.predict`` of the
+    dev texts, which the dev metrics use too) or the held-out slice, saved with it."""
     held = _held_out(data, config)
+    lexical = None
     if data.dev is not None:
-        texts, truth, queries, own, fitted_on = data.dev.texts, data.dev.labels, dev_products, None, "dev"
+        lexical, truth, queries, own, fitted_on = dev_lexical, data.dev.labels, dev_products, None, "dev"
     elif len(held):
-        texts, truth = [data.train.texts[i] for i in held], [data.train.labels[i] for i in held]
+        lexical = model.predict([data.train.texts[i] for i in held])
+        truth = [data.train.labels[i] for i in held]
         queries, own, fitted_on = products[held], held, f"a held-out slice of train ({len(held)} rows)"
     else:
-        texts = None
         model.fusion = {"bands": list(config.lexical_bands), "weights": [0.5] * (len(config.lexical_bands) + 1),
                         "fitted_on": "nothing (no dev set, too few training rows to hold out): 0.5"}
-    if texts is not None:
-        lex_top, lex_scores = model.predict(texts)
-        table = exact_candidates(queries, vectors, config, neighbours, (lex_top, lex_scores), own)
+    if lexical is not None:
+        table = exact_candidates(queries, vectors, config, neighbours, lexical, own)
         model.fusion = fit_fusion(table, truth, data.inv_p, data.train_label_counts(), config, fitted_on)
     model.save_spec(out / run_dir.LEXICAL)
     show.log(f"fusion weights {model.fusion['weights']} for training counts <= {config.lexical_bands} and above "

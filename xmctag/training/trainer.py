@@ -12,9 +12,9 @@
    through ``stage.run_epochs``: dev evaluation after each epoch, the best epoch kept, a checkpoint for ``--resume``
    (``run_dir.save_checkpoint``). Their epochs are planned on the time budget when "auto" (``budget.py``).
 4. Embed the training products for the neighbour votes (``xmctag.scoring``); fit the weights that fuse the lexical
-   model's scores with the dense ones (on dev, ``lexical.py``); evaluate on dev
-   with the final scoring (dense, lexical and fused rankings recorded), and write the run directory
-   (``xmctag.run_dir``) with its model card (``model_card.py``).
+   model's scores with the dense ones (on dev, ``lexical.py``); evaluate on dev with the final scoring (dense,
+   lexical and fused rankings recorded), and write the run directory (``xmctag.run_dir``) with its model card
+   (``model_card.py``).
 """
 
 from __future__ import annotations
@@ -133,9 +133,7 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     run = Run(out, config, data, tokenizer, device_, show, checkpoint)
     lexical = None
     if config.lexical != "none":  # first: its minutes come out of the time budget the stages plan on
-        started = time.perf_counter()
-        lexical = train_lexical_stage(data, config, out, show)
-        run.lexical_minutes = (time.perf_counter() - started) / 60
+        lexical, run.lexical_minutes = train_lexical_stage(data, config, out, show)
     dual = _dual_encoder_stage(run, encoder)
     started = time.perf_counter()
     encoder, vectors, label_embeddings, products = _label_vectors(run, dual, encoder)
@@ -151,10 +149,12 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     neighbours = (products, NeighbourLabels.from_lists(data.train.labels)) if config.knn_neighbours > 0 else None
     dev_products = (encode_ids(encoder, data.dev_ids, data.pad_id, device=device_, images=data.dev_images)
                     if data.dev is not None else None)
+    dev_lexical = lexical.predict(data.dev.texts) if lexical is not None and data.dev is not None else None
     if lexical is not None:
-        fit_lexical_fusion(lexical, data, config, out, vectors, products, dev_products, neighbours, show)
+        fit_lexical_fusion(lexical, data, config, out, vectors, products, dev_products, dev_lexical, neighbours,
+                           show)
         final["lexical_seconds"] = round(60 * run.lexical_minutes, 1)
-    dev_result = _final_dev_metrics(run, dev_products, vectors, neighbours, groups, final, lexical)
+    dev_result = _final_dev_metrics(run, dev_products, vectors, neighbours, groups, final, lexical, dev_lexical)
     done = classifier.progress if classifier is not None else StageProgress()
     history = dual.progress.history + done.history + [final]
     run_dir.save_labels(out, data.labels, label_embeddings, vectors, data.train_label_counts())
@@ -297,16 +297,17 @@ def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelV
     return stage
 
 
-def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, groups, final: dict, lexical=None):
+def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, groups, final: dict, lexical=None,
+                       dev_lexical=None):
     """Dev metrics of the final model (None without a dev set), recorded in ``final`` with those of the label
-    vectors alone, of the dense and lexical rankings apart (with a lexical model) and, with exclusive groups, of
-    what ``tag --exclusive-groups`` gives; all on one embedding."""
+    vectors alone, of the dense and lexical rankings apart (with a lexical model; ``dev_lexical``: its predictions
+    on dev) and, with exclusive groups, of what ``tag --exclusive-groups`` gives; all on one embedding."""
     data, config, show = run.data, run.config, run.show
     if data.dev is None:
         return None
     fused = None
     if lexical is not None:
-        lex_top, lex_scores = lexical.predict(data.dev.texts)
+        lex_top, lex_scores = dev_lexical
         fused = (lex_top, lex_scores, lexical.label_weights(data.train_label_counts()))
         final["dev_lexical"] = evaluate_rankings(lex_top[:, :max(config.eval_ks)], data.dev.labels,
                                                  tuple(config.eval_ks), data.inv_p)
