@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import markdown_table, print_header
 
 CHILD = """
