@@ -22,11 +22,10 @@ from pathlib import Path
 
 from xmctag.errors import UserError
 from xmctag.io.atomic import AtomicOutput, resolve_output
-from xmctag.reports.values import display, lookup, shown, signed
+from xmctag.reports.values import LABEL_ROWS, PRODUCT_ROWS, STATS, display, lookup, shown, signed
 
 OLD_COLOUR, NEW_COLOUR = "#9aa5b1", "#2f6fb0"
 LABEL_CHARS = 40  # a longer label is cut in the plot (the full text is its tooltip and in the tables)
-STATS = ("count", "mean", "std", "min", "p05", "p25", "p50", "p75", "p95", "max")
 
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1f2933;
@@ -120,19 +119,12 @@ def _cards(data: dict, items) -> str:
 
 
 def _products(data: dict) -> str:
-    main = (("added (only in NEW)", "products.added"), ("removed (only in OLD)", "products.removed"),
-            ("re-tagged (label set changed)", "products.retagged"), ("unchanged", "products.unchanged"))
-    more = (("products in OLD", "products.old"), ("products in NEW", "products.new"), ("in both", "products.common"),
-            ("unchanged but reordered", "products.reordered"), ("best label changed", "products.top1_changed"),
-            ("mean Jaccard of label sets", "products.mean_jaccard"))
-    return f"<h2>Products</h2>{_cards(data, main)}{_cards(data, more)}"
+    items = [(name, f"products.{key}") for name, key in PRODUCT_ROWS]
+    return f"<h2>Products</h2>{_cards(data, items[:4])}{_cards(data, items[4:])}"
 
 
 def _labels(data: dict) -> str:
-    items = (("distinct labels in OLD", "labels.old"), ("distinct labels in NEW", "labels.new"),
-             ("appeared (only in NEW)", "labels.appeared"), ("disappeared (only in OLD)", "labels.disappeared"),
-             ("(product, label) pairs gained", "labels.gains"), ("(product, label) pairs lost", "labels.losses"),
-             ("labels gained or lost", "labels.changed"))
+    items = [(name, f"labels.{key}") for name, key in LABEL_ROWS]
     rows = []
     for which, title in (("top_gainers", "rose most"), ("top_losers", "fell most")):
         for i, move in enumerate(data[which]):

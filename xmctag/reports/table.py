@@ -8,20 +8,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from xmctag.reports.values import display, lookup, shown, signed
+from xmctag.reports.values import LABEL_ROWS, PRODUCT_ROWS, STATS, display, lookup, shown, signed
 
 SPARK = " ▁▂▃▄▅▆▇█"
-STATS = ("count", "mean", "std", "min", "p05", "p25", "p50", "p75", "p95", "max")
-PRODUCT_ROWS = (("products in OLD", "old"), ("products in NEW", "new"), ("added (only in NEW)", "added"),
-                ("removed (only in OLD)", "removed"), ("in both", "common"), ("re-tagged (label set changed)",
-                                                                               "retagged"),
-                ("unchanged", "unchanged"), ("  of them reordered", "reordered"), ("best label changed",
-                                                                                    "top1_changed"),
-                ("mean Jaccard of label sets", "mean_jaccard"))
-LABEL_ROWS = (("distinct labels in OLD", "old"), ("distinct labels in NEW", "new"), ("appeared (only in NEW)",
-                                                                                      "appeared"),
-              ("disappeared (only in OLD)", "disappeared"), ("(product, label) pairs gained", "gains"),
-              ("(product, label) pairs lost", "losses"), ("labels gained or lost", "changed"))
 
 
 def print_report(data: dict, console: Console) -> None:

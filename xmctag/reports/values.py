@@ -1,4 +1,4 @@
-"""How a report's values are shown, the same way in every rendering (terminal table, HTML page).
+"""How a report's values are named and shown, the same way in every rendering (terminal table, HTML page).
 
 ``lookup(data, "products.added")``: a value of the report dict (``DiffReport.to_dict()``) by its dotted path (list
 items by index: ``top_gainers.0.label``); ``display(value)``: its text (integers with thousands separators, floats
@@ -9,6 +9,19 @@ characters written as escapes (``\\x1b``), so that it cannot drive a terminal or
 from __future__ import annotations
 
 MISSING = "-"
+
+# What the report's numbers are called, in the order both renderings show them: (name, key under "products" /
+# "labels"), and the score statistics.
+PRODUCT_ROWS = (("added (only in NEW)", "added"), ("removed (only in OLD)", "removed"),
+                ("re-tagged (label set changed)", "retagged"), ("unchanged", "unchanged"),
+                ("unchanged but reordered", "reordered"), ("best label changed", "top1_changed"),
+                ("mean Jaccard of label sets", "mean_jaccard"), ("products in OLD", "old"),
+                ("products in NEW", "new"), ("in both", "common"))
+LABEL_ROWS = (("distinct labels in OLD", "old"), ("distinct labels in NEW", "new"),
+              ("appeared (only in NEW)", "appeared"), ("disappeared (only in OLD)", "disappeared"),
+              ("(product, label) pairs gained", "gains"), ("(product, label) pairs lost", "losses"),
+              ("labels gained or lost", "changed"))
+STATS = ("count", "mean", "std", "min", "p05", "p25", "p50", "p75", "p95", "max")
 
 
 def lookup(data, key: str):
