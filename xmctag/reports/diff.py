@@ -185,26 +185,16 @@ def diff_predictions(old: str | Path, new: str | Path, top: int = 10) -> DiffRep
         old_frame, new_frame = (_without_empty(frame, side, which, notes) for frame, side, which in (
             (old_frame, old_side, "OLD"), (new_frame, new_side, "NEW")))
     old_ids, new_ids = old_frame.select("id"), new_frame.select("id")
-    common = old_frame.select("id", "labels").join(new_frame.select("id", "labels"), on="id", how="inner",
-                                                   suffix="_new")
     added, removed = new_ids.join(old_ids, on="id", how="anti"), old_ids.join(new_ids, on="id", how="anti")
-    changes = common.select(
-        "id", "labels", "labels_new",
-        reordered=pl.col("labels") != pl.col("labels_new"),
-        top1_changed=pl.col("labels").list.first().ne_missing(pl.col("labels_new").list.first()),
-        gained=pl.col("labels_new").list.set_difference(pl.col("labels")),
-        lost=pl.col("labels").list.set_difference(pl.col("labels_new")),
-    ).with_columns(  # (not list.sort() and compare: 70x slower on a million lists of strings)
-        retagged=(pl.col("gained").list.len() > 0) | (pl.col("lost").list.len() > 0),
-        jaccard=_jaccard(pl.col("labels").list.len(), pl.col("labels_new").list.len(), pl.col("lost").list.len()))
+    changes = _compare(old_frame.select("id", "labels").join(new_frame.select("id", "labels"), on="id", how="inner",
+                                                             suffix="_new"))
     counts = changes.select(pl.col("retagged").sum(), (~pl.col("retagged") & pl.col("reordered")).sum().alias("r"),
                             pl.col("top1_changed").sum(), pl.col("jaccard").mean()).row(0)
     retagged, reordered, top1_changed = (int(x or 0) for x in counts[:3])
-    mean_jaccard = counts[3]
     products = ProductChanges(old=old_frame.height, new=new_frame.height, added=added.height, removed=removed.height,
-                              common=common.height, retagged=retagged, unchanged=common.height - retagged,
+                              common=changes.height, retagged=retagged, unchanged=changes.height - retagged,
                               reordered=reordered, top1_changed=top1_changed,
-                              mean_jaccard=None if mean_jaccard is None else float(mean_jaccard))
+                              mean_jaccard=None if counts[3] is None else float(counts[3]))
     per_label = _per_label(old_frame, new_frame, changes)
     old_side.labels, new_side.labels = int((per_label["old"] > 0).sum()), int((per_label["new"] > 0).sum())
     labels = LabelChanges(
@@ -260,6 +250,21 @@ def _without_empty(frame: pl.DataFrame, side: FileSide, which: str, notes: list[
                      f"the {frame.height - kept.height} products of {which} without labels are left out")
         side.products = kept.height
     return kept
+
+
+def _compare(common: pl.DataFrame) -> pl.DataFrame:
+    """Per product in both files (``labels``, ``labels_new``: unique lists): the labels it ``gained`` and ``lost``,
+    whether it was ``retagged`` (either is non-empty: cheaper than sorting both lists to compare them, see
+    bench/RESULTS.md), ``reordered``, whether its best label changed (``top1_changed``), its ``jaccard``."""
+    return common.select(
+        "id", "labels", "labels_new",
+        reordered=pl.col("labels") != pl.col("labels_new"),
+        top1_changed=pl.col("labels").list.first().ne_missing(pl.col("labels_new").list.first()),
+        gained=pl.col("labels_new").list.set_difference(pl.col("labels")),
+        lost=pl.col("labels").list.set_difference(pl.col("labels_new")),
+    ).with_columns(
+        retagged=(pl.col("gained").list.len() > 0) | (pl.col("lost").list.len() > 0),
+        jaccard=_jaccard(pl.col("labels").list.len(), pl.col("labels_new").list.len(), pl.col("lost").list.len()))
 
 
 def _jaccard(old: pl.Expr, new: pl.Expr, lost: pl.Expr) -> pl.Expr:
