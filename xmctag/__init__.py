@@ -9,6 +9,7 @@ Python API (the CLI is a thin layer over it):
     predictions = tagger.tag(frame)           # polars DataFrame in, DataFrame out
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
     metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
+    changes = xmctag.diff("last-night.parquet", "tonight.parquet")       # a DiffReport: .to_dict() is the JSON
 """
 
 from xmctag.config import Config
@@ -17,6 +18,7 @@ from xmctag.errors import UserError
 __version__ = "0.1.0"
 
 __all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "__version__"]
+__all__ += ["diff"]
 
 
 def __getattr__(name):
@@ -37,4 +39,8 @@ def __getattr__(name):
         from xmctag.evaluation.predictions import evaluate_predictions
 
         return evaluate_predictions
+    if name == "diff":
+        from xmctag.reports.diff import diff_predictions
+
+        return diff_predictions
     raise AttributeError(f"module 'xmctag' has no attribute {name!r}")

@@ -229,6 +229,37 @@ def eval_(
         err_console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
 
 
+@app.command("diff")
+@user_errors
+def diff_(
+    old: Path = typer.Argument(..., help="The earlier prediction file (Parquet, CSV or JSON Lines from `tag`)."),
+    new: Path = typer.Argument(..., help="The later prediction file (any of those formats)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the report as a self-contained HTML page "
+                                        "(plots included) to this file."),
+    top: int = typer.Option(10, "--top", min=1, help="Labels listed each way among the top movers, and example "
+                            "products of each kind."),
+):
+    """What changed between two prediction files: products added, removed, re-tagged; labels gained and lost;
+    scores."""
+    from xmctag.reports.diff import diff_predictions
+    from xmctag.reports.html import check_html_output, write_html
+
+    if html is not None:
+        check_html_output(html, [old, new])
+    report = diff_predictions(old, new, top=top)
+    if html is not None:
+        write_html(report, html)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from xmctag.reports.table import print_report
+
+        print_report(report.to_dict(), out_console)
+    if html is not None:
+        err_console.print(f"wrote {escape(str(html))}", highlight=False, soft_wrap=True)
+
+
 @app.command("embed-images")
 @user_errors
 def embed_images(
