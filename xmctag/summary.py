@@ -39,6 +39,7 @@ class TagSummary:
     image_cache: Path | None = None
     without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
     top_k: int = 0  # labels per product asked for, capped at the number of labels
+    incremental: dict | None = None  # tag --previous: xmctag.incremental.IncrementalCounts.to_dict()
 
     @property
     def products_per_second(self) -> float:
@@ -52,6 +53,8 @@ class TagSummary:
         """The ``rows`` and ``images`` sections of the tagging summary (``run_summary``)."""
         rows = {"read": self.rows_read, "tagged": self.rows_tagged, "skipped": self.rows_skipped,
                 "skipped_by_reason": dict(self.skipped), "without_labels": self.without_labels}
+        if self.incremental is not None:
+            rows["incremental"] = dict(self.incremental)
         return {"output": str(self.output) if self.output else None, "top_k": self.top_k, "rows": rows,
                 "images": self.images, "image_cache": str(self.image_cache) if self.image_cache else None,
                 "tagging_seconds": round(self.seconds, 3), "products_per_second": round(self.products_per_second, 1)}
