@@ -34,7 +34,7 @@ def test_long_formats_hold_the_parquet_predictions_row_by_row(tagger, tmp_path, 
     expected = exploded(tagger, tmp_path / "out.parquet")
     assert expected.height == 3 * len(titles) if min_score is None else 0 < expected.height < 3 * len(titles)
     for out in (pl.read_csv(tmp_path / "out.csv"), pl.read_ndjson(tmp_path / "out.jsonl")):
-        assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle"]
+        assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle", "content_hash"]
         got = out.select("id", pl.col("rank").cast(pl.Int64), "label", "label_text",
                          pl.col("score").cast(pl.Float32))
         assert got.equals(expected), (got, expected)  # same rows, same order, same float32 scores
