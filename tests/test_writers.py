@@ -112,7 +112,7 @@ def test_a_run_that_tags_nothing_writes_a_file_eval_reads(tagger, tmp_path, fmt)
                                   checks=RunChecks(allow_empty=True))
         assert summary.rows_tagged == 0
         if fmt == "csv":
-            assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle\n"
+            assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle,content_hash\n"
         report = evaluate_predictions(output, tmp_path / "t.parquet")
         assert report.rows == 2 and report.rows_without_predictions == 2 and report.metrics["P@1"] == 0.0
         assert report.notes == ["2 truth rows had no predictions (scored 0)"]

@@ -73,8 +73,8 @@ CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (save_checkpoint
 SAMPLE_ROWS = 96
 # Every name a run writes at its top level.
 RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
-                         LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION,
-                         PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE, LEXICAL})
+                         LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, TRAIN_IDS,
+                         FUSION, PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE, LEXICAL})
 
 
 def is_run_dir(path: Path) -> bool:
