@@ -49,7 +49,7 @@ def write_nights(titles_file: Path, work: Path, rows: int, changed: float, added
     night1 = pl.DataFrame({"id": [f"m{i:07d}" for i in range(rows)],
                            "title": titles.gather(np.arange(rows) % len(titles))})
     rng = np.random.default_rng(seed)
-    n_changed = int(round(changed * rows))
+    n_changed = round(changed * rows)
     picked = rng.choice(rows, n_changed + removed, replace=False)
     change, remove = np.sort(picked[:n_changed]), np.sort(picked[n_changed:])
     flag = np.zeros(rows, dtype=np.int8)

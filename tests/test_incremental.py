@@ -86,7 +86,7 @@ def test_a_second_night_reuses_unchanged_products_and_equals_a_full_run(tagger, 
 
 def test_previous_in_one_format_feeds_another_with_evidence_and_min_score(tagger, tmp_path, monkeypatch):
     night1, night2, expected = nights(tmp_path)
-    options = dict(top_k=4, min_score=0.3, batch_size=9, progress=False, evidence=2)
+    options = {"top_k": 4, "min_score": 0.3, "batch_size": 9, "progress": False, "evidence": 2}
     tagger.tag_file(night1, tmp_path / "n1.parquet", **options)
     tagger.tag_file(night2, tmp_path / "full.jsonl", **options)
     summary = tagger.tag_file(night2, tmp_path / "n2.jsonl", previous=tmp_path / "n1.parquet", **options)

@@ -12,7 +12,8 @@ ends. The file: ``command`` (tag, train, export), ``status`` (``ok``, ``failed``
 (what the CLI exits with: 0, 2 user error, 3 failed a check, 74 environment, 75 output locked, 130/143 interrupted,
 1 bug; see ``xmctag.errors``), ``error`` (one line, on failure), ``started`` / ``finished`` (UTC, ISO 8601),
 ``seconds``, ``versions`` (xmctag and its libraries), and the command's own fields (``tag``: ``catalog``,
-``catalog_sha256``, ``output``, ``format``, ``bundle``, ``bundle_id``, ``rows``, ``images``, ``checks``; ``train``:
+``catalog_sha256``, ``output``, ``format``, ``bundle``, ``bundle_id``, ``rows`` (with ``--previous`` also
+``rows.incremental``: ``xmctag.incremental.IncrementalCounts``), ``images``, ``checks``; ``train``:
 the run directory, rows, epochs, dev metrics; ``export``: the bundle and its id).
 """
 
