@@ -233,3 +233,18 @@ def test_cli_previous_prints_the_counts_and_refuses_a_malformed_file_with_exit_2
     result = tag(night2, "-o", tmp_path / "n3.parquet", "--previous", tmp_path / "missing.parquet")
     assert result.exit_code == 2 and "missing.parquet: no such file" in result.stderr
     assert not (tmp_path / "n3.parquet").exists()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_empty_previous_file_makes_every_row_new(tagger, tmp_path, fmt):
+    from xmctag.summary import RunChecks
+
+    empty = write_catalog(tmp_path / "empty.parquet", [])
+    tagger.tag_file(empty, tmp_path / f"n0.{fmt}", top_k=3, progress=False, checks=RunChecks(allow_empty=True))
+    night1, _, _ = nights(tmp_path)
+    summary = tagger.tag_file(night1, tmp_path / "n1.parquet", top_k=3, progress=False, previous=tmp_path / f"n0.{fmt}")
+    assert {k: summary.incremental[k] for k in ("reused", "retagged", "new", "dropped")} == \
+        {"reused": 0, "retagged": 0, "new": 40, "dropped": 0}
+    tagger.tag_file(night1, tmp_path / "full.parquet", top_k=3, progress=False)
+    assert_same_predictions(read_prediction_products(tmp_path / "n1.parquet"),
+                            read_prediction_products(tmp_path / "full.parquet"))

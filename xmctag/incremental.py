@@ -139,7 +139,8 @@ class Previous:
 
     def __init__(self, path: Path, products: pl.DataFrame, counts: IncrementalCounts):
         self.path = path
-        self.products = products  # id, prev_hash, _prev_row, labels, scores [, evidence_ids, evidence_scores]
+        self.products = products  # sorted by id: id, prev_hash, labels, scores [, evidence_ids, evidence_scores]
+        self.ids = products["id"].set_sorted()
         self.seen = np.zeros(len(products), dtype=bool)
         self.counts = counts
 
@@ -168,16 +169,23 @@ class Previous:
                             f"({settings.get('bundle_id')}); a modified prediction file")
         if products["labels"].list.len().ne(products["scores"].list.len()).any():
             raise UserError(f"{path}: a product has a different number of labels and scores")
-        products = products.rename({"content_hash": "prev_hash"}).with_row_index("_prev_row")
+        # Sorted by id: each batch finds its rows by binary search (a join would hash the whole file per batch).
+        products = products.rename({"content_hash": "prev_hash"}).sort("id")
         return cls(path, products, IncrementalCounts(str(path)))
 
     def split(self, batch: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         """``batch`` (prepared, with ``content_hash``) -> (the rows to tag, with their position ``_pos`` in the
         batch; the reused rows: ``_pos`` and the previous file's product columns)."""
-        joined = batch.with_row_index("_pos").join(self.products, on="id", how="left", maintain_order="left")
-        known = joined["_prev_row"].is_not_null()
+        if len(self.ids):
+            rows = self.ids.search_sorted(batch["id"], side="left").clip(0, len(self.ids) - 1)
+            known = (self.ids.gather(rows) == batch["id"]).fill_null(False)
+            found = self.products.drop("id").gather(rows)
+        else:  # an empty previous file: every row is new
+            rows, known = pl.Series([0] * len(batch), dtype=pl.UInt32), pl.Series([False] * len(batch))
+            found = self.products.drop("id").clear(len(batch))
+        joined = pl.concat([batch.with_row_index("_pos"), found], how="horizontal")
         same = known & (joined["prev_hash"] == joined["content_hash"]).fill_null(False)
-        self.seen[joined["_prev_row"].filter(known).to_numpy()] = True
+        self.seen[rows.filter(known).to_numpy()] = True
         n_known, n_same = int(known.sum()), int(same.sum())
         self.counts.reused += n_same
         self.counts.retagged += n_known - n_same

@@ -16,6 +16,10 @@ looked up, new pictures decoded by a thread pool and embedded with the bundle's 
 (``xmctag.vision.tagging``), and the text graph gets them as ``image_embedding`` / ``image_mask``. In ``tag_file``
 that image work runs one batch ahead in a background thread, so decoding overlaps the text encoder. Text-only
 bundles never touch any of it.
+
+``tag_file(..., previous=LAST)`` copies last night's rows of unchanged products instead of tagging them
+(``xmctag.incremental``); ``evidence=N`` adds the training products that voted most for each product's labels
+(``xmctag.scoring.evidence``).
 """
 
 from __future__ import annotations
