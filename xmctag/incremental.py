@@ -25,7 +25,8 @@ cannot be read as predictions (wrong types, an id in two products, labels the bu
 ``UserError`` naming it. A CSV written with ``--escape-formulas`` is never reused (escaping is not reversible).
 
 ``Previous.split(batch)`` joins a prepared catalog batch (``id``, ``text``, ``content_hash``, ...) against the
-previous products on ``id``: a row whose id is there with the same content hash is **reused** (its labels, scores
+previous products on ``id`` (a binary search in the id-sorted previous products, so a batch costs its own size, not
+the file's): a row whose id is there with the same content hash is **reused** (its labels, scores
 and evidence are copied), every other row is tagged: **re-tagged** when its id is known but its content changed,
 **new** otherwise. ``merge`` puts the tagged and reused rows back in catalog order, so the output is what a full run
 writes (the scores of reused rows are last night's float32 values, identical to tonight's for the same bundle,
@@ -145,10 +146,10 @@ class Previous:
         self.counts = counts
 
     @classmethod
-    def open(cls, path: str | Path, settings: dict, label_ids: np.ndarray) -> Previous | None:
+    def open(cls, path: str | Path, settings: dict, label_ids: np.ndarray) -> Previous | NotReused:
         """The previous predictions at ``path`` if they can be reused under ``settings`` (the metadata this run
-        writes), else None after a warning saying why (``counts`` then records it). ``label_ids``: the bundle's
-        labels; a file naming another label is an error."""
+        writes), else, after a warning saying why, a ``NotReused`` (its ``counts`` record the reason).
+        ``label_ids``: the bundle's labels; a file naming another label is an error."""
         from xmctag.io.predictions import read_prediction_metadata, read_prediction_products
 
         path = Path(path)
@@ -156,7 +157,7 @@ class Previous:
         reason = settings_difference(recorded, settings)
         if reason is not None:
             warnings.warn(f"--previous {path}: not reused, {reason}; tagging every product", stacklevel=3)
-            return _Ignored(path, reason)
+            return NotReused(path, reason)
         products = read_prediction_products(path)
         if ("evidence_ids" in products.columns) != (int(settings.get("evidence", 0)) > 0):
             raise UserError(f"{path}: its evidence columns do not match its recorded evidence setting "
@@ -200,8 +201,8 @@ class Previous:
         return self.counts
 
 
-class _Ignored:
-    """A previous file that is not reused: every row is tagged (and counted as nothing)."""
+class NotReused:
+    """A previous file that is not reused: every row is tagged (``counts.used`` False, the reason, no counts)."""
 
     def __init__(self, path: Path, reason: str):
         self.counts = IncrementalCounts(str(path), used=False, reason=reason)

@@ -111,7 +111,7 @@ class Tagger:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
              verify: bool = True, precision: str = "auto", exclusive_groups: bool = False,
-             encode_batch_size: int | None = None) -> Tagger:
+             encode_batch_size: int | None = None) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
         2x the fp32 graph with AVX-512 VNNI, embeddings within a few degrees of fp32). ``exclusive_groups``: at
         most one label of each exclusive facet per product (``xmctag.label_groups``); False (default) ranks all
