@@ -37,7 +37,7 @@ from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
 from xmctag.errors import UserError
-from xmctag.incremental import merge, reused_products, with_content_hash
+from xmctag.incremental import coalesced, merge, reused_products, with_content_hash
 from xmctag.io.atomic import resolve_output
 from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
 from xmctag.io.hashing import file_sha256
@@ -52,6 +52,7 @@ from xmctag.summary import RunChecks, TagSummary, now, run_summary
 
 ENCODE_BATCH_CPU = 64
 ENCODE_BATCH_CUDA = 512
+REUSED_ROWS_HELD = 16  # tag --previous: catalog rows (x batch_size) held at most while the changed ones gather
 
 
 class Tagger:
@@ -340,22 +341,30 @@ class Tagger:
         label_table = (pl.Series(self.label_ids.tolist(), dtype=pl.String),  # reused rows' label texts
                        pl.Series(self.label_texts.tolist(), dtype=pl.String)) if previous is not None else None
 
-        def prepared():
-            """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
+        incremental = previous is not None and previous.counts.used
+
+        def split():
+            """(rows read, rows to tag, rows skipped by reason, rows reused or None, first row) per catalog batch."""
             rows = 0
             for frame in read_batches(catalog, columns, batch_size):
                 skipped: dict[str, int] = {}
                 batch = with_content_hash(self.catalog.prepare(frame, source=str(catalog), row_offset=rows,
                                                                strict=strict, skipped=skipped), self.fusion is not None)
                 reused = None
-                if previous is not None and previous.counts.used:  # only the rows not reused are tagged
+                if incremental:  # only the rows not reused are tagged
                     batch, reused = previous.split(batch)
+                yield len(frame), batch, skipped, reused, rows
+                rows += len(frame)
+
+        def prepared():
+            """(rows read, rows to tag, rows skipped by reason, their image inputs or None, rows reused or None)."""
+            parts = coalesced(split(), batch_size, REUSED_ROWS_HELD * batch_size) if incremental else split()
+            for n_read, batch, skipped, reused, row0 in parts:
                 features = None
                 # A catalog without the image column is tagged text only (``embed`` masks every image slot).
                 if images is not None and len(batch) and "image" in batch.columns:
-                    features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
-                rows += len(frame)
-                yield len(frame), batch, skipped, features, reused
+                    features = images.features(batch["image"].to_list(), catalog.parent, row0=row0)
+                yield n_read, batch, skipped, features, reused
 
         # Fused: the image work (cache lookups, decoding, vision graph) runs a batch ahead in a background thread.
         batches = prepared() if images is None else prefetch(prepared(), name="xmctag-images")
