@@ -127,3 +127,25 @@ def test_the_run_and_the_bundle_hold_the_training_ids(trained_run, tiny_bundle, 
     assert ids == pl.read_parquet(catalog_dir / "train.parquet")["id"].to_list()  # row j of the neighbour index
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert run_dir.TRAIN_IDS in manifest["files"] and manifest["dims"]["neighbours"] == len(ids)
+
+
+def test_top_evidence_orders_by_contribution_then_similarity_then_row():
+    from xmctag.scoring import NeighbourLabels
+    from xmctag.scoring.evidence import top_evidence
+
+    # Training rows 0-4 carry labels: 0 {0, 1}, 1 {0}, 2 {1}, 3 {2}, 4 {0}.
+    labels = NeighbourLabels.from_lists([np.array([0, 1]), np.array([0]), np.array([1]), np.array([2]), np.array([0])])
+    neighbours = np.array([[1, 4, 0, 3, 2, -1]])
+    sims = np.array([[0.9, 0.9, 0.8, 0.95, 0.5, 0.0]], dtype=np.float32)
+    returned = np.array([[0, 1, -1]])  # the product was given labels 0 and 1
+    rows, scores = top_evidence(labels, neighbours, sims, 0.0, returned, 10)  # T = 0: equal vote weights
+    # Row 0 carries both returned labels (2 shares); rows 1 and 4 (0.9) and 2 (0.5) one each: by similarity, then
+    # row; row 3 carries none and the empty slot is nobody: neither is evidence.
+    assert rows[0].tolist() == [0, 1, 4, 2, -1, -1]
+    np.testing.assert_allclose(scores[0], [0.8, 0.9, 0.9, 0.5, 0.0, 0.0])
+    rows, _ = top_evidence(labels, neighbours, sims, 0.0, returned, 2)
+    assert rows.shape == (1, 2) and rows[0].tolist() == [0, 1]
+    rows, _ = top_evidence(labels, neighbours, sims, 0.0, np.array([[2, -1, -1]]), 3)
+    assert rows[0].tolist() == [3, -1, -1]
+    rows, _ = top_evidence(labels, neighbours, sims, 0.0, np.full((1, 3), -1), 3)  # no label given: no evidence
+    assert rows[0].tolist() == [-1, -1, -1]
