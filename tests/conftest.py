@@ -333,16 +333,16 @@ def writer_spy(monkeypatch):
     from xmctag.io.writers import PredictionWriter
 
     spy = SimpleNamespace(rows=[], events=[], interrupt_at=None)
-    write = PredictionWriter.write
+    write = PredictionWriter.write_frame
 
-    def recording(self, ids, *args, **kwargs):
+    def recording(self, products, *args, **kwargs):
         if spy.interrupt_at is not None and len(spy.rows) + 1 >= spy.interrupt_at:
             raise KeyboardInterrupt
-        spy.rows.append(len(ids))
-        spy.events.append(("write", len(ids)))
-        return write(self, ids, *args, **kwargs)
+        spy.rows.append(len(products))
+        spy.events.append(("write", len(products)))
+        return write(self, products, *args, **kwargs)
 
-    monkeypatch.setattr(PredictionWriter, "write", recording)
+    monkeypatch.setattr(PredictionWriter, "write_frame", recording)
     return spy
 
 

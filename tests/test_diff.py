@@ -231,7 +231,7 @@ def test_bad_inputs_are_user_errors(nights, tmp_path):
         xmctag.diff(tmp_path / "twice.parquet", good)
     shutil.copy(nights / "new.csv", tmp_path / "new.csv")
     (tmp_path / "new.csv.meta.json").write_text("[1, 2]")
-    with pytest.raises(UserError, match=r"new.csv.meta.json: expected a JSON object"):
+    with pytest.raises(UserError, match=r"new.csv.meta.json: not the metadata xmctag writes \(a JSON object"):
         xmctag.diff(good, tmp_path / "new.csv")
     with pytest.raises(UserError, match="--top must be at least 1"):
         xmctag.diff(good, good, top=0)

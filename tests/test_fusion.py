@@ -524,3 +524,37 @@ def test_two_images_per_product_train_export_and_tag(tmp_path, tiny_encoder_dir,
     first_only[:, 1] = 0
     two = mask[:, 1] > 0
     assert np.abs(tagger.embed(titles, (features, first_only))[two] - expected[two]).max() > 1e-3
+
+
+def test_an_incremental_night_rehashes_image_references_not_pictures(fused_bundle, image_catalog, tmp_path):
+    import shutil
+
+    from xmctag.io.predictions import read_prediction_products
+
+    shutil.copytree(image_catalog / "img", tmp_path / "img")  # the shared catalog stays as it is
+    frame = pl.read_parquet(image_catalog / "tag.parquet")
+    frame.write_parquet(tmp_path / "night1.parquet")
+    tagger = Tagger.load(fused_bundle, device="cpu")
+    options = {"top_k": 3, "progress": False, "cache_dir": tmp_path / "cache", "batch_size": 8}
+    tagger.tag_file(tmp_path / "night1.parquet", tmp_path / "n1.parquet", **options)
+    # Night 2: product 1 points at another picture, product 2 has a new title; product 0's picture changes under
+    # the same path (not detected: the path is hashed, not the file behind it).
+    paths = frame["image"].to_list()
+    paths[1] = "img/0.png"
+    night2 = frame.with_columns(pl.Series("image", paths),
+                                title=pl.when(pl.int_range(pl.len()) == 2).then(pl.col("title") + " new")
+                                .otherwise(pl.col("title")))
+    night2.write_parquet(tmp_path / "night2.parquet")
+    (tmp_path / "img" / "0.png").write_bytes(square("green", 99))
+    summary = tagger.tag_file(tmp_path / "night2.parquet", tmp_path / "n2.parquet", previous=tmp_path / "n1.parquet",
+                              **options)
+    assert {k: summary.incremental[k] for k in ("reused", "retagged", "new", "dropped")} == \
+        {"reused": 28, "retagged": 2, "new": 0, "dropped": 0}
+    assert summary.images["used"] + summary.images["missing"] == 2  # only the re-tagged products' images were read
+    full = tagger.tag_file(tmp_path / "night2.parquet", tmp_path / "full.parquet", **options)
+    got, expected = (read_prediction_products(tmp_path / f"{n}.parquet") for n in ("n2", "full"))
+    assert got["content_hash"].to_list() == expected["content_hash"].to_list()
+    assert got["labels"][1:].to_list() == expected["labels"][1:].to_list()
+    night1 = read_prediction_products(tmp_path / "n1.parquet")
+    assert got["scores"][0].to_list() == night1["scores"][0].to_list()  # product 0: last night's, as documented
+    assert full.rows_tagged == summary.rows_tagged == 30

@@ -126,7 +126,7 @@ def test_tag_file_streams_skips_and_writes_parquet_with_metadata(tagger, tmp_pat
     assert summary.rows_read == len(titles) and summary.rows_tagged == len(titles) - 2
     assert summary.skipped == {"empty text": 2}
     out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out.columns == ["id", "labels", "scores"]
+    assert out.columns == ["id", "labels", "scores", "content_hash"]
     assert out.schema["scores"] == pl.List(pl.Float32)
     assert out["id"].to_list() == [f"p{i}" for i in range(len(titles) - 2)]  # input order kept
     assert (out["labels"].list.len() == 4).all()

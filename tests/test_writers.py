@@ -34,7 +34,7 @@ def test_long_formats_hold_the_parquet_predictions_row_by_row(tagger, tmp_path, 
     expected = exploded(tagger, tmp_path / "out.parquet")
     assert expected.height == 3 * len(titles) if min_score is None else 0 < expected.height < 3 * len(titles)
     for out in (pl.read_csv(tmp_path / "out.csv"), pl.read_ndjson(tmp_path / "out.jsonl")):
-        assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle"]
+        assert out.columns == ["id", "rank", "label", "label_text", "score", "bundle_id", "bundle", "content_hash"]
         got = out.select("id", pl.col("rank").cast(pl.Int64), "label", "label_text",
                          pl.col("score").cast(pl.Float32))
         assert got.equals(expected), (got, expected)  # same rows, same order, same float32 scores
@@ -112,7 +112,7 @@ def test_a_run_that_tags_nothing_writes_a_file_eval_reads(tagger, tmp_path, fmt)
                                   checks=RunChecks(allow_empty=True))
         assert summary.rows_tagged == 0
         if fmt == "csv":
-            assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle\n"
+            assert output.read_text() == "id,rank,label,label_text,score,bundle_id,bundle,content_hash\n"
         report = evaluate_predictions(output, tmp_path / "t.parquet")
         assert report.rows == 2 and report.rows_without_predictions == 2 and report.metrics["P@1"] == 0.0
         assert report.notes == ["2 truth rows had no predictions (scored 0)"]

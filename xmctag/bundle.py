@@ -10,6 +10,8 @@
     labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])
     neighbours.faiss       faiss inner-product index over the training products' embeddings (kNN votes; optional)
     train_labels.npz       the training products' label indices (CSR), row i of neighbours.faiss -> its labels
+    train_ids.parquet      the training products' ids (String column ``id``), row i of neighbours.faiss -> its id;
+                           read only by ``tag --evidence`` (optional: bundles of runs from before 2026-12-03 lack it)
     vision.onnx            image fusion only: the frozen vision encoder, pixel_values -> image_embedding (fp32 only)
     vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
     lexical/               the lexical model (TF-IDF + label trees, ``xmctag.lexical``; optional): the manifest's
@@ -269,6 +271,28 @@ class Bundle:
         if problem:
             raise self._mismatch(f"{run_dir.TRAIN_LABELS} ({problem})")
         return index, labels
+
+    def train_ids(self) -> np.ndarray:
+        """The training products' ids, row i of the neighbour index -> its id (object array of str), for
+        ``tag --evidence``; a ``UserError`` for a bundle without neighbours or without the ids."""
+        import polars as pl
+
+        n = self.dims.get("neighbours")
+        if not n:
+            raise UserError(f"--evidence: {self.path} has no neighbour index (trained with knn_neighbours 0), so no "
+                            "training product votes for a label; retrain with knn_neighbours > 0")
+        if run_dir.TRAIN_IDS not in self.manifest["files"]:
+            raise UserError(f"--evidence: {self.path} has no {run_dir.TRAIN_IDS} (its run predates training ids); "
+                            "retrain the run and export it again")
+        with self._reading(run_dir.TRAIN_IDS) as file:
+            schema = pl.read_parquet_schema(file)
+            if "id" not in schema or schema["id"] not in (pl.String, pl.Null):
+                raise UserError(f"{self.path}: bundle file {run_dir.TRAIN_IDS} has no String column 'id'; "
+                                "re-export the bundle")
+            ids = pl.read_parquet(file, columns=["id"])["id"]
+        if len(ids) != n:
+            raise self._mismatch(f"{run_dir.TRAIN_IDS} ({len(ids)} ids, manifest: {n} training products)")
+        return ids.to_numpy().astype(object)
 
     def lexical(self):
         """The lexical model (``xmctag.lexical.LexicalModel``) and each label's fusion weight ``(L,)``, or None when

@@ -165,6 +165,11 @@ def tag(
     escape_formulas: bool = typer.Option(False, "--escape-formulas", help="CSV: prefix values starting with = + - "
                                          "@ with ' so spreadsheets show them as text (changes those values)."),
     hosts: Optional[str] = ImageHostsOption,
+    previous: Optional[Path] = typer.Option(None, "--previous", help="Last night's prediction file: copy the rows "
+                                            "of products whose id and content are unchanged (same bundle and "
+                                            "settings), tag only the others."),
+    evidence: int = typer.Option(0, "--evidence", min=0, help="Per product, the N training products that voted "
+                                 "most for its labels (evidence_ids, evidence_scores) [default: 0, off]."),
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
@@ -178,11 +183,16 @@ def tag(
                          exclusive_groups=exclusive_groups)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
                               strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers, checks=checks,
-                              summary_json=summary_json, escape_formulas=escape_formulas, image_hosts=allowed)
+                              summary_json=summary_json, escape_formulas=escape_formulas, image_hosts=allowed,
+                              previous=previous, evidence=evidence)
     skipped = ", ".join(f"{n} ({reason})" for reason, n in summary.skipped.items()) or "0"
     err_console.print(f"tagged {summary.rows_tagged} of {summary.rows_read} rows in {summary.seconds:.1f}s "
                       f"({summary.products_per_second:,.0f} products/s, {tagger.device}); skipped {skipped}; "
                       f"wrote {summary.output}", highlight=False, soft_wrap=True)
+    if summary.incremental is not None:
+        from xmctag.incremental import IncrementalCounts
+
+        err_console.print(IncrementalCounts(**summary.incremental).line(), highlight=False, soft_wrap=True)
     if summary.without_labels:
         err_console.print(f"{summary.without_labels} products had no label above --min-score {min_score} (Parquet: "
                           "an empty list; CSV/JSONL: no rows)", highlight=False, soft_wrap=True)

@@ -200,6 +200,8 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
         neighbour_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
         faiss.write_index(neighbour_index, str(target / layout.NEIGHBOUR_INDEX))
         shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
+        if (trained.path / run_dir.TRAIN_IDS).exists():  # runs from before 2026-12-03 have none: no --evidence
+            shutil.copy2(trained.path / run_dir.TRAIN_IDS, target / run_dir.TRAIN_IDS)
         n_neighbours = len(labels)
     config = trained.config
     manifest = {

@@ -7,6 +7,8 @@
     label_vectors.npy      (L, d + 1) float32 rows [w_l, b_l]: the vectors searched at tagging time
     train_embeddings.npy   (n, d) float32 embeddings of the training products (kNN votes; absent if knn_neighbours=0)
     train_labels.npz       their label indices, CSR (``scoring.NeighbourLabels``)
+    train_ids.parquet      their product ids (one String column ``id``, row j = row j of the two above), for
+                           ``tag --evidence`` (absent in runs from before 2026-12-03)
     metrics.json           per-epoch history, final dev metrics, number of training rows
     README.md              model card
     sample_texts.json      a few training product texts (real rows for the export parity check)
@@ -62,6 +64,7 @@ LEGACY_CHECKPOINT = "checkpoint.pt"  # pickle, written by older versions: never 
 SAMPLE_TEXTS = "sample_texts.json"
 TRAIN_EMBEDDINGS = "train_embeddings.npy"
 TRAIN_LABELS = "train_labels.npz"
+TRAIN_IDS = "train_ids.parquet"
 FUSION = "fusion.json"
 LEXICAL = "lexical"
 SAMPLE_IMAGES = "sample_images.npz"
@@ -70,8 +73,8 @@ CHECKPOINT_TMP = "checkpoint.tmp"  # a checkpoint being written (save_checkpoint
 SAMPLE_ROWS = 96
 # Every name a run writes at its top level.
 RUN_ENTRIES = frozenset({CONFIG, MODEL, LABELS, LABEL_EMBEDDINGS, LABEL_VECTORS, METRICS, CARD, CHECKPOINT,
-                         LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, FUSION,
-                         PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE, LEXICAL})
+                         LEGACY_CHECKPOINT, CHECKPOINT_TMP, SAMPLE_TEXTS, TRAIN_EMBEDDINGS, TRAIN_LABELS, TRAIN_IDS,
+                         FUSION, PROJECTION, POOLING_CENTER, SAMPLE_IMAGES, IMAGE_CACHE, LEXICAL})
 
 
 def is_run_dir(path: Path) -> bool:
@@ -142,9 +145,11 @@ def save_labels(out: Path, labels: LabelTable, label_embeddings: np.ndarray, vec
     np.save(out / LABEL_VECTORS, vectors.index_matrix())
 
 
-def save_neighbours(out: Path, embeddings: np.ndarray, labels: list[np.ndarray]) -> None:
+def save_neighbours(out: Path, embeddings: np.ndarray, labels: list[np.ndarray], ids: list[str]) -> None:
+    """The training products' embeddings, labels and ids (row j of each is product j)."""
     np.save(out / TRAIN_EMBEDDINGS, embeddings.astype(np.float32))
     NeighbourLabels.from_lists(labels).save(out / TRAIN_LABELS)
+    pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), out / TRAIN_IDS)
 
 
 def load_neighbours(out: Path) -> tuple[np.ndarray, NeighbourLabels] | None:

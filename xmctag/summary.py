@@ -12,7 +12,8 @@ ends. The file: ``command`` (tag, train, export), ``status`` (``ok``, ``failed``
 (what the CLI exits with: 0, 2 user error, 3 failed a check, 74 environment, 75 output locked, 130/143 interrupted,
 1 bug; see ``xmctag.errors``), ``error`` (one line, on failure), ``started`` / ``finished`` (UTC, ISO 8601),
 ``seconds``, ``versions`` (xmctag and its libraries), and the command's own fields (``tag``: ``catalog``,
-``catalog_sha256``, ``output``, ``format``, ``bundle``, ``bundle_id``, ``rows``, ``images``, ``checks``; ``train``:
+``catalog_sha256``, ``output``, ``format``, ``bundle``, ``bundle_id``, ``rows`` (with ``--previous`` also
+``rows.incremental``: ``xmctag.incremental.IncrementalCounts``), ``images``, ``checks``; ``train``:
 the run directory, rows, epochs, dev metrics; ``export``: the bundle and its id).
 """
 
@@ -39,6 +40,7 @@ class TagSummary:
     image_cache: Path | None = None
     without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
     top_k: int = 0  # labels per product asked for, capped at the number of labels
+    incremental: dict | None = None  # tag --previous: xmctag.incremental.IncrementalCounts.to_dict()
 
     @property
     def products_per_second(self) -> float:
@@ -52,6 +54,8 @@ class TagSummary:
         """The ``rows`` and ``images`` sections of the tagging summary (``run_summary``)."""
         rows = {"read": self.rows_read, "tagged": self.rows_tagged, "skipped": self.rows_skipped,
                 "skipped_by_reason": dict(self.skipped), "without_labels": self.without_labels}
+        if self.incremental is not None:
+            rows["incremental"] = dict(self.incremental)
         return {"output": str(self.output) if self.output else None, "top_k": self.top_k, "rows": rows,
                 "images": self.images, "image_cache": str(self.image_cache) if self.image_cache else None,
                 "tagging_seconds": round(self.seconds, 3), "products_per_second": round(self.products_per_second, 1)}

@@ -16,6 +16,10 @@ looked up, new pictures decoded by a thread pool and embedded with the bundle's 
 (``xmctag.vision.tagging``), and the text graph gets them as ``image_embedding`` / ``image_mask``. In ``tag_file``
 that image work runs one batch ahead in a background thread, so decoding overlaps the text encoder. Text-only
 bundles never touch any of it.
+
+``tag_file(..., previous=LAST)`` copies last night's rows of unchanged products instead of tagging them
+(``xmctag.incremental``); ``evidence=N`` adds the training products that voted most for each product's labels
+(``xmctag.scoring.evidence``).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
 from xmctag.errors import UserError
+from xmctag.incremental import coalesced, merge, reused_products, with_content_hash
 from xmctag.io.atomic import resolve_output
 from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
 from xmctag.io.hashing import file_sha256
-from xmctag.io.writers import PredictionWriter, resolve_format
+from xmctag.io.writers import EVIDENCE_SCHEMA, PRODUCT_SCHEMA, PredictionWriter, resolve_format
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import clip_text, pad
@@ -47,10 +52,14 @@ from xmctag.summary import RunChecks, TagSummary, now, run_summary
 
 ENCODE_BATCH_CPU = 64
 ENCODE_BATCH_CUDA = 512
+REUSED_ROWS_HELD = 16  # tag --previous: catalog rows (x batch_size) held at most while the changed ones gather
 
 
 class Tagger:
     """A bundle ready to tag: ONNX session, tokenizer, faiss indexes (labels, training products), label table."""
+
+    graph: str | None = None  # the encoder graph's file name (``load``): recorded with the predictions
+    train_ids: np.ndarray | None = None  # the training products' ids, read on the first ``--evidence`` request
 
     def __init__(self, bundle: Bundle, session, tokenizer, index, labels: pl.DataFrame, device: str,
                  encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False,
@@ -128,8 +137,10 @@ class Tagger:
                           "or the bundle predates them); all labels are ranked freely", stacklevel=2)
         if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
             encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
-        return cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
-                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical())
+        tagger = cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
+                     neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical())
+        tagger.graph = bundle.graph(device, precision).name
+        return tagger
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -162,18 +173,18 @@ class Tagger:
         return out
 
     def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None,
-                images: tuple[np.ndarray, np.ndarray] | None = None):
+                images: tuple[np.ndarray, np.ndarray] | None = None, evidence: int = 0):
         """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first;
-        ``k`` is ``top_k``, at most the number of labels."""
+        ``k`` is ``top_k``, at most the number of labels. ``evidence`` > 0: a third value, as ``rank``'s."""
         check_options(top_k, min_score)
         if self.lexical is None:
-            return self.rank(self.embed(texts, images), top_k, min_score)
+            return self.rank(self.embed(texts, images), top_k, min_score, evidence=evidence)
         # The lexical model runs on a thread of its own while ONNX Runtime encodes (both release the GIL for
         # most of their work), so on a multi-core CPU its cost mostly hides behind the encoder's.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmctag-lexical") as pool:
             lexical = pool.submit(self.lexical_candidates, texts)
             embeddings = self.embed(texts, images)
-            return self.rank(embeddings, top_k, min_score, lexical.result())
+            return self.rank(embeddings, top_k, min_score, lexical.result(), evidence=evidence)
 
     def lexical_candidates(self, texts: list[str]):
         """The lexical model's candidates, scores and label weights for ``rank`` (None without a lexical model)."""
@@ -182,10 +193,16 @@ class Tagger:
         top, scores = self.lexical.predict(texts)
         return top, scores, self.lexical_weights
 
-    def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None, lexical=None):
+    def rank(self, embeddings: np.ndarray, top_k: int = 5, min_score: float | None = None, lexical=None,
+             evidence: int = 0):
         """``predict`` from ``(n, d)`` product embeddings: label-vector and neighbour searches, blend, top-k;
-        ``lexical``: ``lexical_candidates`` of the same products (None: the dense score alone)."""
+        ``lexical``: ``lexical_candidates`` of the same products (None: the dense score alone). ``evidence`` > 0:
+        also the training rows ``(n, min(evidence, knn_neighbours))`` (-1 = none) and similarities that voted most
+        for the labels returned (``xmctag.scoring.evidence``), as a third value (bundles with neighbours only)."""
         check_options(top_k, min_score)
+        if evidence and not self.knn_neighbours:
+            raise UserError(f"--evidence: {self.path} tags without neighbour votes (knn_neighbours 0), so no "
+                            "training product votes for a label")
         top_k = min(top_k, len(self.label_ids))  # more would only be -1 padding, and memory grows with batch x k
         votes = None
         if self.knn_neighbours:
@@ -195,32 +212,48 @@ class Tagger:
                                       self.knn_weight, top_k, self.groups, lexical=lexical)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
+        if evidence:
+            from xmctag.scoring.evidence import top_evidence
+
+            return indices, scores, top_evidence(self.neighbour_labels, neighbours, sims, self.knn_temperature,
+                                                 indices, evidence)
         return indices, scores
+
+    def evidence_ids(self) -> np.ndarray:
+        """The training products' ids (row i of the neighbour index -> its id); a ``UserError`` for a bundle
+        without neighbours or without ``train_ids.parquet`` (``Bundle.train_ids``)."""
+        if self.train_ids is None:
+            self.train_ids = self.bundle.train_ids()
+        return self.train_ids
 
     def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None,
             cache_dir: str | Path | None = None, base_dir: str | Path = ".",
-            image_hosts: Sequence[str] = ()) -> pl.DataFrame:
-        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have an id and text (others are left out).
+            image_hosts: Sequence[str] = (), evidence: int = 0) -> pl.DataFrame:
+        """``id``, ``labels``, ``scores`` for the rows of ``frame`` that have an id and text (others are left out);
+        ``evidence`` > 0: also ``evidence_ids`` and ``evidence_scores`` (``xmctag.scoring.evidence``).
 
         Fused bundles read ``frame``'s image column when it has one (relative paths against ``base_dir``;
         ``image_hosts`` as for ``tag_file``).
         """
+        check_evidence(evidence)
+        if evidence:
+            self.evidence_ids()
         self.catalog.check_schema("frame", frame.schema)
         batch = self.catalog.prepare(frame, source="frame")
         images = None
         if self.fusion is not None and "image" in batch.columns:
             images = self.images(cache_dir, image_hosts=image_hosts).features(batch["image"].to_list(),
                                                                               Path(base_dir))
-        ids, labels, _, scores = self._tag_prepared(batch, top_k, min_score, images)
-        return pl.DataFrame({"id": ids, "labels": labels, "scores": [s.tolist() for s in scores]},
-                            schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)})
+        products = self._tag_prepared(batch, top_k, min_score, images, evidence)
+        return products.select("id", "labels", "scores", *(EVIDENCE_SCHEMA if evidence else ()))
 
     # -- whole files ---------------------------------------------------------------------------------------------
     def tag_file(self, catalog: str | Path, output: str | Path | None = None, top_k: int = 5,
                  fmt: str | None = None, min_score: float | None = None, batch_size: int = 4096, strict: bool = False,
                  progress: bool = True, cache_dir: str | Path | None = None, workers: int = 8,
                  checks: RunChecks | None = None, summary_json: str | Path | None = None,
-                 escape_formulas: bool = False, image_hosts: Sequence[str] = ()) -> TagSummary:
+                 escape_formulas: bool = False, image_hosts: Sequence[str] = (), previous: str | Path | None = None,
+                 evidence: int = 0) -> TagSummary:
         """Streams ``catalog`` (Parquet) through the model into ``output``; returns counts and timing.
 
         ``fmt``: ``parquet``, ``csv`` or ``jsonl``; None: from ``output``'s extension (``.parquet``, ``.csv``,
@@ -241,12 +274,20 @@ class Tagger:
         ``xmctag.vision.tagging.resolve_cache_dir``), ``workers`` the threads that read and decode new pictures.
         Image URLs reach public addresses only, and the hosts, addresses and CIDR networks of ``image_hosts``
         (``xmctag.vision.netguard``).
+
+        ``previous``: last night's prediction file (any format ``tag`` writes): products whose content hash and id
+        are there, written by the same bundle with the same settings, are copied from it instead of tagged
+        (``xmctag.incremental``; ``TagSummary.incremental`` counts them). ``evidence``: per product, the training
+        products that voted most for its labels, at most this many (``xmctag.scoring.evidence``; 0: off).
         """
         catalog = Path(catalog)
         checks = checks or RunChecks()
         with run_summary(summary_json, "tag", catalog=str(catalog), bundle=str(self.path.resolve()),
                          bundle_id=self.bundle_id, checks=checks.to_dict()) as report:
             check_options(top_k, min_score)
+            check_evidence(evidence)
+            if evidence:
+                self.evidence_ids()  # before any work: a bundle without training ids cannot give evidence
             top_k = min(top_k, len(self.label_ids))
             fmt = resolve_format(Path(output) if output is not None else None, fmt)
             columns = self.catalog.check_file(catalog)
@@ -261,52 +302,87 @@ class Tagger:
             metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
                         "catalog_sha256": report["catalog_sha256"], "top_k": top_k, "min_score": min_score,
                         "text_cols": ",".join(self.config.text_cols), "xmctag_version": __version__,
-                        "tagged_at": now()}
+                        "tagged_at": now(), **self._output_settings(evidence, escape_formulas and fmt == "csv")}
+            earlier = None
+            if previous is not None:
+                from xmctag.incremental import Previous
+
+                earlier = Previous.open(previous, metadata, self.label_ids)
             # Opened (its lock taken, its temporary file created) before any work: an output that cannot be
             # written, or that another run is writing, fails now, not after the whole catalog has been tagged.
-            with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas) as writer:
+            with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas,
+                                  evidence=evidence > 0) as writer:
                 try:
                     self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict,
-                                   progress, cache_dir, workers, tuple(image_hosts))
+                                   progress, cache_dir, workers, tuple(image_hosts), evidence, earlier)
                 finally:
+                    if earlier is not None:
+                        summary.incremental = earlier.finish().to_dict()
                     report.update(summary.to_dict())
                 checks.check(summary)  # before the output is renamed into place: a failed run leaves none
             return summary
 
+    def _output_settings(self, evidence: int, escape_formulas: bool) -> dict:
+        """Settings recorded with the predictions besides the bundle, top_k, min_score and text columns: with
+        those, what ``tag --previous`` compares (``xmctag.incremental``)."""
+        from xmctag.incremental import CONTENT_HASH
+
+        return {"graph": self.graph, "exclusive_groups": self.groups is not None, "evidence": evidence,
+                "content_hash": CONTENT_HASH, "escape_formulas": escape_formulas}
+
     def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
                   top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,
-                  cache_dir: str | Path | None, workers: int, image_hosts: tuple[str, ...]) -> None:
+                  cache_dir: str | Path | None, workers: int, image_hosts: tuple[str, ...], evidence: int = 0,
+                  previous=None) -> None:
         total = count_rows(catalog)
         show = Progress(progress)
         started = time.perf_counter()
         images = self.images(cache_dir, summary.output, workers, image_hosts) if self.fusion is not None else None
+        label_table = (pl.Series(self.label_ids.tolist(), dtype=pl.String),  # reused rows' label texts
+                       pl.Series(self.label_texts.tolist(), dtype=pl.String)) if previous is not None else None
 
-        def prepared():
-            """(rows read, rows kept, rows skipped by reason, their image inputs or None) per catalog batch."""
+        incremental = previous is not None and previous.counts.used
+
+        def split():
+            """(rows read, rows to tag, rows skipped by reason, rows reused or None, first row) per catalog batch."""
             rows = 0
             for frame in read_batches(catalog, columns, batch_size):
                 skipped: dict[str, int] = {}
-                batch = self.catalog.prepare(frame, source=str(catalog), row_offset=rows, strict=strict,
-                                             skipped=skipped)
+                batch = with_content_hash(self.catalog.prepare(frame, source=str(catalog), row_offset=rows,
+                                                               strict=strict, skipped=skipped), self.fusion is not None)
+                reused = None
+                if incremental:  # only the rows not reused are tagged
+                    batch, reused = previous.split(batch)
+                yield len(frame), batch, skipped, reused, rows
+                rows += len(frame)
+
+        def prepared():
+            """(rows read, rows to tag, rows skipped by reason, their image inputs or None, rows reused or None)."""
+            parts = coalesced(split(), batch_size, REUSED_ROWS_HELD * batch_size) if incremental else split()
+            for n_read, batch, skipped, reused, row0 in parts:
                 features = None
                 # A catalog without the image column is tagged text only (``embed`` masks every image slot).
                 if images is not None and len(batch) and "image" in batch.columns:
-                    features = images.features(batch["image"].to_list(), catalog.parent, row0=rows)
-                rows += len(frame)
-                yield len(frame), batch, skipped, features
+                    features = images.features(batch["image"].to_list(), catalog.parent, row0=row0)
+                yield n_read, batch, skipped, features, reused
 
         # Fused: the image work (cache lookups, decoding, vision graph) runs a batch ahead in a background thread.
         batches = prepared() if images is None else prefetch(prepared(), name="xmctag-images")
         with show.task("tagging", total=total, unit="products") as update:
-            for n_read, batch, skipped, features in batches:
+            for n_read, batch, skipped, features, reused in batches:
                 summary.rows_read += n_read
                 for reason, n in skipped.items():
                     summary.skipped[reason] = summary.skipped.get(reason, 0) + n
-                if len(batch):
-                    ids, labels, texts, scores = self._tag_prepared(batch, top_k, min_score, features)
-                    writer.write(ids, labels, texts, scores)
-                    summary.rows_tagged += len(batch)
-                    summary.without_labels += sum(not row for row in labels)
+                products = self._tag_prepared(batch, top_k, min_score, features, evidence) if len(batch) else None
+                if reused is not None and len(reused):
+                    reused = reused_products(reused, *label_table)
+                    products = merge(products, reused) if products is not None else reused.drop("_pos")
+                elif products is not None and "_pos" in products.columns:
+                    products = products.drop("_pos")
+                if products is not None:
+                    writer.write_frame(products)
+                    summary.rows_tagged += len(products)
+                    summary.without_labels += int((products["labels"].list.len() == 0).sum())
                 if images is None:
                     update(n_read)
                 else:
@@ -316,12 +392,33 @@ class Tagger:
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
 
-    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None):
-        indices, scores = self.predict(batch["text"].to_list(), top_k, min_score, images)
+    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None,
+                      evidence: int = 0) -> pl.DataFrame:
+        """Writer rows (``xmctag.io.writers.PRODUCT_SCHEMA``, and the evidence columns) of a prepared batch; its
+        ``_pos`` column, when it has one, is kept."""
+        found = self.predict(batch["text"].to_list(), top_k, min_score, images, evidence=evidence)
+        indices, scores = found[0], found[1]
         keep = indices >= 0
-        labels = [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)]
-        texts = [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)]
-        return batch["id"].to_list(), labels, texts, [s[k] for s, k in zip(scores, keep)]
+        columns = {"id": batch["id"],
+                   "labels": [self.label_ids[row[k]].tolist() for row, k in zip(indices, keep)],
+                   "label_texts": [self.label_texts[row[k]].tolist() for row, k in zip(indices, keep)],
+                   "scores": [s[k].tolist() for s, k in zip(scores, keep)],
+                   "content_hash": batch["content_hash"] if "content_hash" in batch.columns else [None] * len(batch)}
+        schema = dict(PRODUCT_SCHEMA)
+        if evidence:
+            rows, sims = found[2]
+            ids, present = self.evidence_ids(), rows >= 0
+            columns.update(evidence_ids=[ids[r[p]].tolist() for r, p in zip(rows, present)],
+                           evidence_scores=[s[p].tolist() for s, p in zip(sims, present)])
+            schema.update(EVIDENCE_SCHEMA)
+        if "_pos" in batch.columns:
+            columns["_pos"], schema["_pos"] = batch["_pos"], pl.UInt32
+        return pl.DataFrame(columns, schema=schema)
+
+
+def check_evidence(evidence: int) -> None:
+    if evidence < 0:
+        raise UserError(f"--evidence must be >= 0 (0 = off), not {evidence}")
 
 
 def check_options(top_k: int, min_score: float | None) -> None:

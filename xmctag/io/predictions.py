@@ -7,9 +7,12 @@ for a file without scores: Parquet ``scores``, CSV/JSONL ``score``). The format 
 (magic bytes), else by extension, else by the first byte (``{``: JSON Lines). Every problem is a ``UserError`` naming
 the file and column.
 
-``read_prediction_metadata(path)``: the provenance ``tag`` recorded (``bundle_id``, ``bundle``, ``tagged_at``,
-``top_k``, ...): a Parquet file's ``xmctag.*`` metadata, else the ``<file>.meta.json`` sidecar beside a CSV/JSONL file
-(a JSON object of ``"xmctag.KEY": value``, at most 1 MiB; absent: ``{}``).
+``read_prediction_metadata(path)``: the provenance and settings ``tag`` recorded (``bundle_id``, ``bundle``,
+``tagged_at``, ``top_k``, ...): a Parquet file's ``xmctag.*`` metadata, else the ``<file>.meta.json`` sidecar beside a
+CSV/JSONL file (a JSON object of ``"xmctag.KEY": value``, at most 1 MiB; None when absent).
+``read_prediction_products(path)``: everything ``tag`` wrote, one row per product in file order (``id``, ``labels``,
+``scores``, ``content_hash``, and ``evidence_ids`` / ``evidence_scores`` when the file has them), for ``tag
+--previous`` (``xmctag.incremental``); a repeated id is an error.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import polars as pl
 
 from xmctag.errors import UserError, first_line
 from xmctag.io.datasets import check_columns, check_label_list_column, check_text_column, is_parquet
+
+MAX_SIDECAR_BYTES = 1 << 20  # a real one is a few hundred bytes
 
 
 @dataclass
@@ -209,33 +214,142 @@ def _checked_scores(path: Path, frame: pl.DataFrame, present: bool) -> pl.DataFr
     return frame
 
 
-SIDECAR_MAX_BYTES = 1 << 20
-
-
-def read_prediction_metadata(path: str | Path) -> dict[str, str]:
-    """What ``tag`` recorded about a prediction file (see the module docstring), values as strings."""
+def read_prediction_metadata(path: str | Path) -> dict[str, str] | None:
+    """The ``xmctag.*`` settings a prediction file records, prefix stripped, values as strings (Parquet: its
+    key-value metadata; CSV/JSONL: the sidecar ``<path>.meta.json``); None for a CSV/JSONL file without one."""
     import json
 
     from xmctag.io.writers import sidecar_path
 
     path = Path(path)
-    if is_parquet(path):
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a prediction file")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    if prediction_format(path) == "parquet":
         try:
             return read_parquet_metadata(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow and OS errors alike
+        except Exception as e:  # noqa: BLE001 - pyarrow and OS errors all mean the same thing here
             raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     sidecar = sidecar_path(path)
     if not sidecar.is_file():
-        return {}
+        return None
     try:
-        with open(sidecar, "rb") as f:
-            raw = f.read(SIDECAR_MAX_BYTES + 1)
-        if len(raw) > SIDECAR_MAX_BYTES:
-            raise ValueError(f"larger than {SIDECAR_MAX_BYTES} bytes")
-        data = json.loads(raw)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{sidecar}: not a readable provenance file ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{sidecar}: expected a JSON object of \"xmctag.KEY\": value, not {type(data).__name__}")
-    return {k.removeprefix("xmctag."): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()
-            if k.startswith("xmctag.") and isinstance(v, (str, int, float, bool))}  # nested values: not provenance
+        if sidecar.stat().st_size > MAX_SIDECAR_BYTES:
+            raise UserError(f"{sidecar}: larger than {MAX_SIDECAR_BYTES >> 20} MiB, not the metadata xmctag writes")
+        values = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{sidecar}: not valid JSON ({first_line(e)})") from None
+    except OSError as e:
+        raise UserError(f"{sidecar}: cannot read ({e.strerror or e})") from None
+    if not isinstance(values, dict) or not all(isinstance(v, (str, int, float, bool)) or v is None
+                                               for v in values.values()):
+        raise UserError(f"{sidecar}: not the metadata xmctag writes (a JSON object of settings)")
+    return {k.removeprefix("xmctag."): str(v) for k, v in values.items() if k.startswith("xmctag.")}
+
+
+EVIDENCE_COLUMNS = ("evidence_ids", "evidence_scores")
+
+
+def read_prediction_products(path: str | Path) -> pl.DataFrame:
+    """One row per product, in file order: ``id`` (str), ``labels`` (list[str], best first), ``scores``
+    (list[float32]), ``content_hash`` (str), and ``evidence_ids`` (list[str]) / ``evidence_scores``
+    (list[float32]) when the file has them. Every column's type is checked; a file without ``content_hash`` (from an
+    xmctag before 2026-12-03) or with an id in two products is an error naming it."""
+    path = Path(path)
+    fmt = prediction_format(path)
+    products = _parquet_products(path) if fmt == "parquet" else _long_products(path, fmt)
+    repeated = products["id"].is_duplicated()
+    if repeated.any():
+        raise UserError(f"{path}: id {products['id'][int(repeated.arg_true()[0])]!r} is in more than one product "
+                        f"({int(repeated.sum())} rows share an id); a previous prediction file needs one per id")
+    if products["id"].null_count():
+        raise UserError(f"{path}: a product has no id (column 'id' has nulls)")
+    return products
+
+
+def _check_numbers(path: Path, column: str, dtype, in_list: bool) -> None:
+    inner = dtype.inner if in_list and isinstance(dtype, (pl.List, pl.Array)) else (None if in_list else dtype)
+    if inner is None or not (inner.is_numeric() or inner == pl.Null):
+        raise UserError(f"{path}: column {column!r} has type {dtype}; expected "
+                        + ("a list of numbers" if in_list else "numbers"))
+
+
+def _parquet_products(path: Path) -> pl.DataFrame:
+    try:
+        schema = pl.read_parquet_schema(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+    check_columns(path, list(schema), ["id", "labels", "scores", "content_hash"])
+    check_text_column(path, "id", schema["id"], "a product id")
+    check_label_list_column(path, "labels", schema["labels"])
+    _check_numbers(path, "scores", schema["scores"], in_list=True)
+    check_text_column(path, "content_hash", schema["content_hash"], "a content hash")
+    columns = ["id", "labels", "scores", "content_hash"]
+    if "evidence_ids" in schema or "evidence_scores" in schema:
+        check_columns(path, list(schema), list(EVIDENCE_COLUMNS))
+        check_label_list_column(path, "evidence_ids", schema["evidence_ids"])
+        _check_numbers(path, "evidence_scores", schema["evidence_scores"], in_list=True)
+        columns += EVIDENCE_COLUMNS
+    try:
+        frame = pl.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: cannot read ({first_line(e)})") from None
+    return frame.with_columns(_product_types(columns))
+
+
+def _product_types(columns) -> list[pl.Expr]:
+    types = {"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32), "content_hash": pl.String,
+             "evidence_ids": pl.List(pl.String), "evidence_scores": pl.List(pl.Float32)}
+    return [pl.col(c).cast(types[c]) for c in columns]
+
+
+def _long_products(path: Path, fmt: str) -> pl.DataFrame:
+    strings = ("id", "label", "content_hash", "evidence_ids", "evidence_scores")
+    try:
+        if path.stat().st_size == 0:  # JSON Lines of a run that tagged no product
+            long = pl.DataFrame(schema={"id": pl.String, "rank": pl.Int32, "label": pl.String, "score": pl.Float32,
+                                        "content_hash": pl.String})
+        elif fmt == "csv":  # strings from the start: an id such as 007 stays 007; evidence arrays are JSON text
+            header = pl.read_csv(path, n_rows=0).columns
+            long = pl.read_csv(path, schema_overrides={c: pl.String for c in strings if c in header})
+        else:
+            long = pl.read_ndjson(path)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"{path}: cannot read predictions as {fmt.upper()} ({first_line(e)})") from None
+    check_columns(path, long.columns, ["id", "rank", "label", "score", "content_hash"])
+    for column in ("id", "label", "content_hash"):
+        check_text_column(path, column, long.schema[column], "strings")
+    if long.is_empty():
+        long = long.with_columns(pl.col("rank").cast(pl.Int32), pl.col("score").cast(pl.Float32))
+    if not long.schema["rank"].is_integer():
+        raise UserError(f"{path}: column 'rank' has type {long.schema['rank']}; expected integers (1 = best)")
+    _check_numbers(path, "score", long.schema["score"], in_list=False)
+    evidence = [c for c in EVIDENCE_COLUMNS if c in long.columns]
+    if evidence:
+        check_columns(path, long.columns, list(EVIDENCE_COLUMNS))
+        if fmt == "csv":
+            for column, inner in (("evidence_ids", pl.String), ("evidence_scores", pl.Float32)):
+                try:
+                    long = long.with_columns(pl.col(column).str.json_decode(pl.List(inner)))
+                except pl.exceptions.PolarsError as e:
+                    raise UserError(f"{path}: column {column!r} is not JSON arrays ({first_line(e)})") from None
+        check_label_list_column(path, "evidence_ids", long.schema["evidence_ids"])
+        _check_numbers(path, "evidence_scores", long.schema["evidence_scores"], in_list=True)
+    long = long.with_columns(pl.col(c).cast(pl.String) for c in ("id", "label", "content_hash"))
+    repeated = long.select("id", "rank").is_duplicated()
+    if repeated.any():
+        row = long.row(int(repeated.arg_true()[0]), named=True)
+        raise UserError(f"{path}: id {row['id']!r} has rank {row['rank']} twice ({int(repeated.sum())} rows share an "
+                        "(id, rank)); a previous prediction file needs one product per id")
+    products = (long.with_row_index("_row").sort("id", "rank")
+                .group_by("id", maintain_order=False)
+                .agg(pl.col("_row").min(), pl.col("label").alias("labels"), pl.col("score").alias("scores"),
+                     pl.col("content_hash").first(), pl.col("content_hash").n_unique().alias("_hashes"),
+                     *[pl.col(c).first() for c in evidence])
+                .sort("_row"))
+    if (products["_hashes"] > 1).any():
+        bad = products.filter(pl.col("_hashes") > 1)["id"][0]
+        raise UserError(f"{path}: id {bad!r} has more than one content_hash in its rows")
+    columns = ["id", "labels", "scores", "content_hash", *evidence]
+    return products.select(columns).with_columns(_product_types(columns))

@@ -220,7 +220,7 @@ def diff_predictions(old: str | Path, new: str | Path, top: int = 10) -> DiffRep
 
 def _read(path: Path, which: str, notes: list[str]) -> tuple[pl.DataFrame, FileSide]:
     frame, source = read_prediction_file(path, scores=True)
-    metadata = read_prediction_metadata(path)
+    metadata = read_prediction_metadata(path) or {}
     # A null label list (a hand-made file) is an empty one; a label listed twice for a product counts once.
     frame = frame.with_columns(pl.col("labels").fill_null(pl.lit([], pl.List(pl.String))).list.unique(
         maintain_order=True))

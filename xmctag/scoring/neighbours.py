@@ -51,21 +51,31 @@ class NeighbourLabels:
     def __len__(self) -> int:
         return len(self.indptr) - 1
 
-    def votes(self, neighbours: np.ndarray, sims: np.ndarray, temperature: float):
-        """Neighbour ids and similarities ``(n, k)`` (id -1 = none) -> ``(row, label, vote)`` arrays, unique pairs."""
-        valid = neighbours >= 0
-        weights = np.where(valid, np.exp(temperature * (sims - np.max(np.where(valid, sims, -np.inf), axis=1,
-                                                                            keepdims=True))), 0.0)
-        weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
-        query_rows, slots = np.nonzero(valid)
+    def pairs(self, neighbours: np.ndarray, values: np.ndarray):
+        """Neighbour ids ``(n, k)`` (-1 = none) and a value per neighbour ``(n, k)`` -> ``(row, label, value)``
+        arrays, one entry per label of each neighbour, in (row, slot) order."""
+        query_rows, slots = np.nonzero(neighbours >= 0)
         train_rows = neighbours[query_rows, slots]
         counts = self.indptr[train_rows + 1] - self.indptr[train_rows]
         starts = np.repeat(self.indptr[train_rows], counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         labels = self.indices[starts + offsets].astype(np.int64)
-        rows = np.repeat(query_rows, counts)
-        pair_weights = np.repeat(weights[query_rows, slots], counts)
+        return np.repeat(query_rows, counts), labels, np.repeat(values[query_rows, slots], counts)
+
+    def votes(self, neighbours: np.ndarray, sims: np.ndarray, temperature: float):
+        """Neighbour ids and similarities ``(n, k)`` (id -1 = none) -> ``(row, label, vote)`` arrays, unique pairs."""
+        weights = vote_weights(neighbours, sims, temperature)
+        rows, labels, pair_weights = self.pairs(neighbours, weights)
         # Sum the votes of each (row, label) pair.
         n_labels = int(labels.max()) + 1 if len(labels) else 1
         keys, inverse = np.unique(rows * n_labels + labels, return_inverse=True)
         return keys // n_labels, keys % n_labels, np.bincount(inverse, weights=pair_weights, minlength=len(keys))
+
+
+def vote_weights(neighbours: np.ndarray, sims: np.ndarray, temperature: float) -> np.ndarray:
+    """``(n, k)`` vote weight of each neighbour: ``exp(T * (s_j - s_max))`` normalised to sum to 1 per row (0 for
+    id -1). Each neighbour gives its weight to every one of its labels."""
+    valid = neighbours >= 0
+    weights = np.where(valid, np.exp(temperature * (sims - np.max(np.where(valid, sims, -np.inf), axis=1,
+                                                                        keepdims=True))), 0.0)
+    return weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)

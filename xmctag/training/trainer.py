@@ -163,7 +163,7 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
         "epochs": dual.progress.epochs, "classifier_epochs": done.done, "classifier_best_epoch": done.best.epoch,
         "n_train": len(data.train)}, indent=2) + "\n")
     if neighbours is not None:
-        run_dir.save_neighbours(out, products, data.train.labels)
+        run_dir.save_neighbours(out, products, data.train.labels, data.train.ids)
     run_dir.save_sample_texts(out, data.train.texts, data.train_images)
     write_model_card(out, config, data.train, data.dev, dev_result, dual.progress.epochs, data.labels.exclusive,
                      classifier_epochs=done.done)
