@@ -32,6 +32,7 @@ import polars as pl
 from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
+from xmctag.calibration import apply_thresholds, load_thresholds
 from xmctag.errors import UserError
 from xmctag.io.atomic import resolve_output
 from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
@@ -54,7 +55,7 @@ class Tagger:
 
     def __init__(self, bundle: Bundle, session, tokenizer, index, labels: pl.DataFrame, device: str,
                  encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False,
-                 lexical=None):
+                 lexical=None, thresholds=None):
         self.bundle = bundle
         self.path, self.manifest, self.config = bundle.path, bundle.manifest, bundle.config
         self.session = session
@@ -74,6 +75,7 @@ class Tagger:
         # The lexical model and each label's fusion weight (Bundle.lexical), or None: the dense score alone.
         self.lexical, self.lexical_weights = lexical if lexical is not None else (None, None)
         self.encode_batch_size = encode_batch_size
+        self.thresholds = thresholds  # calibrated thresholds (L,) (xmctag.calibration), or None: top-k as ranked
         groups = labels["exclusive_group"].to_list() if exclusive_groups and "exclusive_group" in labels else None
         self.groups = group_ids(groups)  # at most one label of each exclusive facet per product
         # A decoder's prompt template (ids built as in training), None for encoders (the tokenizer's own).
@@ -103,14 +105,18 @@ class Tagger:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
              verify: bool = True, precision: str = "auto", exclusive_groups: bool = False,
-             encode_batch_size: int | None = None) -> "Tagger":
+             encode_batch_size: int | None = None, calibrated: bool = False) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
         2x the fp32 graph with AVX-512 VNNI, embeddings within a few degrees of fp32). ``exclusive_groups``: at
         most one label of each exclusive facet per product (``xmctag.label_groups``); False (default) ranks all
         labels freely.
-        ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA)."""
+        ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA).
+        ``calibrated``: keep only labels scoring at least their calibrated threshold (``xmctag calibrate``,
+        ``xmctag.calibration``), so products get fewer than ``top_k`` labels or none; a bundle without calibration
+        is an error."""
         runtime.check_runtime_packages()  # both or neither of onnxruntime(-gpu) / faiss-cpu(-gpu): say so first
         bundle = Bundle.open(path, verify=verify)
+        thresholds = load_thresholds(bundle) if calibrated else None
         requested, device = device, runtime.resolve_device(device)
         try:
             session = bundle.session(device, precision, threads)
@@ -129,7 +135,8 @@ class Tagger:
         if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
             encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
         return cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
-                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical())
+                   neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical(),
+                   thresholds=thresholds)
 
     # -- core ----------------------------------------------------------------------------------------------------
     def embed(self, texts: list[str], images: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -195,6 +202,8 @@ class Tagger:
                                       self.knn_weight, top_k, self.groups, lexical=lexical)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
+        if self.thresholds is not None:
+            indices = apply_thresholds(indices, scores, self.thresholds)
         return indices, scores
 
     def tag(self, frame: pl.DataFrame, top_k: int = 5, min_score: float | None = None,
@@ -262,6 +271,8 @@ class Tagger:
                         "catalog_sha256": report["catalog_sha256"], "top_k": top_k, "min_score": min_score,
                         "text_cols": ",".join(self.config.text_cols), "xmctag_version": __version__,
                         "tagged_at": now()}
+            if self.thresholds is not None:
+                metadata["calibrated_precision"] = self.bundle.manifest["calibration"]["target_precision"]
             # Opened (its lock taken, its temporary file created) before any work: an output that cannot be
             # written, or that another run is writing, fails now, not after the whole catalog has been tagged.
             with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas) as writer:
@@ -307,6 +318,7 @@ class Tagger:
                     writer.write(ids, labels, texts, scores)
                     summary.rows_tagged += len(batch)
                     summary.without_labels += sum(not row for row in labels)
+                    summary.fewer_than_k += sum(len(row) < top_k for row in labels)
                 if images is None:
                     update(n_read)
                 else:
