@@ -111,7 +111,7 @@ def contents(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-SETTINGS = dict(precision=0.8, top_k=10, min_positives=5, progress=False, device="cpu")
+SETTINGS = {"precision": 0.8, "top_k": 10, "min_positives": 5, "progress": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
