@@ -215,6 +215,23 @@ def test_a_failed_calibrate_leaves_the_bundle_byte_identical(calibrated, copy_of
     read_manifest(path)
 
 
+def test_an_update_waits_for_no_one_and_refuses_a_bundle_that_changed(calibrated, copy_of):
+    from xmctag.bundle_update import update_bundle
+    from xmctag.errors import OutputLocked
+    from xmctag.io.atomic import OutputLock
+
+    path = copy_of(calibrated[0])
+    before = contents(path)
+    with pytest.raises(UserError, match="the bundle changed while calibrate ran"):
+        update_bundle(path, {}, {}, what="calibrate", expected_id="0" * 16)
+    with OutputLock(path.resolve(), "calibrate"), pytest.raises(OutputLocked, match="another xmctag run"):
+        update_bundle(path, {}, {}, what="calibrate")
+    assert contents(path) == before
+    # Nothing to change but the seal: the same bundle, the same id, the files rebuilt as links of the old ones.
+    assert update_bundle(path, {}, {})["bundle_id"] == read_manifest(path)["bundle_id"] == calibrated[1].bundle_id
+    assert contents(path) == before
+
+
 # -- tagging with the thresholds --------------------------------------------------------------------------------------
 def test_tag_calibrated_keeps_a_subset_above_the_thresholds(calibrated, catalog_dir, tmp_path):
     path, _ = calibrated

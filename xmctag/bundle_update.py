@@ -40,9 +40,10 @@ RENAME_EXCHANGE = 2
 
 def update_bundle(bundle: str | Path, sections: dict[str, dict | None], files: dict[str, bytes],
                   out: str | Path | None = None, check: Callable[[Path], None] | None = None,
-                  what: str = "bundle") -> dict:
+                  what: str = "bundle", expected_id: str | None = None) -> dict:
     """The bundle at ``bundle`` (or a copy at ``out``) with ``files`` added or replaced and the manifest's
-    ``sections`` set (see the module docstring); returns the new manifest. ``what`` names the command in messages."""
+    ``sections`` set (see the module docstring); returns the new manifest. ``what`` names the command in messages;
+    ``expected_id``: the bundle id the caller's work was based on (a bundle that changed since is an error)."""
     source = Path(os.path.realpath(bundle))  # a symlinked bundle is updated where it lies; the link stays
     target = Path(os.path.realpath(out)) if out is not None else source
     if out is not None:
@@ -52,6 +53,9 @@ def update_bundle(bundle: str | Path, sections: dict[str, dict | None], files: d
             raise UserError(f"--out {out}: directory {target.parent} does not exist")
     with OutputLock(target, what):
         manifest = read_manifest(source)  # checked again under the lock: what is copied is what was sealed
+        if expected_id is not None and manifest["bundle_id"] != expected_id:
+            raise UserError(f"{what} {bundle}: the bundle changed while {what} ran (id {expected_id} -> "
+                            f"{manifest['bundle_id']}: another calibrate or export?); run it again")
         try:
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         except OSError as e:

@@ -399,7 +399,7 @@ def calibrate(bundle: str | Path, dev: str | Path, precision: float = 0.9, top_k
 
     manifest = update_bundle(bundle, {"calibration": manifest_section(report, scores)},
                              {CALIBRATION_FILE: npy_bytes(thresholds)}, out=out, check=check,
-                             what="calibrate")
+                             what="calibrate", expected_id=tagger.bundle_id)
     report.bundle, report.bundle_id = str(out or bundle), manifest["bundle_id"]
     report.previous_bundle_id = tagger.bundle_id
     return report
