@@ -170,8 +170,8 @@ class Tagger:
 
     def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None,
                 images: tuple[np.ndarray, np.ndarray] | None = None):
-        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first;
-        ``k`` is ``top_k``, at most the number of labels."""
+        """Label indices ``(n, k)`` (-1 where below ``min_score`` or, calibrated, below the label's threshold) and
+        scores ``(n, k)`` in [0, 1], best first; ``k`` is ``top_k``, at most the number of labels."""
         check_options(top_k, min_score)
         if self.lexical is None:
             return self.rank(self.embed(texts, images), top_k, min_score)
