@@ -299,7 +299,7 @@ def test_cli_calibrate_and_tag_calibrated(calibrated, copy_of, catalog_dir, tmp_
                     "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "promised precision 0.8, measured" in text and "held-out half, top-5 (40)" in text
+    assert "promised precision 0.8, measured" in text and "held-out, top-5 40 40.00" in text
     result = invoke("tag", dev, "--model", path, "--calibrated", "-o", tmp_path / "out.parquet", "-q")
     assert result.exit_code == 0, result.output
     lengths = pl.read_parquet(tmp_path / "out.parquet")["labels"].list.len()

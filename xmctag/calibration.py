@@ -300,14 +300,19 @@ class CalibrationReport:
 
 
 def report_rows(report: CalibrationReport) -> list[tuple[str, ...]]:
-    """The rows of ``calibrate``'s table: fit half, held-out half, uncalibrated top-k on the held-out half."""
+    """The rows of ``calibrate``'s table (``REPORT_COLUMNS``): fit half, held-out half, and the uncalibrated top-k
+    on the held-out half."""
     def cells(name: str, m: dict) -> tuple[str, ...]:
         percent = [f"{100 * m[key]:.2f}" if m[key] is not None else "-" for key in ("precision", "recall")]
-        return (f"{name} ({m['rows']:,})", *percent, f"{m['labels_per_product']:.2f}",
+        return (name, f"{m['rows']:,}", *percent, f"{m['labels_per_product']:.2f}",
                 f"{100 * m['no_label_share']:.1f} %")
 
-    return [cells("fit half, calibrated", report.fit), cells("held-out half, calibrated", report.held_out),
-            cells(f"held-out half, top-{report.baseline['k']}", report.baseline)]
+    return [cells("fit, calibrated", report.fit), cells("held-out, calibrated", report.held_out),
+            cells(f"held-out, top-{report.baseline['k']}", report.baseline)]
+
+
+REPORT_COLUMNS = ("", "rows", "precision", "recall", "labels/product", "none")
+REPORT_CAPTION = "none: products left without a label"
 
 
 def summary_line(summary, tagger, min_score: float | None) -> str:

@@ -221,8 +221,8 @@ def calibrate(
     quiet: bool = QuietOption,
 ):
     """Fit score thresholds that reach a target precision on dev, store them in the bundle (`tag --calibrated`)."""
+    from xmctag.calibration import REPORT_CAPTION, REPORT_COLUMNS, report_rows
     from xmctag.calibration import calibrate as calibrate_api
-    from xmctag.calibration import report_rows
 
     report = calibrate_api(bundle, dev, precision=precision, top_k=top_k, seed=seed, min_positives=min_positives,
                            out=out, device=device, progress=not quiet)
@@ -231,9 +231,9 @@ def calibrate(
         return
     from rich.table import Table
 
-    table = Table()
-    for column in ("rows", "precision", "recall", "labels/product", "no label"):
-        table.add_column(column, justify="left" if column == "rows" else "right", no_wrap=True)
+    table = Table(caption=REPORT_CAPTION)
+    for i, column in enumerate(REPORT_COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
     for row in report_rows(report):
         table.add_row(*row)
     out_console.print(table)
