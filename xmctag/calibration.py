@@ -5,8 +5,9 @@
 1. **Tag the dev catalog** with the bundle's ``Tagger`` at a generous ``top_k`` (default 20), so that thresholds
    have predictions to cut. The dev catalog is a Parquet file with the bundle's text columns (and, for an image
    bundle, optionally its image column) and a list-of-strings labels column (the bundle's ``labels_col``, as in
-   training); ids are not needed. Rows without text are skipped (counted); truth labels that are not in the bundle's
-   label table count for recall but can never be predicted (counted).
+   training); ids are not needed. It is read whole (dev sets are small; the scores kept are rows x ``top_k``).
+   Rows without text are skipped (counted); truth labels that are not in the bundle's label table count for recall
+   but can never be predicted (counted).
 2. **Split** the tagged rows in two halves with a seeded permutation (``split_rows``): thresholds are fitted on the
    *fit* half only, and everything the report promises is measured on the other, *held-out* half.
 3. **Fit** one threshold per label (``fit_thresholds``). A group of predictions (each a score, correct or not) gets
