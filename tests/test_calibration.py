@@ -298,7 +298,7 @@ def test_cli_calibrate_and_tag_calibrated(calibrated, copy_of, catalog_dir, tmp_
     result = invoke("calibrate", path, "--dev", dev, "--precision", 0.8, "--top-k", 10, "--min-positives", 5,
                     "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
-    text = " ".join(result.stdout.split())
+    text = " ".join(result.stdout.replace("│", " ").split())
     assert "promised precision 0.8, measured" in text and "held-out, top-5 40 40.00" in text
     result = invoke("tag", dev, "--model", path, "--calibrated", "-o", tmp_path / "out.parquet", "-q")
     assert result.exit_code == 0, result.output
