@@ -188,7 +188,16 @@ def test_tampered_or_mismatched_calibration_is_refused(calibrated, copy_of):
     np.save(path / CALIBRATION_FILE, np.array([{"a": 1}] * n_labels, dtype=object), allow_pickle=True)
     seal(path, manifest)
     with pytest.raises(UserError, match=f"bundle file {CALIBRATION_FILE} is unreadable"):
-        Bundle.open(path).calibration()
+        Bundle.open(path).calibration()  # a pickle is never loaded
+    # The manifest's section is checked like the rest of it: a path outside the bundle, or a file it does not list.
+    for name, message in (("../calibration.npy", "not a relative path inside the bundle"),
+                          ("other.npy", "which is not in the manifest's files")):
+        seal(path, {**manifest, "calibration": {**manifest["calibration"], "file": name}})
+        with pytest.raises(UserError, match=message):
+            Bundle.open(path)
+    seal(path, {**manifest, "calibration": {**manifest["calibration"], "target_precision": 1.5}})
+    with pytest.raises(UserError, match="invalid key 'calibration.target_precision'"):
+        Bundle.open(path)
 
 
 def test_a_failed_calibrate_leaves_the_bundle_byte_identical(calibrated, copy_of, catalog_dir, tmp_path,
