@@ -91,7 +91,7 @@ def test_summary_json_of_a_good_run_and_provenance_in_the_file(bundle, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert (summary["command"], summary["status"], summary["exit_code"]) == ("tag", "ok", 0)
     assert summary["rows"] == {"read": 3, "tagged": 2, "skipped": 1, "skipped_by_reason": {"empty text": 1},
-                               "without_labels": 0}
+                               "without_labels": 0, "fewer_than_k": 0}
     assert summary["catalog_sha256"] == digest and summary["bundle_id"] == manifest["bundle_id"]
     assert summary["output"] == str(tmp_path / "out.parquet") and summary["format"] == "parquet"
     assert summary["versions"]["xmctag"] and summary["seconds"] >= 0 and summary["finished"] >= summary["started"]

@@ -10,6 +10,7 @@ Python API (the CLI is a thin layer over it):
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
     metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
     changes = xmctag.diff("last-night.parquet", "tonight.parquet")       # a DiffReport: .to_dict() is the JSON
+    report = xmctag.calibrate("export/demo", "dev.parquet", precision=0.9)  # then Tagger.load(..., calibrated=True)
 """
 
 from xmctag.config import Config
@@ -17,8 +18,7 @@ from xmctag.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "__version__"]
-__all__ += ["diff"]
+__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "diff", "calibrate", "__version__"]
 
 
 def __getattr__(name):
@@ -43,4 +43,8 @@ def __getattr__(name):
         from xmctag.reports.diff import diff_predictions
 
         return diff_predictions
+    if name == "calibrate":
+        from xmctag.calibration import calibrate
+
+        return calibrate
     raise AttributeError(f"module 'xmctag' has no attribute {name!r}")

@@ -16,6 +16,8 @@
     vision.json            image fusion only: its model id, dim and preprocessing (xmctag.vision.onnx_runtime)
     lexical/               the lexical model (TF-IDF + label trees, ``xmctag.lexical``; optional): the manifest's
                            ``lexical`` section holds its fusion weights, candidates and beam
+    calibration.npy        float32 (L,) score thresholds of ``tag --calibrated`` (optional; ``xmctag calibrate``
+                           adds it, with the manifest's ``calibration`` section: ``xmctag.calibration``)
     config.json            the training Config
     README.md              model card of the run
     manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
@@ -314,6 +316,24 @@ class Bundle:
             raise self._mismatch("the lexical model's fusion weights, candidates or beam")
         counts = self.labels(["train_count"], optional=())["train_count"].to_numpy()
         return model, label_weights(section, counts)
+
+    def calibration(self) -> np.ndarray | None:
+        """The thresholds of ``tag --calibrated`` (``xmctag.calibration``): float32 ``(L,)``, each in [0, 1] or
+        +inf, from the file the manifest's ``calibration`` section names (its sha256 checked even when the bundle was
+        opened with ``verify=False``: it is small); None when the bundle has no calibration."""
+        from xmctag.calibration import check_thresholds
+
+        section = self.manifest.get("calibration")
+        if section is None:
+            return None
+        name = section["file"]
+        self.check_file(name)
+        with self._reading(name) as file:  # memory-mapped: a header claiming a huge array fails, never allocates
+            thresholds = np.array(np.load(file, mmap_mode="r", allow_pickle=False))
+        problem = check_thresholds(thresholds, self.dims["labels"])
+        if problem:
+            raise self._mismatch(f"{name} ({problem})")
+        return thresholds
 
     def vision_encoder(self, device: str = "cpu"):
         """The bundle's vision graph as an ``OnnxVisionEncoder`` (fused bundles), checked against ``fusion``."""

@@ -170,6 +170,9 @@ def tag(
                                             "settings), tag only the others."),
     evidence: int = typer.Option(0, "--evidence", min=0, help="Per product, the N training products that voted "
                                  "most for its labels (evidence_ids, evidence_scores) [default: 0, off]."),
+    calibrated: bool = typer.Option(False, "--calibrated", help="Keep only labels scoring at least their calibrated "
+                                    "threshold (run `xmctag calibrate` first): products may get fewer than --top-k "
+                                    "labels, or none."),
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
@@ -180,7 +183,7 @@ def tag(
     checks = RunChecks(max_skipped_share, max_image_failure_share, allow_empty)
     allowed = image_hosts(hosts)
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
-                         exclusive_groups=exclusive_groups)
+                         exclusive_groups=exclusive_groups, calibrated=calibrated)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
                               strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers, checks=checks,
                               summary_json=summary_json, escape_formulas=escape_formulas, image_hosts=allowed,
@@ -193,7 +196,11 @@ def tag(
         from xmctag.incremental import IncrementalCounts
 
         err_console.print(IncrementalCounts(**summary.incremental).line(), highlight=False, soft_wrap=True)
-    if summary.without_labels:
+    if calibrated:
+        from xmctag.calibration import summary_line
+
+        err_console.print(summary_line(summary, tagger, min_score), highlight=False, soft_wrap=True)
+    elif summary.without_labels:
         err_console.print(f"{summary.without_labels} products had no label above --min-score {min_score} (Parquet: "
                           "an empty list; CSV/JSONL: no rows)", highlight=False, soft_wrap=True)
     if summary.images is not None:
@@ -203,6 +210,45 @@ def tag(
                           soft_wrap=True)
     if show:
         print_examples(tagger, catalog, summary.output, show, summary.top_k)
+
+
+@app.command()
+@user_errors
+def calibrate(
+    bundle: Path = typer.Argument(..., help="Bundle directory to calibrate (updated in place unless --out)."),
+    dev: Path = typer.Option(..., "--dev", help="Dev catalog with true labels (Parquet: the model's text columns "
+                             "and its labels column), not used in training."),
+    precision: float = typer.Option(0.9, "--precision", help="Target precision of the labels kept (0-1)."),
+    top_k: int = typer.Option(20, "--top-k", min=1, help="Labels per dev product the thresholds choose from."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split of dev into fit and held-out halves."),
+    min_positives: int = typer.Option(20, "--min-positives", min=1, help="Dev positives (and predictions) a label "
+                                      "needs in the fit half for a threshold of its own; others share their "
+                                      "frequency band's, else a global one."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a calibrated copy here (a new or empty "
+                                       "directory) and leave BUNDLE as it is."),
+    device: str = DeviceOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    quiet: bool = QuietOption,
+):
+    """Fit score thresholds that reach a target precision on dev, store them in the bundle (`tag --calibrated`)."""
+    from xmctag.calibration import REPORT_CAPTION, REPORT_COLUMNS, report_rows
+    from xmctag.calibration import calibrate as calibrate_api
+
+    report = calibrate_api(bundle, dev, precision=precision, top_k=top_k, seed=seed, min_positives=min_positives,
+                           out=out, device=device, progress=not quiet)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(caption=REPORT_CAPTION)
+    for i, column in enumerate(REPORT_COLUMNS):
+        table.add_column(column, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in report_rows(report):
+        table.add_row(*row)
+    out_console.print(table)
+    for line in report.lines():
+        out_console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

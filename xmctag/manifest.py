@@ -4,8 +4,8 @@ Bundles come from other machines and teams, so nothing in one is trusted until `
 
 - its keys and their types (``SCHEMA``): what tagging reads is there and has the right type;
 - every path it names (``files`` keys, ``tokenization.tokenizer``, ``graph.files``, the fusion section's vision
-  files) is relative, normalised (no ``..``, ``.``, ``//``, backslash) and stays inside the bundle once symlinks
-  are resolved, and is listed in ``files``;
+  files, ``calibration.file``) is relative, normalised (no ``..``, ``.``, ``//``, backslash) and stays inside the
+  bundle once symlinks are resolved, and is listed in ``files``;
 - its ``bundle_id`` is ``bundle_id_of(manifest)``, so an edited manifest (a scoring scale, a kNN weight, a
   tokenisation length, a file dropped from ``files``) is refused: the id names what the results depend on;
 - every file in the bundle directory, recursively, is listed in ``files`` (nothing unlisted rides along), no
@@ -46,7 +46,7 @@ def bundle_id_of(manifest: dict) -> str:
     """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace,
     ASCII) of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section
     that affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
-    ``training``, ``lexical``, and any key a later xmctag adds."""
+    ``training``, ``lexical``, ``calibration`` (``xmctag.calibration``), and any key a later xmctag adds."""
     covered = {key: value for key, value in manifest.items() if key not in VOLATILE_KEYS}
     canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -106,6 +106,8 @@ SCHEMA = [
     ("lexical.bands", lambda v: isinstance(v, list) and all(_int(0)(b) for b in v), True),
     ("lexical.weights", lambda v: isinstance(v, list) and all(_number(w) and 0 <= w <= 1 for w in v), True),
     ("lexical.candidates", _int(1), True), ("lexical.beam", _int(1), True),
+    ("calibration", _is(dict), False), ("calibration.file", _is(str), True),
+    ("calibration.target_precision", lambda v: _number(v) and 0 < v < 1, True),
 ]
 
 
@@ -120,6 +122,9 @@ def named_paths(manifest: dict) -> list[tuple[str, str]]:
     lexical = manifest.get("lexical")
     if lexical is not None:
         named += [("lexical.folder", f"{lexical['folder']}/{name}") for name in ("lexical.json", "features.json")]
+    calibration = manifest.get("calibration")
+    if calibration is not None:
+        named.append(("calibration.file", calibration["file"]))
     return named
 
 

@@ -38,9 +38,10 @@ class TagSummary:
     seconds: float = 0.0
     images: dict[str, int] | None = None  # fused bundles: ImageCounts (used, missing, broken, cached, ...)
     image_cache: Path | None = None
-    without_labels: int = 0  # products tagged whose labels all scored below min_score (no label written)
+    without_labels: int = 0  # products tagged whose labels all were cut (min_score, calibrated thresholds)
     top_k: int = 0  # labels per product asked for, capped at the number of labels
     incremental: dict | None = None  # tag --previous: xmctag.incremental.IncrementalCounts.to_dict()
+    fewer_than_k: int = 0  # products tagged with fewer than top_k labels (min_score, calibrated thresholds)
 
     @property
     def products_per_second(self) -> float:
@@ -53,7 +54,8 @@ class TagSummary:
     def to_dict(self) -> dict:
         """The ``rows`` and ``images`` sections of the tagging summary (``run_summary``)."""
         rows = {"read": self.rows_read, "tagged": self.rows_tagged, "skipped": self.rows_skipped,
-                "skipped_by_reason": dict(self.skipped), "without_labels": self.without_labels}
+                "skipped_by_reason": dict(self.skipped), "without_labels": self.without_labels,
+                "fewer_than_k": self.fewer_than_k}
         if self.incremental is not None:
             rows["incremental"] = dict(self.incremental)
         return {"output": str(self.output) if self.output else None, "top_k": self.top_k, "rows": rows,

@@ -36,6 +36,7 @@ import polars as pl
 from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
+from xmctag.calibration import apply_thresholds, load_thresholds
 from xmctag.errors import UserError
 from xmctag.incremental import coalesced, merge, reused_products, with_content_hash
 from xmctag.io.atomic import resolve_output
@@ -63,7 +64,7 @@ class Tagger:
 
     def __init__(self, bundle: Bundle, session, tokenizer, index, labels: pl.DataFrame, device: str,
                  encode_batch_size: int = ENCODE_BATCH_CPU, neighbours=None, exclusive_groups: bool = False,
-                 lexical=None):
+                 lexical=None, thresholds=None):
         self.bundle = bundle
         self.path, self.manifest, self.config = bundle.path, bundle.manifest, bundle.config
         self.session = session
@@ -83,6 +84,7 @@ class Tagger:
         # The lexical model and each label's fusion weight (Bundle.lexical), or None: the dense score alone.
         self.lexical, self.lexical_weights = lexical if lexical is not None else (None, None)
         self.encode_batch_size = encode_batch_size
+        self.thresholds = thresholds  # calibrated thresholds (L,) (xmctag.calibration), or None: top-k as ranked
         groups = labels["exclusive_group"].to_list() if exclusive_groups and "exclusive_group" in labels else None
         self.groups = group_ids(groups)  # at most one label of each exclusive facet per product
         # A decoder's prompt template (ids built as in training), None for encoders (the tokenizer's own).
@@ -112,14 +114,18 @@ class Tagger:
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int | None = None,
              verify: bool = True, precision: str = "auto", exclusive_groups: bool = False,
-             encode_batch_size: int | None = None) -> "Tagger":
+             encode_batch_size: int | None = None, calibrated: bool = False) -> "Tagger":
         """``precision``: ``auto`` (fp16 graph on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or ``int8`` (CPU: about
         2x the fp32 graph with AVX-512 VNNI, embeddings within a few degrees of fp32). ``exclusive_groups``: at
         most one label of each exclusive facet per product (``xmctag.label_groups``); False (default) ranks all
         labels freely.
-        ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA)."""
+        ``encode_batch_size``: products per ONNX Runtime call (default: 64 on CPU, 512 on CUDA).
+        ``calibrated``: keep only labels scoring at least their calibrated threshold (``xmctag calibrate``,
+        ``xmctag.calibration``), so products get fewer than ``top_k`` labels or none; a bundle without calibration
+        is an error."""
         runtime.check_runtime_packages()  # both or neither of onnxruntime(-gpu) / faiss-cpu(-gpu): say so first
         bundle = Bundle.open(path, verify=verify)
+        thresholds = load_thresholds(bundle) if calibrated else None
         requested, device = device, runtime.resolve_device(device)
         try:
             session = bundle.session(device, precision, threads)
@@ -138,7 +144,8 @@ class Tagger:
         if encode_batch_size is None:  # a GPU idles on batches of 64; on a CPU larger batches only pad more
             encode_batch_size = ENCODE_BATCH_CUDA if device == "cuda" else ENCODE_BATCH_CPU
         tagger = cls(bundle, session, bundle.tokenizer(), index, labels, device, encode_batch_size,
-                     neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical())
+                     neighbours=bundle.neighbours(), exclusive_groups=exclusive_groups, lexical=bundle.lexical(),
+                     thresholds=thresholds)
         tagger.graph = bundle.graph(device, precision).name
         return tagger
 
@@ -174,8 +181,9 @@ class Tagger:
 
     def predict(self, texts: list[str], top_k: int = 5, min_score: float | None = None,
                 images: tuple[np.ndarray, np.ndarray] | None = None, evidence: int = 0):
-        """Label indices ``(n, k)`` (-1 where below ``min_score``) and scores ``(n, k)`` in [0, 1], best first;
-        ``k`` is ``top_k``, at most the number of labels. ``evidence`` > 0: a third value, as ``rank``'s."""
+        """Label indices ``(n, k)`` (-1 where below ``min_score`` or, calibrated, below the label's threshold) and
+        scores ``(n, k)`` in [0, 1], best first; ``k`` is ``top_k``, at most the number of labels. ``evidence`` > 0:
+        a third value, as ``rank``'s."""
         check_options(top_k, min_score)
         if self.lexical is None:
             return self.rank(self.embed(texts, images), top_k, min_score, evidence=evidence)
@@ -212,6 +220,8 @@ class Tagger:
                                       self.knn_weight, top_k, self.groups, lexical=lexical)
         if min_score is not None:
             indices = np.where(scores >= min_score, indices, -1)
+        if self.thresholds is not None:
+            indices = apply_thresholds(indices, scores, self.thresholds)
         if evidence:
             from xmctag.scoring.evidence import top_evidence
 
@@ -327,8 +337,9 @@ class Tagger:
         those, what ``tag --previous`` compares (``xmctag.incremental``)."""
         from xmctag.incremental import CONTENT_HASH
 
+        calibrated = self.bundle.manifest["calibration"]["target_precision"] if self.thresholds is not None else None
         return {"graph": self.graph, "exclusive_groups": self.groups is not None, "evidence": evidence,
-                "content_hash": CONTENT_HASH, "escape_formulas": escape_formulas}
+                "calibrated_precision": calibrated, "content_hash": CONTENT_HASH, "escape_formulas": escape_formulas}
 
     def _tag_into(self, writer: PredictionWriter, catalog: Path, columns: list[str], summary: TagSummary,
                   top_k: int, min_score: float | None, batch_size: int, strict: bool, progress: bool,
@@ -382,7 +393,9 @@ class Tagger:
                 if products is not None:
                     writer.write_frame(products)
                     summary.rows_tagged += len(products)
-                    summary.without_labels += int((products["labels"].list.len() == 0).sum())
+                    n_labels = products["labels"].list.len()
+                    summary.without_labels += int((n_labels == 0).sum())
+                    summary.fewer_than_k += int((n_labels < top_k).sum())
                 if images is None:
                     update(n_read)
                 else:
