@@ -325,3 +325,26 @@ def test_cli_errors_are_one_line(bundle, catalog_dir, tmp_path):
     assert result.exit_code == 2 and "--precision must be between 0 and 1" in result.stderr
     result = invoke("calibrate", bundle, "--dev", tmp_path / "missing.parquet", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "missing.parquet: no such file" in result.stderr
+
+
+def test_previous_predictions_are_reused_only_with_the_same_calibration_setting(calibrated, catalog_dir, tmp_path):
+    """``tag --previous`` compares ``calibrated_precision`` like any setting: a plain file is not reused by a
+    calibrated run of the same bundle, a calibrated one is, and the reused output equals a fresh calibrated run."""
+    path, _ = calibrated
+    dev = catalog_dir / "dev.parquet"
+    plain = Tagger.load(path, device="cpu")
+    tagger = Tagger.load(path, device="cpu", calibrated=True)
+    plain.tag_file(dev, tmp_path / "plain.parquet", top_k=5, progress=False)
+    tagger.tag_file(dev, tmp_path / "calibrated.parquet", top_k=5, progress=False)
+    with pytest.warns(UserWarning, match="not reused"):
+        other = tagger.tag_file(dev, tmp_path / "from-plain.parquet", top_k=5, progress=False,
+                                previous=tmp_path / "plain.parquet")
+    assert other.incremental["reused"] == 0
+    same = tagger.tag_file(dev, tmp_path / "again.parquet", top_k=5, progress=False,
+                           previous=tmp_path / "calibrated.parquet")
+    assert same.incremental["reused"] == 80
+    columns = ["id", "labels", "content_hash"]
+    assert pl.read_parquet(tmp_path / "again.parquet", columns=columns).equals(
+        pl.read_parquet(tmp_path / "calibrated.parquet", columns=columns))
+    assert pl.read_parquet(tmp_path / "from-plain.parquet", columns=columns).equals(
+        pl.read_parquet(tmp_path / "calibrated.parquet", columns=columns))
