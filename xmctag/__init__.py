@@ -9,6 +9,7 @@ Python API (the CLI is a thin layer over it):
     predictions = tagger.tag(frame)           # polars DataFrame in, DataFrame out
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
     metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
+    report = xmctag.relabel("export/demo", "labels-new.parquet", "export/demo-new")  # a RelabelReport
 """
 
 from xmctag.config import Config
@@ -16,7 +17,7 @@ from xmctag.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "__version__"]
+__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "relabel", "__version__"]
 
 
 def __getattr__(name):
@@ -37,4 +38,8 @@ def __getattr__(name):
         from xmctag.evaluation.predictions import evaluate_predictions
 
         return evaluate_predictions
+    if name == "relabel":
+        from xmctag.relabeller import relabel
+
+        return relabel
     raise AttributeError(f"module 'xmctag' has no attribute {name!r}")
