@@ -14,9 +14,10 @@ Train one run on the kept files and one on the full files, with the same setting
 ``evaluate``.
 
 ``evaluate`` relabels the kept bundle with the full label table (``xmctag.relabel``, once per ``--variants`` entry
-``METHOD:votes|novotes``, into ``--bundles``), and ranks the full dev set's texts (the bundle's text columns) with
-each relabelled bundle, with the full bundle and with the kept bundle as it is (the kept encoder embeds the texts
-once for it and its relabelled variants: their graphs are the same file). Top 20 labels per product, then:
+``METHOD:votes|novotes[:MIN_PRODUCTS]``, into ``--bundles``), and ranks the full dev set's texts (the bundle's
+text columns) with each relabelled bundle, with the full bundle and with the kept bundle as it is (the kept encoder
+embeds the texts once for it and its relabelled variants: their graphs are the same file). Top 20 labels per
+product, then:
 
 - **held-out labels** H, over the dev rows with at least one true label in H (truth restricted to H; the ranking is
   the bundle's whole top 5): ``R@5`` = mean of |top 5 ∩ truth ∩ H| / |truth ∩ H|; ``PSP@5`` = sum over those rows of
@@ -119,7 +120,7 @@ def all_metrics(top: np.ndarray, truth: list[np.ndarray], inv_p: np.ndarray) -> 
     return {"rows": len(rows), **{k: m[k] for k in ("P@1", "P@5", "PSP@5")}}
 
 
-def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, variants: list[tuple[str, bool]],
+def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, variants: list[tuple[str, bool, int]],
              rows: int | None = None) -> dict:
     import polars as pl
 
@@ -170,10 +171,10 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
     top, rank_s = ranked(kept_tagger, embeddings)
     record("kept", top, {"embed": embed_s, "rank": rank_s})
     del kept_tagger
-    for method, votes in variants:
-        name = f"relabel-{method}-{'votes' if votes else 'novotes'}"
+    for method, votes, floor in variants:
+        name = f"relabel-{method}-{'votes' if votes else 'novotes'}" + (f"-min{floor}" if floor else "")
         report = xmctag.relabel(kept, data / "labels.parquet", bundles / name, overwrite=True, vectors=method,
-                                votes=votes, progress=False)
+                                votes=votes, min_products=floor, progress=False)
         tagger = Tagger.load(bundles / name, device="cpu")
         top, rank_s = ranked(tagger, embeddings)
         record(name, top, {"relabel": report.seconds, "rank": rank_s})
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         from common import print_header
 
         work = args.work / f"relabel-{args.dataset}"
-        variants = [(v.split(":")[0], v.split(":")[1] != "novotes") for v in args.variants.split(",") if v]
+        variants = [(v.split(":")[0], v.split(":")[1] != "novotes", int(v.split(":")[2]) if v.count(":") > 1 else 0)
+                    for v in args.variants.split(",") if v]
         results = evaluate(args.data / args.dataset, work, args.kept, args.full, args.bundles or work / "bundles",
                            variants, args.rows)
         if args.json:

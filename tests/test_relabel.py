@@ -263,3 +263,10 @@ def test_pseudo_labels_follow_the_calibrated_threshold():
         best = above[np.argsort(-logits[above, label])][:40]
         assert sorted(chosen.tolist()) == sorted(best.tolist())
     assert (np.diff(got_rows) >= 0).all()
+    # A floor: each label also gets its best products whatever their logit (a threshold no product passes).
+    got_rows, got_labels = pseudo_labels(rows, 1000, vectors, threshold=1e9, cap=40, floor=3)
+    for label in range(3):
+        assert sorted(got_rows[got_labels == label].tolist()) == sorted(np.argsort(-logits[:, label])[:3].tolist())
+    both_rows, both_labels = pseudo_labels(rows, 1000, vectors, threshold, cap=40, floor=3)
+    assert set(zip(both_rows.tolist(), both_labels.tolist())) == set(zip(*pseudo_labels(rows, 1000, vectors,
+                                                                                        threshold, 40)))

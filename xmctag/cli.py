@@ -213,6 +213,8 @@ def relabel(
                                 "(a linear map fitted on the trained labels), scaled (one scale and bias) or text."),
     votes: bool = typer.Option(True, "--votes/--no-votes", help="Give new labels the training products their "
                                "vectors score highest, so that they get neighbour votes as trained labels do."),
+    min_products: int = typer.Option(0, "--min-products", min=0, help="With --votes: each new label gets at least "
+                                     "its N best training products."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag bundle, "
                                    "and not the source bundle or one holding the table)."),
     quiet: bool = QuietOption,
@@ -221,7 +223,8 @@ def relabel(
     vectors from their text, retired labels disappear."""
     from xmctag.relabeller import relabel as relabel_api
 
-    report = relabel_api(bundle, labels, out, overwrite=overwrite, vectors=vectors, votes=votes, progress=not quiet)
+    report = relabel_api(bundle, labels, out, overwrite=overwrite, vectors=vectors, votes=votes,
+                         min_products=min_products, progress=not quiet)
     err_console.print(report.line(), highlight=False, soft_wrap=True)
 
 

@@ -13,7 +13,8 @@ the new table's, in its order:
   by the bundle's own ONNX text encoder (fp32, CPU; text only for image bundles), and their label vectors come from
   a map fitted on the trained labels (``xmctag.scoring.new_labels``: ``ridge`` by default, ``scaled`` or
   ``text``). With neighbour votes in the bundle, each new label is given the training products its vector scores
-  above a calibrated threshold (``--no-votes``: none), so its dense score is on the scale of a trained label's.
+  above a calibrated threshold, and at least its ``--min-products`` best ones (``--no-votes``: none), so its dense
+  score is on the scale of a trained label's.
   ``train_count`` is 0; the exclusive group is the label's group (``label_groups``) when that is one of the
   bundle's exclusive groups. The lexical model's trees cannot return a new label: its lexical weight is 0.
 - **retired** labels (in the bundle, not in the table) disappear everywhere: label table, vectors, embeddings, the
@@ -51,6 +52,8 @@ from xmctag.io.atomic import current_umask
 from xmctag.io.datasets import LabelTable
 from xmctag.progress import Progress
 
+MIN_PRODUCTS = 0  # the fewest training products a new label gets votes from (bench/RESULTS.md, "Relabel")
+
 
 @dataclass
 class RelabelReport:
@@ -64,7 +67,7 @@ class RelabelReport:
     retired: int
     text_changed: int
     vectors: dict  # the vector map (VectorMap.describe), {} without new labels
-    votes: dict  # {"threshold", "pairs", "cap"} of the new labels' neighbour votes, {} without
+    votes: dict  # {"threshold", "cap", "min_products", "pairs", ...} of the new labels' votes, {} without
     seconds: float
 
     def line(self) -> str:
@@ -75,11 +78,13 @@ class RelabelReport:
 
 
 def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: bool = False,
-            vectors: str = "ridge", votes: bool = True, progress: bool = True) -> RelabelReport:
+            vectors: str = "ridge", votes: bool = True, min_products: int = MIN_PRODUCTS,
+            progress: bool = True) -> RelabelReport:
     """Writes to ``out`` the bundle ``bundle`` with the label table ``labels`` (see the module docstring).
 
     ``vectors``: how new labels' vectors are made (``ridge``, ``scaled``, ``text``: ``xmctag.scoring.new_labels``);
-    ``votes``: give new labels the training products that their vectors score above the calibrated threshold."""
+    ``votes``: give new labels the training products that their vectors score above the calibrated threshold, and
+    each at least its ``min_products`` best ones."""
     from xmctag.backend import runtime
     from xmctag.scoring.new_labels import METHODS
 
@@ -87,6 +92,8 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
     show = Progress(progress)
     if vectors not in METHODS:
         raise UserError(f"--vectors must be one of {', '.join(METHODS)}, not {vectors!r}")
+    if min_products < 0:
+        raise UserError(f"--min-products must be >= 0, not {min_products}")
     runtime.check_runtime_packages()
     source = Bundle.open(bundle)
     out = Path(out)
@@ -98,7 +105,8 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        written = _write_relabelled(source, old, table, change, staging, vectors, votes, show)
+        written = _write_relabelled(source, old, table, change, staging, vectors, min_products if votes else None,
+                                    show)
         manifest = dict(source.manifest)
         manifest["dims"] = {**manifest["dims"], "labels": len(table)}
         manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -176,9 +184,10 @@ class LabelChange:
 
 
 def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChange, staging: Path, method: str,
-                      votes: bool, show: Progress) -> dict:
+                      floor: int | None, show: Progress) -> dict:
     """Writes the files that change (labels, embeddings, vectors, label index, neighbour labels, the lexical map)
-    into ``staging``; returns the ``text_changed`` count and the ``vectors`` and ``votes`` records."""
+    into ``staging``; returns the ``text_changed`` count and the ``vectors`` and ``votes`` records. ``floor``: the
+    fewest training products a new label gets votes from (None: no votes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,9 +221,9 @@ def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChang
         vector_map = fit_vector_map(old_embeddings, old_vectors, counts, method)
         vectors[change.added] = vector_map.apply(embeddings[change.added])
         record = vector_map.describe()
-        if votes and neighbours is not None:
+        if floor is not None and neighbours is not None:
             pseudo, vote_record = _new_label_votes(neighbours, vector_map, old_embeddings, counts,
-                                                   vectors[change.added], show)
+                                                   vectors[change.added], floor, show)
     exclusive = _exclusive_groups(source, old, table, change)
     columns = {"label": pa.array(table.ids, pa.string()), "text": pa.array(table.display, pa.string()),
                "encoder_text": pa.array(encoder_text, pa.string())}
@@ -275,7 +284,7 @@ def embed_label_texts(source: Bundle, texts: list[str], batch_size: int = 64) ->
     return out
 
 
-def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors, show: Progress):
+def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors, floor: int, show: Progress):
     """``(pseudo, record)``: per training product, the new labels (indices into the added labels) it votes for, as
     ``(rows, labels)`` arrays; and what the manifest records (threshold, pairs, cap)."""
     from xmctag.scoring.new_labels import calibrate_threshold, pseudo_labels
@@ -293,9 +302,9 @@ def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors
     show.log(f"calibrating the new labels' neighbour votes on {len(sample)} trained labels x {n} training products")
     threshold = calibrate_threshold(products, n, vector_map.apply(old_embeddings[sample]), true_counts[sample])
     cap = int(true_counts.max()) if len(true_counts) else 0
-    rows, added = pseudo_labels(products, n, new_vectors, threshold, cap)
+    rows, added = pseudo_labels(products, n, new_vectors, threshold, cap, floor)
     per_label = np.bincount(added, minlength=len(new_vectors))
-    record = {"threshold": threshold, "cap": cap, "pairs": len(rows),
+    record = {"threshold": threshold, "cap": cap, "min_products": floor, "pairs": len(rows),
               "labels_without_products": int((per_label == 0).sum())}
     return (rows, added), record
 

@@ -107,6 +107,17 @@ def _ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
     return np.linalg.solve(gram + np.diag(reg) + 1e-9 * np.eye(len(gram)), x.T @ y)
 
 
+def _at_least(rows, labels, values, threshold: float, floor: int, m: int):
+    """The (row, label) pairs above ``threshold``, and each label's best ``floor`` pairs, each pair once."""
+    _, first = np.unique(labels.astype(np.int64) * (int(rows.max()) + 1) + rows, return_index=True)
+    rows, labels, values = rows[first], labels[first], values[first]
+    order = np.lexsort((-values, labels))
+    rank = np.arange(len(order)) - np.searchsorted(labels[order], np.arange(m))[labels[order]]
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order] = (values[order] > threshold) | (rank < floor)
+    return rows[keep], labels[keep], values[keep]
+
+
 def product_logits(products, n_products: int, vectors: np.ndarray):
     """Yields ``(start, logits (rows, m))``: ``<[q, 1], [w, b]>`` of the training products ``q`` and the ``m``
     label vectors, ``CHUNK`` products at a time; ``products(start, stop)`` returns rows ``start:stop``."""
@@ -131,19 +142,27 @@ def calibrate_threshold(products, n_products: int, mapped: np.ndarray, true_coun
     return float(best.min())
 
 
-def pseudo_labels(products, n_products: int, vectors: np.ndarray, threshold: float, cap: int
+def pseudo_labels(products, n_products: int, vectors: np.ndarray, threshold: float, cap: int, floor: int = 0
                   ) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, labels)``: for each of the ``m`` new labels (``vectors`` ``(m, d + 1)``), the training products
-    whose logit exceeds ``threshold``, at most ``cap`` of them (the highest), as int64 arrays sorted by row."""
+    whose logit exceeds ``threshold``, at most ``cap`` of them (the highest) and at least ``floor`` (the highest,
+    whatever their logit), as int64 arrays sorted by row."""
     if cap <= 0 or len(vectors) == 0 or n_products == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    floor = min(floor, cap, n_products)
     rows, labels, values = [], [], []
     for start, logits in product_logits(products, n_products, vectors):
         r, lab = np.nonzero(logits > threshold)
+        if floor:  # each chunk's best `floor` per label: the best `floor` overall are among them
+            f = min(floor, len(logits))
+            best = np.argpartition(-logits, f - 1, axis=0)[:f]
+            r, lab = np.concatenate([r, best.ravel()]), np.concatenate([lab, np.tile(np.arange(len(vectors)), f)])
         rows.append(r + start)
         labels.append(lab)
         values.append(logits[r, lab])
     rows, labels, values = np.concatenate(rows), np.concatenate(labels), np.concatenate(values)
+    if floor:
+        rows, labels, values = _at_least(rows, labels, values, threshold, floor, len(vectors))
     # At most `cap` per label: by label, best first.
     order = np.lexsort((-values, labels))
     rows, labels = rows[order], labels[order]
