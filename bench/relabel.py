@@ -16,7 +16,8 @@ Train one run on the kept files and one on the full files, with the same setting
 ``evaluate`` relabels the kept bundle with the full label table (``xmctag.relabel``, once per ``--variants`` entry
 ``METHOD:votes|novotes[:MIN_PRODUCTS]``, into ``--bundles``), and ranks the full dev set's texts (the bundle's
 text columns) with each relabelled bundle, with the full bundle and with the kept bundle as it is (the kept encoder
-embeds the texts once for it and its relabelled variants: their graphs are the same file). Top 20 labels per
+embeds the texts once for it and its relabelled variants: their graphs are the same file; the full bundle too when
+its graph is the same file, as with ``--epochs 0 --classifier-epochs 0``). Top 20 labels per
 product, then:
 
 - **held-out labels** H, over the dev rows with at least one true label in H (truth restricted to H; the ranking is
@@ -168,6 +169,7 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
         print(name, json.dumps(results["runs"][name]), flush=True)
 
     embeddings, embed_s = embedded(kept_tagger)
+    kept_manifest = kept_tagger.manifest
     top, rank_s = ranked(kept_tagger, embeddings)
     record("kept", top, {"embed": embed_s, "rank": rank_s})
     del kept_tagger
@@ -182,7 +184,13 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
                                             "kept": report.kept, "added": report.added, "retired": report.retired}
         del tagger
     full_tagger = Tagger.load(full, device="cpu")
-    full_embeddings, embed_s = embedded(full_tagger)
+    same = ("graph", "tokenization")  # the same encoder graph and tokenisation: the same embeddings
+    if all(full_tagger.manifest[key] == kept_manifest[key] for key in same) and \
+            full_tagger.manifest["files"]["encoder.onnx"] == kept_manifest["files"]["encoder.onnx"]:
+        full_embeddings, embed_s = embeddings, 0.0
+        results["full_shares_the_kept_encoder"] = True
+    else:
+        full_embeddings, embed_s = embedded(full_tagger)
     top, rank_s = ranked(full_tagger, full_embeddings)
     record("full", top, {"embed": embed_s, "rank": rank_s})
     return results
