@@ -14,7 +14,7 @@ Train one run on the kept files and one on the full files, with the same setting
 ``evaluate``.
 
 ``evaluate`` relabels the kept bundle with the full label table (``xmctag.relabel``, once per ``--variants`` entry
-``METHOD:votes|novotes[:MIN_PRODUCTS]``, into ``--bundles``), and ranks the full dev set's texts (the bundle's
+``METHOD:votes|refit|novotes[:MIN_PRODUCTS]``, into ``--bundles``), and ranks the full dev set's texts (the bundle's
 text columns) with each relabelled bundle, with the full bundle and with the kept bundle as it is (the kept encoder
 embeds the texts once for it and its relabelled variants: their graphs are the same file; the full bundle too when
 its graph is the same file, as with ``--epochs 0 --classifier-epochs 0``). Top 20 labels per
@@ -121,7 +121,7 @@ def all_metrics(top: np.ndarray, truth: list[np.ndarray], inv_p: np.ndarray) -> 
     return {"rows": len(rows), **{k: m[k] for k in ("P@1", "P@5", "PSP@5")}}
 
 
-def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, variants: list[tuple[str, bool, int]],
+def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, variants: list[tuple[str, str, int]],
              rows: int | None = None) -> dict:
     import polars as pl
 
@@ -174,9 +174,10 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
     record("kept", top, {"embed": embed_s, "rank": rank_s})
     del kept_tagger
     for method, votes, floor in variants:
-        name = f"relabel-{method}-{'votes' if votes else 'novotes'}" + (f"-min{floor}" if floor else "")
+        refit = votes == "refit"
+        name = f"relabel-{method}-{votes or 'novotes'}" + (f"-min{floor}" if floor else "")
         report = xmctag.relabel(kept, data / "labels.parquet", bundles / name, overwrite=True, vectors=method,
-                                votes=votes, min_products=floor, progress=False)
+                                votes=bool(votes), min_products=floor, refit=refit, progress=False)
         tagger = Tagger.load(bundles / name, device="cpu")
         top, rank_s = ranked(tagger, embeddings)
         record(name, top, {"relabel": report.seconds, "rank": rank_s})
@@ -242,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         from common import print_header
 
         work = args.work / f"relabel-{args.dataset}"
-        variants = [(v.split(":")[0], v.split(":")[1] != "novotes", int(v.split(":")[2]) if v.count(":") > 1 else 0)
-                    for v in args.variants.split(",") if v]
+        variants = [(v.split(":")[0], {"novotes": ""}.get(v.split(":")[1], v.split(":")[1]),
+                     int(v.split(":")[2]) if v.count(":") > 1 else 0) for v in args.variants.split(",") if v]
         results = evaluate(args.data / args.dataset, work, args.kept, args.full, args.bundles or work / "bundles",
                            variants, args.rows)
         if args.json:

@@ -270,3 +270,27 @@ def test_pseudo_labels_follow_the_calibrated_threshold():
     both_rows, both_labels = pseudo_labels(rows, 1000, vectors, threshold, cap=40, floor=3)
     assert set(zip(both_rows.tolist(), both_labels.tolist())) == set(zip(*pseudo_labels(rows, 1000, vectors,
                                                                                         threshold, 40)))
+
+
+def test_refit_remakes_only_the_new_vectors(tiny_bundle, tmp_path):
+    labels = table(tmp_path, pl.concat([make_labels(), NEW]))
+    plain = xmctag.relabel(tiny_bundle, labels, tmp_path / "plain", progress=False)
+    refit = xmctag.relabel(tiny_bundle, labels, tmp_path / "refit", refit=True, progress=False)
+    assert "refit" in refit.votes and "refit" not in plain.votes
+    a, b = (np.asarray(Bundle.open(tmp_path / name).label_vectors()) for name in ("plain", "refit"))
+    np.testing.assert_array_equal(a[:19], b[:19])
+    assert not np.array_equal(a[19:], b[19:])
+    # the votes are the plain ones: taken before the refit
+    assert (tmp_path / "plain/train_labels.npz").read_bytes() == (tmp_path / "refit/train_labels.npz").read_bytes()
+
+
+def test_label_centroids_are_normalised_means():
+    from xmctag.scoring.new_labels import label_centroids
+
+    products = np.random.default_rng(2).normal(size=(40000, 3))
+    rows, labels = np.array([3, 20000, 39999, 5]), np.array([0, 0, 0, 2])
+    got = label_centroids(rows, labels, 3, lambda a, b: products[a:b], len(products))
+    mean = products[[3, 20000, 39999]].mean(axis=0)
+    np.testing.assert_allclose(got[0], mean / np.linalg.norm(mean))
+    np.testing.assert_allclose(got[2], products[5] / np.linalg.norm(products[5]))
+    assert (got[1] == 0).all()

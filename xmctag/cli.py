@@ -215,6 +215,8 @@ def relabel(
                                "vectors score highest, so that they get neighbour votes as trained labels do."),
     min_products: int = typer.Option(0, "--min-products", min=0, help="With --votes: each new label gets at least "
                                      "its N best training products."),
+    refit: bool = typer.Option(False, "--refit/--no-refit", help="With --votes: remake new labels' vectors from "
+                               "their text and the training products voting for them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag bundle, "
                                    "and not the source bundle or one holding the table)."),
     quiet: bool = QuietOption,
@@ -224,7 +226,7 @@ def relabel(
     from xmctag.relabeller import relabel as relabel_api
 
     report = relabel_api(bundle, labels, out, overwrite=overwrite, vectors=vectors, votes=votes,
-                         min_products=min_products, progress=not quiet)
+                         min_products=min_products, refit=refit, progress=not quiet)
     err_console.print(report.line(), highlight=False, soft_wrap=True)
 
 

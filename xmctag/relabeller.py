@@ -78,13 +78,14 @@ class RelabelReport:
 
 
 def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: bool = False,
-            vectors: str = "ridge", votes: bool = True, min_products: int = MIN_PRODUCTS,
+            vectors: str = "ridge", votes: bool = True, min_products: int = MIN_PRODUCTS, refit: bool = False,
             progress: bool = True) -> RelabelReport:
     """Writes to ``out`` the bundle ``bundle`` with the label table ``labels`` (see the module docstring).
 
     ``vectors``: how new labels' vectors are made (``ridge``, ``scaled``, ``text``: ``xmctag.scoring.new_labels``);
     ``votes``: give new labels the training products that their vectors score above the calibrated threshold, and
-    each at least its ``min_products`` best ones."""
+    each at least its ``min_products`` best ones; ``refit`` (with votes): then remake the new labels' vectors from
+    their text embedding and the mean embedding of those products, by a ridge map fitted on the trained labels."""
     from xmctag.backend import runtime
     from xmctag.scoring.new_labels import METHODS
 
@@ -106,7 +107,7 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         written = _write_relabelled(source, old, table, change, staging, vectors, min_products if votes else None,
-                                    show)
+                                    refit, show)
         manifest = dict(source.manifest)
         manifest["dims"] = {**manifest["dims"], "labels": len(table)}
         manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -184,7 +185,7 @@ class LabelChange:
 
 
 def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChange, staging: Path, method: str,
-                      floor: int | None, show: Progress) -> dict:
+                      floor: int | None, refit: bool, show: Progress) -> dict:
     """Writes the files that change (labels, embeddings, vectors, label index, neighbour labels, the lexical map)
     into ``staging``; returns the ``text_changed`` count and the ``vectors`` and ``votes`` records. ``floor``: the
     fewest training products a new label gets votes from (None: no votes)."""
@@ -222,8 +223,10 @@ def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChang
         vectors[change.added] = vector_map.apply(embeddings[change.added])
         record = vector_map.describe()
         if floor is not None and neighbours is not None:
-            pseudo, vote_record = _new_label_votes(neighbours, vector_map, old_embeddings, counts,
-                                                   vectors[change.added], floor, show)
+            new_vectors = vectors[change.added]
+            pseudo, vote_record = _new_label_votes(neighbours, vector_map, old_embeddings, old_vectors,
+                                                   embeddings[change.added], new_vectors, floor, refit, show)
+            vectors[change.added] = new_vectors
     exclusive = _exclusive_groups(source, old, table, change)
     columns = {"label": pa.array(table.ids, pa.string()), "text": pa.array(table.display, pa.string()),
                "encoder_text": pa.array(encoder_text, pa.string())}
@@ -284,10 +287,12 @@ def embed_label_texts(source: Bundle, texts: list[str], batch_size: int = 64) ->
     return out
 
 
-def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors, floor: int, show: Progress):
+def _new_label_votes(neighbours, vector_map, old_embeddings, old_vectors, new_embeddings, new_vectors, floor: int,
+                     refit: bool, show: Progress):
     """``(pseudo, record)``: per training product, the new labels (indices into the added labels) it votes for, as
-    ``(rows, labels)`` arrays; and what the manifest records (threshold, pairs, cap)."""
-    from xmctag.scoring.new_labels import calibrate_threshold, pseudo_labels
+    ``(rows, labels)`` arrays; and what the manifest records (threshold, pairs, cap). ``refit``: the new labels'
+    vectors are then remade, in place, from their text and their voting products (``--refit``)."""
+    from xmctag.scoring.new_labels import calibrate_threshold, fit_vector_map, label_centroids, pseudo_labels
 
     index, labels = neighbours
     n = index.ntotal
@@ -296,7 +301,7 @@ def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors
         return index.reconstruct_n(start, stop - start)
 
     # The threshold: at most 512 trained labels with training products, their vectors as the map makes them.
-    true_counts = np.bincount(labels.indices, minlength=len(counts))
+    true_counts = np.bincount(labels.indices, minlength=len(old_vectors))
     seen = np.flatnonzero(true_counts > 0)
     sample = np.random.default_rng(0).choice(seen, size=min(512, len(seen)), replace=False) if len(seen) else seen
     show.log(f"calibrating the new labels' neighbour votes on {len(sample)} trained labels x {n} training products")
@@ -306,6 +311,17 @@ def _new_label_votes(neighbours, vector_map, old_embeddings, counts, new_vectors
     per_label = np.bincount(added, minlength=len(new_vectors))
     record = {"threshold": threshold, "cap": cap, "min_products": floor, "pairs": len(rows),
               "labels_without_products": int((per_label == 0).sum())}
+    if refit and (per_label > 0).any():
+        # [text embedding, mean embedding of the label's products, 1] -> [w, b], fitted on the trained labels (their
+        # own products), applied to the new ones (the products voting for them).
+        show.log("refitting the new labels' vectors on the products voting for them")
+        trained_rows = np.repeat(np.arange(len(labels)), np.diff(labels.indptr))
+        centroids = label_centroids(trained_rows, labels.indices, len(old_vectors), products, n)
+        refit_map = fit_vector_map(old_embeddings, old_vectors, true_counts, "ridge", extra=centroids)
+        has = per_label > 0
+        new_centroids = label_centroids(rows, added, len(new_vectors), products, n)
+        new_vectors[has] = refit_map.apply(new_embeddings[has], new_centroids[has])
+        record["refit"] = refit_map.describe()
     return (rows, added), record
 
 

@@ -34,31 +34,39 @@ CHUNK = 16384  # training products scored at once
 
 @dataclass
 class VectorMap:
-    """``[e, 1] @ matrix`` -> ``[w, b]``; ``method`` one of ``METHODS``, ``penalty`` ridge's (None otherwise)."""
+    """``[e, extra, 1] @ matrix`` -> ``[w, b]`` (``extra``: more features per label, e.g. ``label_centroids``;
+    none by default); ``method`` one of ``METHODS``, ``penalty`` ridge's (None otherwise)."""
 
     method: str
-    matrix: np.ndarray  # (d + 1, d + 1) float64
+    matrix: np.ndarray  # (d + f + 1, d + 1) float64
     penalty: float | None = None
 
-    def apply(self, embeddings: np.ndarray) -> np.ndarray:
-        """``(n, d + 1)`` float32 label vectors ``[w, b]`` of text embeddings ``(n, d)``."""
-        x = np.hstack([np.asarray(embeddings, dtype=np.float64), np.ones((len(embeddings), 1))])
-        return (x @ self.matrix).astype(np.float32)
+    def apply(self, embeddings: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+        """``(n, d + 1)`` float32 label vectors ``[w, b]`` of text embeddings ``(n, d)`` (and ``extra`` ``(n, f)``,
+        as fitted)."""
+        return (_features(embeddings, extra) @ self.matrix).astype(np.float32)
 
     def describe(self) -> dict:
         """What the manifest records: the method, ridge's penalty, ``scaled``'s scale and bias."""
-        d = len(self.matrix) - 1
+        d = self.matrix.shape[1] - 1
         out = {"method": self.method, "scale": float(np.trace(self.matrix[:d, :d]) / d),
-               "bias": float(self.matrix[d, d])}
+               "bias": float(self.matrix[-1, d])}
         if self.penalty is not None:
             out["penalty"] = self.penalty
         return out
 
 
+def _features(embeddings: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+    parts = [np.asarray(embeddings, dtype=np.float64)]
+    if extra is not None:
+        parts.append(np.asarray(extra, dtype=np.float64))
+    return np.hstack([*parts, np.ones((len(embeddings), 1))])
+
+
 def fit_vector_map(embeddings: np.ndarray, vectors: np.ndarray, counts: np.ndarray, method: str = "ridge",
-                   seed: int = 0) -> VectorMap:
-    """The map from text embeddings ``(L, d)`` to label vectors ``(L, d + 1)``, fitted on the labels with
-    ``counts > 0`` (training products); see the module docstring."""
+                   seed: int = 0, extra: np.ndarray | None = None) -> VectorMap:
+    """The map from text embeddings ``(L, d)`` (and ``extra`` ``(L, f)``, ridge only) to label vectors ``(L, d +
+    1)``, fitted on the labels with ``counts > 0`` (training products); see the module docstring."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     e = np.asarray(embeddings, dtype=np.float64)
@@ -71,21 +79,21 @@ def fit_vector_map(embeddings: np.ndarray, vectors: np.ndarray, counts: np.ndarr
     fit = np.asarray(counts) > 0
     if fit.sum() < 2:
         fit = np.ones(len(e), dtype=bool)
+    x = _features(e, extra)[fit]
     e, y = e[fit], y[fit]
     scale = float((e * y[:, :d]).sum() / max((e * e).sum(), 1e-12))
     bias = float(y[:, d].mean())
-    base = np.zeros((d + 1, d + 1))
+    base = np.zeros((x.shape[1], d + 1))  # [a e, c]: extra features get no weight
     base[:d, :d] = scale * np.eye(d)
-    base[d, d] = bias
+    base[-1, d] = bias
     if method == "scaled":
         return VectorMap(method, base)
-    x = np.hstack([e, np.ones((len(e), 1))])
     residual = y - x @ base
     rng = np.random.default_rng(seed)
     held = rng.random(len(x)) < 0.2
     if held.all() or not held.any():
         held = np.zeros(len(x), dtype=bool)
-    unit = float((x[:, :d] ** 2).sum(axis=1).mean())  # penalties in units of a label's squared embedding norm
+    unit = float((x[:, :-1] ** 2).sum(axis=1).mean())  # penalties in units of a label's squared feature norm
     best = None
     for penalty in RIDGE_PENALTIES:
         if not held.any():
@@ -97,6 +105,23 @@ def fit_vector_map(embeddings: np.ndarray, vectors: np.ndarray, counts: np.ndarr
             best = (error, penalty)
     penalty = best[1]
     return VectorMap(method, base + _ridge(x, residual, penalty * unit), penalty)
+
+
+def label_centroids(rows: np.ndarray, labels: np.ndarray, n_labels: int, products, n_products: int) -> np.ndarray:
+    """``(n_labels, d)``: the normalised mean embedding of each label's training products (the ``(rows, labels)``
+    pairs; zeros for a label without any); ``products(start, stop)`` as for ``product_logits``."""
+    order = np.argsort(rows, kind="stable")
+    rows, labels = np.asarray(rows)[order], np.asarray(labels)[order]
+    out = None
+    for start in range(0, n_products, CHUNK):
+        q = np.asarray(products(start, min(start + CHUNK, n_products)), dtype=np.float64)
+        if out is None:
+            out = np.zeros((n_labels, q.shape[1]))
+        lo, hi = np.searchsorted(rows, [start, start + len(q)])
+        np.add.at(out, labels[lo:hi], q[rows[lo:hi] - start])
+    if out is None:
+        return np.zeros((n_labels, 0))
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
