@@ -14,7 +14,8 @@ the new table's, in its order:
   a map fitted on the trained labels (``xmctag.scoring.new_labels``: ``ridge`` by default, ``scaled`` or
   ``text``). With neighbour votes in the bundle, each new label is given the training products its vector scores
   above a calibrated threshold, and at least its ``--min-products`` best ones (``--no-votes``: none), so its dense
-  score is on the scale of a trained label's.
+  score is on the scale of a trained label's; ``--refit`` then remakes its vector from its text embedding and the
+  mean embedding of those products (``xmctag.scoring.new_labels``).
   ``train_count`` is 0; the exclusive group is the label's group (``label_groups``) when that is one of the
   bundle's exclusive groups. The lexical model's trees cannot return a new label: its lexical weight is 0.
 - **retired** labels (in the bundle, not in the table) disappear everywhere: label table, vectors, embeddings, the

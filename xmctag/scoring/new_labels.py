@@ -19,6 +19,11 @@ the dense score, ``xmctag.scoring.ranking``); a new label has no training produc
 most ``1 - knn_weight`` of a trained label's. ``pseudo_labels`` gives each new label the training products whose
 logit ``<[q, 1], [w, b]>`` under its mapped vector passes a threshold, and ``calibrate_threshold`` picks that
 threshold so that the trained labels' mapped vectors would give their labels as many products as they really have.
+
+**Refit** (optional). The products voting for a new label say more about it than its text: ``label_centroids`` gives
+each label the normalised mean embedding of its products, and ``fit_vector_map(..., extra=centroids)`` a ridge map
+from ``[e, centroid, 1]`` to ``[w, b]``, fitted on the trained labels (with their own products) and applied to the
+new labels (with the products voting for them).
 """
 
 from __future__ import annotations
