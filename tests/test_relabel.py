@@ -294,3 +294,22 @@ def test_label_centroids_are_normalised_means():
     np.testing.assert_allclose(got[0], mean / np.linalg.norm(mean))
     np.testing.assert_allclose(got[2], products[5] / np.linalg.norm(products[5]))
     assert (got[1] == 0).all()
+
+
+def test_relabel_never_imports_torch(tiny_bundle, tmp_path):
+    # relabel runs where tagging runs: ONNX Runtime, faiss, numpy (a fresh interpreter: the tests import torch).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    labels = table(tmp_path, pl.concat([make_labels().filter(pl.col("label") != "colour:red"), NEW]))
+    code = """if True:
+        import sys
+        import xmctag
+        print(xmctag.relabel(sys.argv[1], sys.argv[2], sys.argv[3], refit=True, progress=False).added)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_bundle), str(labels), str(tmp_path / "out")],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["2", "[]"], done.stdout
