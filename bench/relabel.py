@@ -173,6 +173,17 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
     top, rank_s = ranked(kept_tagger, embeddings)
     record("kept", top, {"embed": embed_s, "rank": rank_s})
     del kept_tagger
+    full_tagger = Tagger.load(full, device="cpu")
+    same = ("graph", "tokenization")  # the same encoder graph and tokenisation: the same embeddings
+    if all(full_tagger.manifest[key] == kept_manifest[key] for key in same) and \
+            full_tagger.manifest["files"]["encoder.onnx"] == kept_manifest["files"]["encoder.onnx"]:
+        full_embeddings, embed_s = embeddings, 0.0
+        results["full_shares_the_kept_encoder"] = True
+    else:
+        full_embeddings, embed_s = embedded(full_tagger)
+    top, rank_s = ranked(full_tagger, full_embeddings)
+    record("full", top, {"embed": embed_s, "rank": rank_s})
+    del full_tagger, full_embeddings
     for method, votes, floor in variants:
         refit = votes == "refit"
         name = f"relabel-{method}-{votes or 'novotes'}" + (f"-min{floor}" if floor else "")
@@ -184,16 +195,6 @@ def evaluate(data: Path, work: Path, kept: Path, full: Path, bundles: Path, vari
         results["runs"][name]["relabel"] = {"vectors": report.vectors, "votes": report.votes,
                                             "kept": report.kept, "added": report.added, "retired": report.retired}
         del tagger
-    full_tagger = Tagger.load(full, device="cpu")
-    same = ("graph", "tokenization")  # the same encoder graph and tokenisation: the same embeddings
-    if all(full_tagger.manifest[key] == kept_manifest[key] for key in same) and \
-            full_tagger.manifest["files"]["encoder.onnx"] == kept_manifest["files"]["encoder.onnx"]:
-        full_embeddings, embed_s = embeddings, 0.0
-        results["full_shares_the_kept_encoder"] = True
-    else:
-        full_embeddings, embed_s = embedded(full_tagger)
-    top, rank_s = ranked(full_tagger, full_embeddings)
-    record("full", top, {"embed": embed_s, "rank": rank_s})
     return results
 
 
