@@ -59,7 +59,7 @@ def test_the_same_table_reproduces_the_bundle(tiny_bundle, tagger, catalog_dir, 
 
 def test_new_labels_get_mapped_vectors_and_kept_labels_keep_theirs(tiny_bundle, tagger, catalog_dir, tmp_path):
     labels = table(tmp_path, pl.concat([make_labels(), NEW]))
-    report = xmctag.relabel(tiny_bundle, labels, tmp_path / "more", progress=False)
+    report = xmctag.relabel(tiny_bundle, labels, tmp_path / "more", refit=False, progress=False)
     assert (report.kept, report.added, report.retired) == (19, 2, 0) and report.vectors["method"] == "ridge"
     source, out = Bundle.open(tiny_bundle), Bundle.open(tmp_path / "more")
     old_vectors, new_vectors = np.asarray(source.label_vectors()), np.asarray(out.label_vectors())
@@ -274,8 +274,8 @@ def test_pseudo_labels_follow_the_calibrated_threshold():
 
 def test_refit_remakes_only_the_new_vectors(tiny_bundle, tmp_path):
     labels = table(tmp_path, pl.concat([make_labels(), NEW]))
-    plain = xmctag.relabel(tiny_bundle, labels, tmp_path / "plain", progress=False)
-    refit = xmctag.relabel(tiny_bundle, labels, tmp_path / "refit", refit=True, progress=False)
+    plain = xmctag.relabel(tiny_bundle, labels, tmp_path / "plain", refit=False, progress=False)
+    refit = xmctag.relabel(tiny_bundle, labels, tmp_path / "refit", progress=False)  # the default
     assert "refit" in refit.votes and "refit" not in plain.votes
     a, b = (np.asarray(Bundle.open(tmp_path / name).label_vectors()) for name in ("plain", "refit"))
     np.testing.assert_array_equal(a[:19], b[:19])

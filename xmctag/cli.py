@@ -213,9 +213,9 @@ def relabel(
                                 "(a linear map fitted on the trained labels), scaled (one scale and bias) or text."),
     votes: bool = typer.Option(True, "--votes/--no-votes", help="Give new labels the training products their "
                                "vectors score highest, so that they get neighbour votes as trained labels do."),
-    min_products: int = typer.Option(0, "--min-products", min=0, help="With --votes: each new label gets at least "
+    min_products: int = typer.Option(5, "--min-products", min=0, help="With --votes: each new label gets at least "
                                      "its N best training products."),
-    refit: bool = typer.Option(False, "--refit/--no-refit", help="With --votes: remake new labels' vectors from "
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="With --votes: remake new labels' vectors from "
                                "their text and the training products voting for them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag bundle, "
                                    "and not the source bundle or one holding the table)."),

@@ -53,7 +53,7 @@ from xmctag.io.atomic import current_umask
 from xmctag.io.datasets import LabelTable
 from xmctag.progress import Progress
 
-MIN_PRODUCTS = 0  # the fewest training products a new label gets votes from (bench/RESULTS.md, "Relabel")
+MIN_PRODUCTS = 5  # the fewest training products a new label gets votes from (bench/RESULTS.md, "Relabel")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class RelabelReport:
 
 
 def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: bool = False,
-            vectors: str = "ridge", votes: bool = True, min_products: int = MIN_PRODUCTS, refit: bool = False,
+            vectors: str = "ridge", votes: bool = True, min_products: int = MIN_PRODUCTS, refit: bool = True,
             progress: bool = True) -> RelabelReport:
     """Writes to ``out`` the bundle ``bundle`` with the label table ``labels`` (see the module docstring).
 
