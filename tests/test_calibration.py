@@ -348,3 +348,18 @@ def test_previous_predictions_are_reused_only_with_the_same_calibration_setting(
         pl.read_parquet(tmp_path / "calibrated.parquet", columns=columns))
     assert pl.read_parquet(tmp_path / "from-plain.parquet", columns=columns).equals(
         pl.read_parquet(tmp_path / "calibrated.parquet", columns=columns))
+
+
+def test_relabel_drops_the_calibration_and_says_so(calibrated, tmp_path):
+    """Thresholds are per label and fitted on the old ranking: a relabelled bundle has none (and tells the user to
+    recalibrate), loads and verifies, and ``--calibrated`` on it names the command to run."""
+    path, _ = calibrated
+    labels = Bundle.open(path).labels(["label", "text"])
+    labels.filter(pl.col("label") != labels["label"][0]).write_parquet(tmp_path / "labels.parquet")
+    report = xmctag.relabel(path, tmp_path / "labels.parquet", tmp_path / "new", progress=False)
+    assert report.calibration_dropped and "xmctag calibrate" in report.line()
+    new = Bundle.open(tmp_path / "new")
+    assert "calibration" not in new.manifest and new.calibration() is None
+    assert not any(name.startswith("calibration") for name in new.manifest["files"])
+    with pytest.raises(UserError, match="xmctag calibrate"):
+        Tagger.load(tmp_path / "new", device="cpu", calibrated=True)

@@ -408,3 +408,13 @@ def test_real_smollm2_smoke():
     together = encode_ids(encoder, ids, pad_id_of(tokenizer))
     alone = np.vstack([encode_ids(encoder, [x], pad_id_of(tokenizer)) for x in ids])
     np.testing.assert_allclose(together, alone, atol=1e-4)
+
+
+def test_relabel_embeds_label_texts_as_the_decoder_did(decoder_bundle):
+    # A decoder reads labels through its prompt template, cut to label_max_length: relabel's ONNX path gives the
+    # embeddings training saved for the bundle's labels.
+    from xmctag.relabeller import embed_label_texts
+
+    source = layout.Bundle.open(decoder_bundle)
+    texts = source.labels(["encoder_text"], optional=())["encoder_text"].to_list()
+    np.testing.assert_allclose(embed_label_texts(source, texts), source.label_embeddings(), atol=2e-4)

@@ -558,3 +558,27 @@ def test_an_incremental_night_rehashes_image_references_not_pictures(fused_bundl
     night1 = read_prediction_products(tmp_path / "n1.parquet")
     assert got["scores"][0].to_list() == night1["scores"][0].to_list()  # product 0: last night's, as documented
     assert full.rows_tagged == summary.rows_tagged == 30
+
+
+def test_relabel_keeps_a_fused_bundle_working(fused_bundle, image_catalog, tmp_path):
+    # xmctag relabel on an image bundle: its label side is embedded as training embedded it (text only: the label
+    # table has no images), and the relabelled bundle tags with images, without the retired label, with the new one.
+    from conftest import make_labels
+
+    from xmctag.relabeller import embed_label_texts, relabel
+
+    source = layout.Bundle.open(fused_bundle)
+    texts = source.labels(["encoder_text"], optional=())["encoder_text"].to_list()
+    np.testing.assert_allclose(embed_label_texts(source, texts), source.label_embeddings(), atol=1e-4)
+    labels = pl.concat([make_labels().filter(pl.col("label") != "colour:red"),
+                        pl.DataFrame({"label": ["colour:purple"], "text": ["colour: purple"], "alt_texts": [[]]},
+                                     schema=make_labels().schema)])
+    labels.write_parquet(tmp_path / "labels.parquet")
+    report = relabel(fused_bundle, tmp_path / "labels.parquet", tmp_path / "new", progress=False)
+    assert (report.kept, report.added, report.retired) == (18, 1, 1)
+    tagger = Tagger.load(tmp_path / "new", device="cpu")
+    summary = tagger.tag_file(image_catalog / "tag.parquet", tmp_path / "p.parquet", top_k=19, progress=False,
+                              cache_dir=tmp_path / "cache")  # not the shared run's cache
+    assert summary.rows_tagged == 30 and summary.images["used"] > 0
+    seen = set(pl.read_parquet(tmp_path / "p.parquet")["labels"].explode().to_list())
+    assert "colour:red" not in seen and "colour:purple" in seen

@@ -11,6 +11,7 @@ Python API (the CLI is a thin layer over it):
     metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
     changes = xmctag.diff("last-night.parquet", "tonight.parquet")       # a DiffReport: .to_dict() is the JSON
     report = xmctag.calibrate("export/demo", "dev.parquet", precision=0.9)  # then Tagger.load(..., calibrated=True)
+    report = xmctag.relabel("export/demo", "labels-new.parquet", "export/demo-new")  # a RelabelReport
 """
 
 from xmctag.config import Config
@@ -18,7 +19,8 @@ from xmctag.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "diff", "calibrate", "__version__"]
+__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "diff", "calibrate", "relabel",
+           "__version__"]
 
 
 def __getattr__(name):
@@ -47,4 +49,8 @@ def __getattr__(name):
         from xmctag.calibration import calibrate
 
         return calibrate
+    if name == "relabel":
+        from xmctag.relabeller import relabel
+
+        return relabel
     raise AttributeError(f"module 'xmctag' has no attribute {name!r}")

@@ -22,7 +22,7 @@
     README.md              model card of the run
     manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
                            graph, tokenization, scoring, training, fusion (image fusion only), lexical (with a
-                           lexical model), and, outside the
+                           lexical model), relabel (a label table changed by ``xmctag.relabeller``), and, outside the
                            bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
 
 A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
@@ -253,6 +253,19 @@ class Bundle:
                                  f"{(self.dims['labels'], self.dims['index'])})")
         return vectors
 
+    def label_embeddings(self) -> np.ndarray:
+        """``(L, d)`` float32 label-text embeddings (``label_embeddings.npy``; tagging never reads them, ``xmctag
+        relabel`` does)."""
+        name = run_dir.LABEL_EMBEDDINGS
+        if name not in self.manifest["files"]:
+            raise UserError(f"{self.path}: bundle has no {name} (re-export the bundle)")
+        with self._reading(name) as file:
+            values = np.load(file, allow_pickle=False)
+        if values.dtype != np.float32 or values.shape != (self.dims["labels"], self.dims["embedding"]):
+            raise self._mismatch(f"{name} ({values.dtype} {values.shape}, manifest: float32 "
+                                 f"{(self.dims['labels'], self.dims['embedding'])})")
+        return values
+
     def neighbours(self):
         """``(faiss index over the training products, their NeighbourLabels)``, or None when the bundle has none."""
         from xmctag.backend import runtime
@@ -299,7 +312,8 @@ class Bundle:
     def lexical(self):
         """The lexical model (``xmctag.lexical.LexicalModel``) and each label's fusion weight ``(L,)``, or None when
         the bundle has none. The weights come from the manifest (covered by the bundle id), and must be the ones
-        its ``lexical.json`` was saved with."""
+        its ``lexical.json`` was saved with; a label the trees cannot return (a relabelled bundle's new labels,
+        ``LexicalModel.reachable``) gets weight 0."""
         from xmctag.lexical import LexicalModel, label_weights
 
         section = self.manifest.get("lexical")
@@ -307,15 +321,15 @@ class Bundle:
             return None
         with self._reading(f"{section['folder']}/lexical.json"):
             model = LexicalModel.load(self.path / section["folder"])
-        if model.trees.n_labels != self.dims["labels"]:
-            raise self._mismatch(f"the lexical model ({model.trees.n_labels} labels, manifest: "
-                                 f"{self.dims['labels']})")
+        if model.n_labels != self.dims["labels"]:
+            raise self._mismatch(f"the lexical model ({model.n_labels} labels, manifest: {self.dims['labels']})")
         saved = {key: model.fusion.get(key) for key in ("bands", "weights")}
         if saved != {key: section[key] for key in ("bands", "weights")} or \
                 (model.candidates, int(model.settings["beam"])) != (section["candidates"], section["beam"]):
             raise self._mismatch("the lexical model's fusion weights, candidates or beam")
         counts = self.labels(["train_count"], optional=())["train_count"].to_numpy()
-        return model, label_weights(section, counts)
+        # A label the trees cannot return (added by xmctag relabel) is ranked by its dense score alone.
+        return model, np.where(model.reachable(), label_weights(section, counts), 0.0)
 
     def calibration(self) -> np.ndarray | None:
         """The thresholds of ``tag --calibrated`` (``xmctag.calibration``): float32 ``(L,)``, each in [0, 1] or

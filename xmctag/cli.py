@@ -173,6 +173,8 @@ def tag(
     calibrated: bool = typer.Option(False, "--calibrated", help="Keep only labels scoring at least their calibrated "
                                     "threshold (run `xmctag calibrate` first): products may get fewer than --top-k "
                                     "labels, or none."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="The catalog's current label table: warn when "
+                                          "its labels or texts differ from the bundle's (see `xmctag relabel`)."),
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
@@ -184,6 +186,12 @@ def tag(
     allowed = image_hosts(hosts)
     tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
                          exclusive_groups=exclusive_groups, calibrated=calibrated)
+    if labels is not None:
+        from xmctag.cli_util import warn
+        from xmctag.relabeller import label_table_warning
+
+        if (mismatch := label_table_warning(tagger.bundle, labels)) is not None:
+            warn(mismatch)
     summary = tagger.tag_file(catalog, output, top_k=top_k, fmt=fmt, min_score=min_score, batch_size=batch_size,
                               strict=strict, progress=not quiet, cache_dir=cache_dir, workers=workers, checks=checks,
                               summary_json=summary_json, escape_formulas=escape_formulas, image_hosts=allowed,
@@ -249,6 +257,31 @@ def calibrate(
     out_console.print(table)
     for line in report.lines():
         out_console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def relabel(
+    bundle: Path = typer.Argument(..., help="Bundle written by `xmctag export` (or an earlier relabel)."),
+    labels: Path = typer.Argument(..., help="The new label table (Parquet or CSV, the columns training read)."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
+    vectors: str = typer.Option("ridge", "--vectors", help="New labels' vectors from their text embeddings: ridge "
+                                "(a linear map fitted on the trained labels), scaled (one scale and bias) or text."),
+    votes: bool = typer.Option(True, "--votes/--no-votes", help="Give new labels the training products their "
+                               "vectors score highest, so that they get neighbour votes as trained labels do."),
+    min_products: int = typer.Option(5, "--min-products", min=0, help="With --votes: each new label gets at least "
+                                     "its N best training products."),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="With --votes: remake new labels' vectors from "
+                               "their text and the training products voting for them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag bundle, "
+                                   "and not the source bundle or one holding the table)."),
+    quiet: bool = QuietOption,
+):
+    """Write a bundle for a new label table without retraining: kept labels keep their vectors, new labels get
+    vectors from their text, retired labels disappear."""
+    from xmctag.relabeller import relabel as relabel_api
+
+    report = relabel_api(bundle, labels, out, overwrite=overwrite, vectors=vectors, votes=votes,
+                         min_products=min_products, refit=refit, progress=not quiet)
+    err_console.print(report.line(), highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

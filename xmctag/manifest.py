@@ -46,7 +46,8 @@ def bundle_id_of(manifest: dict) -> str:
     """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace,
     ASCII) of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section
     that affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
-    ``training``, ``lexical``, ``calibration`` (``xmctag.calibration``), and any key a later xmctag adds."""
+    ``training``, ``lexical``, ``calibration`` (``xmctag.calibration``), ``relabel`` (``xmctag.relabeller``), and any
+    key a later xmctag adds."""
     covered = {key: value for key, value in manifest.items() if key not in VOLATILE_KEYS}
     canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -108,6 +109,9 @@ SCHEMA = [
     ("lexical.candidates", _int(1), True), ("lexical.beam", _int(1), True),
     ("calibration", _is(dict), False), ("calibration.file", _is(str), True),
     ("calibration.target_precision", lambda v: _number(v) and 0 < v < 1, True),
+    # xmctag relabel: the bundle's label table changed after training (xmctag.relabeller)
+    ("relabel", _is(dict), False), ("relabel.source_bundle_id", _is(str), True), ("relabel.kept", _int(0), True),
+    ("relabel.added", _int(0), True), ("relabel.retired", _int(0), True), ("relabel.text_changed", _int(0), True),
 ]
 
 

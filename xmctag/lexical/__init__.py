@@ -14,9 +14,11 @@ Files, in a run's and a bundle's ``lexical/`` folder (no pickle anywhere; the bu
 - ``lexical.json``: ``{"format": "xmctag-lexical/1", "kind": "omikuji", "n_labels": L, "n_features": F,
   "settings": {...}, "fusion": {"bands": [e1, e2], "weights": [a0, a1, a2], "fitted_on": ...}}``: label ``l``'s
   fused score is ``(1 - a) * dense + a * lexical`` with ``a`` the weight of its band (training count ``<= e1``,
-  ``<= e2``, above), ``model.py``.
+  ``<= e2``, above), ``model.py``;
+- ``label_map.npy`` (relabelled bundles only, named in ``lexical.json``'s ``label_map``): int64, the trees' label
+  index -> the bundle's label index, -1 for a retired label (``model.py``).
 """
 
-from xmctag.lexical.model import LexicalModel, label_weights
+from xmctag.lexical.model import LexicalModel, label_weights, read_label_map, write_label_map
 
-__all__ = ["LexicalModel", "label_weights"]
+__all__ = ["LexicalModel", "label_weights", "read_label_map", "write_label_map"]
