@@ -259,6 +259,8 @@ def calibrate(
         out_console.print(escape(line), highlight=False, soft_wrap=True)
 
 
+@app.command()
+@user_errors
 def relabel(
     bundle: Path = typer.Argument(..., help="Bundle written by `xmctag export` (or an earlier relabel)."),
     labels: Path = typer.Argument(..., help="The new label table (Parquet or CSV, the columns training read)."),
