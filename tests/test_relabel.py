@@ -140,6 +140,11 @@ def test_relabels_compose_and_the_manifest_records_them(tiny_bundle, tmp_path):
     assert {k: manifest["relabel"][k] for k in ("kept", "added", "retired")} == {"kept": 17, "added": 2,
                                                                                  "retired": 1}
     assert manifest["dims"]["labels"] == 19 and manifest["relabel"]["votes"]["pairs"] > 0
+    # The model card keeps the training figures and says, once per relabel, that the table changed since.
+    card = (tmp_path / "two/README.md").read_text()
+    assert card.startswith((tiny_bundle / "README.md").read_text().rstrip())
+    assert card.count("## Label table changed after training") == 2
+    assert f"source bundle `{one['bundle_id']}`): 17 labels kept with their trained vectors, 2 added" in card
 
 
 def test_a_changed_text_keeps_the_trained_vector(tiny_bundle, tmp_path):

@@ -121,6 +121,7 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
                                "kept": len(change.kept_new), "added": len(change.added),
                                "retired": len(change.retired), "text_changed": written["text_changed"],
                                "vectors": written["vectors"], "votes": written["votes"]}
+        _write_model_card(source, manifest["relabel"], staging / "README.md", manifest["created"])
         for name in source.manifest["files"]:  # the rest, unchanged
             if calibration is not None and name == calibration["file"]:
                 continue
@@ -139,6 +140,23 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
                            len(change.retired), written["text_changed"], written["vectors"], written["votes"],
                            time.perf_counter() - started, calibration_dropped=calibration is not None)
     return report
+
+
+def _write_model_card(source: Bundle, section: dict, path: Path, created: str) -> None:
+    """The source bundle's model card (``README.md``), when it has one, with a section saying that its label table
+    changed after training: the card's training figures describe the old table."""
+    card = source.path / "README.md"
+    if not card.is_file():
+        return
+    lines = [card.read_text(encoding="utf-8").rstrip(), "", "## Label table changed after training (`xmctag relabel`)",
+             "",
+             f"On {created[:10]} this bundle's label table was replaced without retraining (source bundle "
+             f"`{section['source_bundle_id']}`): {section['kept']} labels kept with their trained vectors, "
+             f"{section['added']} added (vectors from their text: {section['vectors'].get('method', '-')}), "
+             f"{section['retired']} retired, {section['text_changed']} texts changed. The training figures above "
+             "describe the label table the model was trained on; the manifest's `relabel` section has the details.",
+             ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 def _check_out(out: Path, overwrite: bool, inputs: dict) -> None:
