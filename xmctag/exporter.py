@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +33,9 @@ from xmctag.backend.export import export_text_graph
 from xmctag.backend.optimise import optimise_text_graph
 from xmctag.backend.quantise import quantise_int8
 from xmctag.errors import UserError
-from xmctag.io.atomic import current_umask
+from xmctag.io.atomic import staged_directory
 from xmctag.models.tokens import pad, pad_id_of, token_ids
-from xmctag.overwrite import check_replaceable
+from xmctag.overwrite import check_new_output_dir
 from xmctag.progress import Progress
 from xmctag.summary import library_versions, run_summary
 from xmctag.vision.onnx_runtime import ONNX_FP32 as VISION_FP32
@@ -64,21 +62,14 @@ def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite
     show = Progress(progress)
     runtime.check_runtime_packages()  # before any work: the export needs ONNX Runtime and writes a faiss index
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
-        check_replaceable(out, layout.is_bundle, "an xmctag bundle", {"the run": run})
+    check_new_output_dir(out, overwrite, layout.is_bundle, "an xmctag bundle", {"the run": run})
     trained = run_dir.load_run(run)
     encoder, tokenizer = trained.encoder_and_tokenizer()
     fusion = run_dir.load_fusion(trained.path)
     if not tokenizer.is_fast:
         raise UserError(f"{run}: the model's tokenizer has no fast (tokenizer.json) version, which tagging needs")
     encoder.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         with torch.no_grad():
             show.log("exporting the encoder to ONNX (Optimum)")
             raw = staging / "raw.onnx"
@@ -102,13 +93,6 @@ def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite
         tokenizer.save_pretrained(staging / layout.TOKENIZER)
         prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
         write_bundle_files(staging, trained, results, pad_id_of(tokenizer), prompt=prompt, fusion=fusion)
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: the bundle gets what the umask allows
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     show.log(f"bundle written to {out}")
     return out
 

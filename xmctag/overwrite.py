@@ -1,4 +1,5 @@
-"""What ``--overwrite`` may replace: ``train`` and ``export`` delete their ``--out`` directory before writing it anew.
+"""What ``--overwrite`` may replace: ``train``, ``export`` and ``relabel`` delete their ``--out`` directory before
+writing it anew.
 
 Pointed by mistake at a folder of catalogs or at a home directory, that would delete the user's files. So a
 directory is replaced only when it is empty or holds nothing but what the command itself writes (a run directory:
@@ -11,6 +12,18 @@ from pathlib import Path
 from typing import Callable
 
 from xmctag.errors import UserError
+
+
+def check_new_output_dir(out: Path, overwrite: bool, holds_only_output: Callable[[Path], bool], what: str,
+                         inputs: dict[str, str | Path | None]) -> None:
+    """``--out`` of a command that writes a whole directory anew (``export``, ``relabel``): absent or empty, or, with
+    ``overwrite``, one ``check_replaceable`` allows."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
+        check_replaceable(out, holds_only_output, what, inputs)
 
 
 def check_replaceable(out: Path, holds_only_output: Callable[[Path], bool], what: str,

@@ -36,9 +36,7 @@ A relabel with the bundle's own label table gives a bundle that predicts exactly
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +47,9 @@ from xmctag import manifest as manifest_file
 from xmctag import run_dir
 from xmctag.bundle import INDEX, Bundle, is_bundle
 from xmctag.errors import UserError
-from xmctag.io.atomic import current_umask
+from xmctag.io.atomic import staged_directory
 from xmctag.io.datasets import LabelTable
+from xmctag.overwrite import check_new_output_dir
 from xmctag.progress import Progress
 
 MIN_PRODUCTS = 5  # the fewest training products a new label gets votes from (bench/RESULTS.md, "Relabel")
@@ -101,14 +100,13 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
     runtime.check_runtime_packages()
     source = Bundle.open(bundle)
     out = Path(out)
-    _check_out(out, overwrite, {"the bundle": source.path, "the label table": labels})
+    check_new_output_dir(out, overwrite, is_bundle, "an xmctag bundle",
+                         {"the bundle": source.path, "the label table": labels})
     table = read_label_table(labels, source)
     old = source.labels(["label", "text", "encoder_text", "exclusive_group", "train_count"])
     change = LabelChange(old["label"].to_list(), table.ids)
     show.log(f"{len(change.kept_new)} labels kept, {len(change.added)} added, {len(change.retired)} retired")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         written = _write_relabelled(source, old, table, change, staging, vectors, min_products if votes else None,
                                     refit, show)
         manifest = dict(source.manifest)
@@ -129,13 +127,6 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.path / name, staging / name)
         sealed = manifest_file.seal(staging, manifest)
-        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: what the umask allows, as export
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     report = RelabelReport(out, sealed["bundle_id"], source.bundle_id, len(change.kept_new), len(change.added),
                            len(change.retired), written["text_changed"], written["vectors"], written["votes"],
                            time.perf_counter() - started, calibration_dropped=calibration is not None)
@@ -157,17 +148,6 @@ def _write_model_card(source: Bundle, section: dict, path: Path, created: str) -
              "describe the label table the model was trained on; the manifest's `relabel` section has the details.",
              ""]
     path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def _check_out(out: Path, overwrite: bool, inputs: dict) -> None:
-    from xmctag.overwrite import check_replaceable
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out}: directory is not empty (use --overwrite to replace it)")
-        check_replaceable(out, is_bundle, "an xmctag bundle", inputs)
 
 
 def read_label_table(path: str | Path, bundle: Bundle) -> LabelTable:

@@ -15,6 +15,10 @@
 - **Modes**: the new file gets the mode of the file it replaces, else ``0666`` minus the umask (as ``open`` would
   give), so a downstream job running as another user reads what the umask allows.
 - **The machine's failures** (disk full, I/O error, read-only file system) become ``EnvironmentFailure`` (exit 74).
+
+``staged_directory(out)`` does the same for a whole directory (``export`` and ``relabel`` write bundles with it): the
+content goes to a temporary sibling ``.NAME.RANDOM``, which replaces ``out`` only once complete (the mode the umask
+allows) and is deleted after an error or an interruption.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from xmctag.errors import OutputLocked, UserError, environment_failure
@@ -40,6 +46,23 @@ def resolve_output(path: str | Path) -> Path:
 def _stem(target: Path) -> str:
     digest = hashlib.sha256(target.name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     return f".{target.name[:NAME_CHARS]}.{digest}"
+
+
+@contextmanager
+def staged_directory(out: Path):
+    """A new temporary directory beside ``out`` to write into; when the block ends without an error it replaces
+    ``out`` (deleted first if it exists: the caller checked that it may be), else it is deleted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it 0700: what the umask allows
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def current_umask() -> int:
