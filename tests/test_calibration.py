@@ -15,13 +15,13 @@ from xmctag import Tagger, UserError
 from xmctag.bundle import Bundle
 from xmctag.calibration import (
     CALIBRATION_FILE,
-    apply_thresholds,
     fit_thresholds,
     group_threshold,
     split_rows,
 )
 from xmctag.cli import app
 from xmctag.manifest import read_manifest, seal
+from xmctag.scoring.thresholds import apply_thresholds
 
 runner = CliRunner()
 

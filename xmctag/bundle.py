@@ -335,7 +335,7 @@ class Bundle:
         """The thresholds of ``tag --calibrated`` (``xmctag.calibration``): float32 ``(L,)``, each in [0, 1] or
         +inf, from the file the manifest's ``calibration`` section names (its sha256 checked even when the bundle was
         opened with ``verify=False``: it is small); None when the bundle has no calibration."""
-        from xmctag.calibration import check_thresholds
+        from xmctag.scoring.thresholds import check_thresholds
 
         section = self.manifest.get("calibration")
         if section is None:

@@ -33,8 +33,8 @@
    ``baseline``: ``measure``'s figures, as in ``CalibrationReport``).
    Calibrating again replaces the previous calibration.
 
-``Tagger.load(path, calibrated=True)`` (``tag --calibrated``) reads the thresholds (``load_thresholds``) and keeps a
-ranked label only when its score is at least its label's threshold (``apply_thresholds``), after ``min_score``:
+``Tagger.load(path, calibrated=True)`` (``tag --calibrated``) reads the thresholds and keeps a ranked label only
+when its score is at least its label's threshold (``xmctag.scoring.thresholds``), after ``min_score``:
 products get fewer than ``top_k`` labels, or none.
 """
 
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from xmctag.errors import UserError
+from xmctag.scoring.thresholds import apply_thresholds
 
 CALIBRATION_FILE = "calibration.npy"
 DEFAULT_TOP_K = 20
@@ -60,35 +61,6 @@ RULE = ("tag --calibrated keeps label l of a product when its score >= threshold
 METHOD = ("per group, the lowest score s with correct(>= s) / (predictions(>= s) + 1) >= target_precision on the fit "
           "half of dev; groups: a label with >= min_positives dev positives and predictions, else its train_count "
           "band (<= bands[0], <= bands[1], ..., above) when that has as many, else one global group")
-
-
-# -- applying -------------------------------------------------------------------------------------------------------
-def apply_thresholds(indices: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """``indices`` ``(n, k)`` with -1 where the label (-1: none already) scores below its threshold."""
-    known = indices >= 0
-    limit = thresholds[np.where(known, indices, 0)]
-    return np.where(known & (scores >= limit), indices, -1)
-
-
-def load_thresholds(bundle) -> np.ndarray:
-    """The thresholds of a ``Bundle`` (``Bundle.calibration``); a ``UserError`` naming the command to run when the
-    bundle has none."""
-    thresholds = bundle.calibration()
-    if thresholds is None:
-        raise UserError(f"--calibrated: {bundle.path} has no calibration; run `xmctag calibrate {bundle.path} --dev "
-                        "DEV.parquet --precision 0.9` first")
-    return thresholds
-
-
-def check_thresholds(thresholds: np.ndarray, n_labels: int) -> str | None:
-    """What is wrong with a loaded ``calibration.npy`` (None: nothing): float32 ``(n_labels,)``, each value in
-    [0, 1] or +inf."""
-    if thresholds.dtype != np.float32 or thresholds.shape != (n_labels,):
-        return f"{thresholds.dtype} {thresholds.shape}, expected float32 ({n_labels},)"
-    finite = np.isfinite(thresholds)
-    if not ((finite & (thresholds >= 0) & (thresholds <= 1)) | np.isposinf(thresholds)).all():
-        return "a threshold outside [0, 1] that is not +inf"
-    return None
 
 
 # -- fitting --------------------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import polars as pl
 from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
-from xmctag.calibration import apply_thresholds, load_thresholds
 from xmctag.errors import UserError
 from xmctag.incremental import coalesced, merge, reused_products, with_content_hash
 from xmctag.io.atomic import resolve_output
@@ -49,6 +48,7 @@ from xmctag.models.tokens import clip_text, pad
 from xmctag.prefetch import prefetch
 from xmctag.progress import Progress
 from xmctag.scoring import rank_labels
+from xmctag.scoring.thresholds import apply_thresholds, load_thresholds
 from xmctag.summary import RunChecks, TagSummary, now, run_summary
 
 ENCODE_BATCH_CPU = 64
