@@ -19,38 +19,25 @@ from xmctag.errors import UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "UserError", "train", "export", "Tagger", "evaluate", "diff", "calibrate", "relabel",
-           "__version__"]
+# The API's entry points -> (module, name). Heavy modules (torch, onnxruntime, faiss) load only when their entry
+# point is used.
+ENTRY_POINTS = {
+    "train": ("xmctag.training.trainer", "train"),
+    "export": ("xmctag.exporter", "export"),
+    "Tagger": ("xmctag.tagger", "Tagger"),
+    "evaluate": ("xmctag.evaluation.predictions", "evaluate_predictions"),
+    "diff": ("xmctag.reports.diff", "diff_predictions"),
+    "calibrate": ("xmctag.calibration", "calibrate"),
+    "relabel": ("xmctag.relabeller", "relabel"),
+}
+
+__all__ = ["Config", "UserError", *ENTRY_POINTS, "__version__"]
 
 
 def __getattr__(name):
-    # Heavy modules (torch, onnxruntime, faiss) load only when their entry point is used.
-    if name == "train":
-        from xmctag.training.trainer import train
+    if name not in ENTRY_POINTS:
+        raise AttributeError(f"module 'xmctag' has no attribute {name!r}")
+    import importlib
 
-        return train
-    if name == "export":
-        from xmctag.exporter import export
-
-        return export
-    if name == "Tagger":
-        from xmctag.tagger import Tagger
-
-        return Tagger
-    if name == "evaluate":
-        from xmctag.evaluation.predictions import evaluate_predictions
-
-        return evaluate_predictions
-    if name == "diff":
-        from xmctag.reports.diff import diff_predictions
-
-        return diff_predictions
-    if name == "calibrate":
-        from xmctag.calibration import calibrate
-
-        return calibrate
-    if name == "relabel":
-        from xmctag.relabeller import relabel
-
-        return relabel
-    raise AttributeError(f"module 'xmctag' has no attribute {name!r}")
+    module, attribute = ENTRY_POINTS[name]
+    return getattr(importlib.import_module(module), attribute)
