@@ -138,9 +138,7 @@ def _with_score_column(path: Path, long: pl.DataFrame) -> pl.DataFrame:
     some rows only, or not a finite number, is an error naming the row."""
     if "score" not in long.columns:
         return long.with_columns(score=pl.lit(None, pl.Float64))
-    dtype = long.schema["score"]
-    if not (dtype.is_numeric() or dtype == pl.Null):
-        raise UserError(f"{path}: column 'score' has type {dtype}; expected numbers")
+    _check_numbers(path, "score", long.schema["score"], in_list=False)
     long = long.with_columns(pl.col("score").cast(pl.Float64))
     if long["score"].is_null().all():
         return long
