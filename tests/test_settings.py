@@ -116,3 +116,60 @@ def test_a_ranking_needs_two_labels(tmp_path, catalog_dir, tiny_encoder_dir):
     with pytest.raises(UserError, match="every training row carries the one label 'colour:red'"):
         train(catalog_dir / "train.parquet", two, out, config=_quick(tiny_encoder_dir), progress=False)
     assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_the_dual_encoder_plans_on_the_whole_budget_when_no_classifier_stage_will_run(
+        small_catalog_dir, tiny_encoder_dir, tmp_path, monkeypatch):
+    from xmctag import Config, train
+    from xmctag.training.dual_encoder import DualEncoderStage
+
+    budgets = []
+    monkeypatch.setattr(DualEncoderStage, "plan", lambda self, budget, show: budgets.append(budget) or 0)
+    for name, max_labels in (("with-classifier", 0), ("without", 1)):
+        config = Config(encoder=tiny_encoder_dir, batch_size=32, max_length=16, label_max_length=12,
+                        label_vector_epochs=1, knn_neighbours=0, lexical="none", time_budget_minutes=8,
+                        classifier_epochs="auto", classifier_max_labels=max_labels, auto_max_epochs=0)
+        train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", tmp_path / name,
+              config=config, progress=False)
+    assert budgets == [pytest.approx(8 * Config().dual_encoder_budget_share), pytest.approx(8)]
+
+
+@pytest.mark.e2e
+def test_a_run_that_will_not_fit_in_memory_is_refused_before_anything_is_written(
+        small_catalog_dir, tiny_encoder_dir, tmp_path):
+    from xmctag import Config, train
+    from xmctag.errors import UserError
+
+    config = Config(encoder=tiny_encoder_dir, epochs=0, classifier_epochs=0, max_length=16, label_max_length=12,
+                    max_memory_gb=0.5)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", out, config=config,
+              progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.match(r"train: estimated peak memory \d+\.\d GiB is more than the 0\.5 GiB available \(largest part: "
+                    r"libraries", message), message
+    assert "max_memory_gb" in message
+    assert not out.exists()
+
+
+def test_the_memory_estimate_grows_with_the_data_and_shortlists_bound_the_label_stages():
+    from xmctag import Config
+    from xmctag.training.memory import GiB, estimate_memory
+
+    def estimate(n_train, n_labels, **settings):
+        parts = estimate_memory(Config(**settings), n_train, 10_000, n_labels, int(0.9 * n_labels), n_train * 60,
+                                384, 22_700_000, 6, 12)
+        return parts["host"]
+
+    small, large = estimate(45_000, 7_000), estimate(295_000, 131_000)
+    assert sum(large.values()) > 1.5 * sum(small.values())
+    # 131K labels on a shortlist: a batch of logits over all labels is not what the label-vector stage needs.
+    dense = estimate_memory(Config(label_shortlist_above=10**7), 295_000, 10_000, 1_300_000, 1_200_000,
+                            295_000 * 60, 384, 22_700_000, 6, 12)["host"]
+    shortlisted = estimate_memory(Config(), 295_000, 10_000, 1_300_000, 1_200_000, 295_000 * 60, 384, 22_700_000, 6,
+                                  12)["host"]
+    assert sum(shortlisted.values()) < sum(dense.values())
+    assert sum(large.values()) < 16 * GiB

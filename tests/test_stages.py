@@ -72,8 +72,8 @@ def test_classifier_stage_keeps_its_best_epoch_on_dev(tmp_path, small_catalog_di
     monkeypatch.setattr(stage, "dev_score", lambda metrics: next(scores))
     evaluated = []  # (dev product embeddings, label vectors) of each dev evaluation
     evaluate = trainer.evaluate_scores
-    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
-        evaluated.append((products, vectors)), evaluate(products, vectors, *args))[1])
+    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args, **kwargs: (
+        evaluated.append((products, vectors)), evaluate(products, vectors, *args, **kwargs))[1])
     out = tmp_path / "run"
     train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", out,
           dev=small_catalog_dir / "dev.parquet", config=_classifier_config(tiny_encoder_dir), progress=False)
@@ -181,8 +181,8 @@ def test_dual_encoder_keeps_its_best_epoch_on_dev(tmp_path, small_catalog_dir, t
     monkeypatch.setattr(stage, "dev_score", lambda metrics: next(scores))
     evaluated = []  # dev product embeddings of each dev evaluation
     evaluate = trainer.evaluate_scores
-    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args: (
-        evaluated.append(products), evaluate(products, vectors, *args))[1])
+    monkeypatch.setattr(trainer, "evaluate_scores", lambda products, vectors, *args, **kwargs: (
+        evaluated.append(products), evaluate(products, vectors, *args, **kwargs))[1])
     out = tmp_path / "run"
     train(small_catalog_dir / "train.parquet", small_catalog_dir / "labels.parquet", out,
           dev=small_catalog_dir / "dev.parquet",

@@ -89,6 +89,12 @@ class Config:
     label_vector_epochs: int = 30
     label_vector_lr: float = 2e-3
     label_vector_scale: float = 40.0  # logit = scale * (<product, label vector> + bias)
+    # Above this many labels seen in training, the label-vector and classifier stages score each batch against a
+    # shortlist (its positives, label_shortlist hard negatives per product, label_random_negatives per batch that
+    # stand for the other labels) instead of all labels (xmctag/training/shortlist.py).
+    label_shortlist_above: int = 50_000
+    label_shortlist: int = 64
+    label_random_negatives: int = 512
     # --- classifier fine-tuning (third stage, encoders only: xmctag/training/classifier.py) -------------------
     # The encoder fine-tuned through a one-vs-all head started from the label vectors; the head then is the label
     # vectors. "auto": as many epochs as fit the time budget left after the dual-encoder epochs (which then plan
@@ -99,7 +105,8 @@ class Config:
     dual_encoder_budget_share: float = 0.25
     classifier_lr: float = 3e-5  # the encoder's learning rate in this stage
     classifier_vector_lr: float = 1e-3  # the head's
-    classifier_max_labels: int = 100_000  # more labels seen in training: stage skipped (dense head + optimiser state)
+    classifier_max_labels: int = 0  # more labels seen in training: stage skipped; 0 = no limit (shortlists above
+    # label_shortlist_above; its head and optimiser state are in train's memory estimate)
     # --- neighbour votes (kNN over the training products, blended with the label vectors; see scoring.py) ----
     knn_neighbours: int = 20  # training products that vote; 0 = label vectors alone (smaller bundle)
     knn_temperature: float = 10.0  # vote weight exp(T * similarity), normalised over the neighbours
@@ -117,7 +124,10 @@ class Config:
     lexical_beam: int = 10  # beam width of the tree search
     lexical_candidates: int = 50  # lexical labels per product that join the dense candidates
     lexical_bands: list[int] = field(default_factory=lambda: [5, 50])  # training counts: a fusion weight per band
+    # --- memory -------------------------------------------------------------------------------------------------
+    max_memory_gb: float = 0.0  # train refuses to start when its estimated peak is above this; 0 = what is free
     # --- evaluation --------------------------------------------------------------------------------------------
+    dev_eval_rows: int = 20_000  # dev products scored after each epoch (a fixed sample); the final model: all
     eval_ks: list[int] = field(default_factory=lambda: [1, 3, 5])
     psp_a: float = 0.55
     psp_b: float = 1.5
@@ -172,6 +182,10 @@ class Config:
             (bool(self.text_cols), "text_cols must name at least one column"),
             (self.lr > 0 and self.label_vector_lr > 0, "learning rates must be > 0"),
             (self.knn_neighbours >= 0, "knn_neighbours must be >= 0"),
+            (self.label_shortlist_above >= 0 and self.label_shortlist >= 1 and self.label_random_negatives >= 1,
+             "label_shortlist_above must be >= 0, label_shortlist and label_random_negatives >= 1"),
+            (self.classifier_max_labels >= 0 and self.max_memory_gb >= 0 and self.dev_eval_rows >= 1,
+             "classifier_max_labels and max_memory_gb must be >= 0, dev_eval_rows >= 1"),
             (0.0 <= self.knn_weight <= 1.0, "knn_weight must be in [0, 1]"),
             (self.max_images >= 1, "max_images must be >= 1"),
             (self.image_lr > 0, "image_lr must be > 0"),

@@ -15,8 +15,11 @@ encoder and head are kept.
 Labels never seen in training start from their calibrated text score and only ever get negative feedback: fine-tuned
 through the head, the encoder's product embeddings drift away from the label-text embeddings, and left as they were,
 such labels took top-5 places from the head's own (bench/RESULTS.md, "Classifier stage"). Encoder models only (a
-decoder's LoRA adapters are merged by then); label sets up to ``classifier_max_labels`` (the head is a dense
-``(labels, dim)`` matrix with its optimiser state).
+decoder's LoRA adapters are merged by then); label sets up to ``classifier_max_labels`` when set (the head is a
+dense ``(labels, dim)`` matrix with its optimiser state, counted in train's memory estimate). Above
+``label_shortlist_above`` labels each batch is scored against a shortlist (``xmctag.training.shortlist``: its
+positives, hard negatives found once with the head it starts from on the frozen product embeddings, random
+negatives) instead of all labels; the shortlist is part of the checkpoint, so ``--resume`` goes on with it.
 """
 
 from __future__ import annotations
@@ -35,17 +38,26 @@ from xmctag.scoring import LabelVectors
 from xmctag.training.budget import PROBE_STEPS, plan_epochs, probe_rate, probe_warmup
 from xmctag.training.data import TrainingData
 from xmctag.training.schedule import warmup_linear_decay
+from xmctag.training.shortlist import LabelLists, Shortlist, batch_targets, sampled_bce
 from xmctag.training.stage import StageProgress
 
 
 def classifier_loss(encoder, head_w: torch.Tensor, head_b: torch.Tensor, scale: float, ids: list[list[int]],
-                    targets: np.ndarray, pad_id: int, device, images: ImageInputs | None = None) -> torch.Tensor:
-    """Mean over the batch of the summed one-vs-all BCE; ``targets`` ``(batch, head rows)`` bool."""
+                    rows: torch.Tensor, labels: LabelLists, pad_id: int, device, images: ImageInputs | None = None,
+                    shortlist: Shortlist | None = None) -> torch.Tensor:
+    """Mean over the batch of the summed one-vs-all BCE of the products ``rows`` (their token ``ids``): over all
+    head rows, or estimated from ``shortlist``'s candidates."""
     with autocast(device):
-        products = embed_with_grad(encoder, ids, pad_id, device, images)
-    logits = scale * (products.float() @ head_w.T + head_b)
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, torch.from_numpy(targets).float().to(device), reduction="sum") / len(ids)
+        products = embed_with_grad(encoder, ids, pad_id, device, images).float()
+    if shortlist is None:
+        logits = scale * (products @ head_w.T + head_b)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch_targets(labels, rows, len(head_b)), reduction="sum") / len(ids)
+    batch = shortlist.candidates(rows)
+    columns = batch.columns.clamp(min=0)
+    logits = scale * (torch.einsum("bd,bcd->bc", products, head_w[columns]) + head_b[columns])
+    random_logits = scale * (products @ head_w[batch.random].T + head_b[batch.random])
+    return sampled_bce(logits, random_logits, batch)
 
 
 class ClassifierStage:
@@ -54,47 +66,56 @@ class ClassifierStage:
 
     name, label, dev_key = "classifier", "classifier epoch", "dev_head"
     state_types: ClassVar[dict] = {"encoder": dict, "head": LabelVectors,  # state()
-                                   "best_head": (LabelVectors, type(None)), "optimizer": dict, "scheduler": dict}
+                                   "best_head": (LabelVectors, type(None)), "optimizer": dict, "scheduler": dict,
+                                   "shortlist": (np.ndarray, type(None))}
 
-    def __init__(self, encoder, data: TrainingData, vectors: LabelVectors, config: Config, device, save_encoder):
-        """``save_encoder(encoder)``: saves it as it is now into the run (the best epoch's)."""
+    def __init__(self, encoder, data: TrainingData, vectors: LabelVectors, config: Config, device, save_encoder,
+                 products: np.ndarray | None = None):
+        """``save_encoder(encoder)``: saves it as it is now into the run (the best epoch's). ``products``: the
+        training products' frozen embeddings that ``vectors`` were fitted on, for the shortlist of a large label
+        set (None when resuming: the checkpoint holds it)."""
         self.encoder, self.data, self.config, self.device = encoder, data, config, device
         self.save_encoder = save_encoder
         self.scale = vectors.scale
         self.head_w = torch.nn.Parameter(torch.from_numpy(vectors.vectors.copy()).float().to(device))
         self.head_b = torch.nn.Parameter(torch.from_numpy(vectors.bias.copy()).float().to(device))
+        self.labels = LabelLists.build(data.train.labels, np.arange(len(data.labels)), device)
+        self.shortlist = None
+        if len(vectors.bias) > config.label_shortlist_above and products is not None:
+            self.shortlist = Shortlist.build(products, vectors.index_matrix(), self.labels, config.label_shortlist,
+                                             config.label_random_negatives, config.seed, device)
         self.progress = StageProgress()
         self.best_head: LabelVectors | None = None
         self.optimizer = self.scheduler = None
         self.trainable: list[torch.nn.Parameter] = []
 
     @staticmethod
+    def skip_reason(config: Config, encoder, n_labels: int) -> str | None:
+        """Why the stage does not run ("off" when classifier_epochs is 0), or None when it does."""
+        if config.classifier_epochs == 0:
+            return "off"
+        if encoder.is_decoder:
+            return "encoder models only"
+        if config.classifier_max_labels and n_labels > config.classifier_max_labels:
+            return f"{n_labels:,} labels > classifier_max_labels {config.classifier_max_labels:,}"
+        return None
+
+    @staticmethod
     def applies(config: Config, encoder, n_labels: int, show: Progress) -> bool:
         """Whether the stage runs: not when off, for a decoder, or above ``classifier_max_labels`` (logged)."""
-        if config.classifier_epochs == 0:
-            return False
-        if encoder.is_decoder:
-            show.log("classifier stage: skipped (encoder models only)")
-            return False
-        if n_labels > config.classifier_max_labels:
-            show.log(f"classifier stage: skipped ({n_labels:,} labels > classifier_max_labels "
-                     f"{config.classifier_max_labels:,})")
-            return False
-        return True
-
-    def _targets(self, batch: np.ndarray) -> np.ndarray:
-        targets = np.zeros((len(batch), len(self.head_b)), dtype=bool)
-        for row, i in enumerate(batch):
-            targets[row, self.data.train.labels[i]] = True
-        return targets
+        reason = ClassifierStage.skip_reason(config, encoder, n_labels)
+        if reason is not None and reason != "off":
+            show.log(f"classifier stage: skipped ({reason})")
+        return reason is None
 
     def loss(self, batch: np.ndarray) -> torch.Tensor:
         """The loss of the products ``batch`` (row indices of the training set), with its graph."""
         data = self.data
         images = data.train_images.take(batch) if data.train_images is not None else None
+        rows = torch.from_numpy(np.asarray(batch, dtype=np.int64)).to(self.device)
         return classifier_loss(self.encoder, self.head_w, self.head_b, self.scale,
-                               [data.product_ids[i] for i in batch], self._targets(batch), data.pad_id, self.device,
-                               images)
+                               [data.product_ids[i] for i in batch], rows, self.labels, data.pad_id, self.device,
+                               images, self.shortlist)
 
     def plan(self, minutes_left: float, show: Progress) -> int:
         """``classifier_epochs = "auto"``: as many epochs as fit ``minutes_left``, from a measured products/s on
@@ -157,7 +178,8 @@ class ClassifierStage:
     def state(self) -> dict:
         """What ``load_state`` goes on from: the encoder, the head (and the best epoch's), the optimiser."""
         return {"encoder": self.encoder.state_dict(), "head": self.head(), "best_head": self.best_head,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "shortlist": self.shortlist.hard.cpu().numpy() if self.shortlist is not None else None}
 
     def load_state(self, state: dict) -> None:
         shape = (len(self.data.label_ids), self.encoder.dim)  # the head's rows: one per label
@@ -169,5 +191,11 @@ class ClassifierStage:
             self.head_w.copy_(torch.from_numpy(state["head"].vectors))
             self.head_b.copy_(torch.from_numpy(state["head"].bias))
         self.best_head = state["best_head"]
+        hard = state.get("shortlist")  # checkpoints from before 2026-12-03 have none: all labels
+        if hard is not None:
+            if hard.ndim != 2 or len(hard) != len(self.data.product_ids) or (hard >= shape[0]).any():
+                raise ValueError(f"shortlist of shape {hard.shape} for {len(self.data.product_ids)} products")
+            self.shortlist = Shortlist(torch.from_numpy(hard.astype(np.int64)).to(self.device), self.labels,
+                                       shape[0], self.config.label_random_negatives, self.config.seed)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -34,9 +34,18 @@ def fit_label_vectors(
     seed: int = 0,
     device="cpu",
     progress=None,
+    shortlist_above: int | None = None,
+    shortlist_size: int = 64,
+    random_negatives: int = 512,
 ) -> LabelVectors:
-    """Fits the label vectors; ``products`` ``(n, d)`` unit-norm, ``product_labels[i]`` label indices of row i."""
+    """Fits the label vectors; ``products`` ``(n, d)`` unit-norm, ``product_labels[i]`` label indices of row i.
+
+    Over all seen labels per batch up to ``shortlist_above`` seen labels (None: always), over a ``Shortlist``
+    (``shortlist_size`` hard negatives per product, ``random_negatives`` per batch) above it: then only the rows of
+    ``r``, ``d`` a step touches are updated (sparse gradients, ``SparseAdam``) and penalised."""
     import torch  # here, not at the top: tagging uses LabelVectors and must not load torch
+
+    from xmctag.training.shortlist import LabelLists, Shortlist, batch_targets, sampled_bce
 
     generator = torch.Generator().manual_seed(seed)
     seen = np.unique(np.concatenate(product_labels))
@@ -44,32 +53,57 @@ def fit_label_vectors(
     column_of[seen] = np.arange(len(seen))
     x = torch.from_numpy(products).float().to(device)
     e = torch.from_numpy(label_embeddings[seen]).float().to(device)
-    rows = np.repeat(np.arange(len(products)), [len(y) for y in product_labels])
-    cols = column_of[np.concatenate(product_labels)]
-    targets = torch.zeros(len(products), len(seen), dtype=torch.bool)
-    targets[torch.from_numpy(rows), torch.from_numpy(cols)] = True
-    targets = targets.to(device)
+    lists = LabelLists.build(product_labels, column_of, device)
+    sparse = shortlist_above is not None and len(seen) > shortlist_above
+    shortlist = (Shortlist.build(products, label_embeddings[seen], lists, shortlist_size, random_negatives, seed,
+                                 device) if sparse else None)
 
     a = torch.ones((), device=device, requires_grad=True)
     c = torch.zeros((), device=device, requires_grad=True)
     r = torch.zeros_like(e, requires_grad=True)
-    d = torch.zeros(len(seen), device=device, requires_grad=True)
+    d = torch.zeros(len(seen), 1, device=device, requires_grad=True)  # a column: an embedding table of width 1
 
+    def dense_loss(idx, residual, penalty):
+        r_, d_ = (r, d) if residual else (r.detach(), d.detach())
+        logits = scale * (x[idx] @ (a * e + r_).T + c + d_[:, 0])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch_targets(lists, idx, len(seen)), reduction="sum") / len(idx)
+        if penalty:
+            loss = loss + l2 * (r.square().sum() + d.square().sum())
+        return loss
+
+    def shortlist_loss(idx, residual, penalty):
+        batch = shortlist.candidates(idx)
+        columns = batch.columns.clamp(min=0)
+        touched, inverse = torch.unique(torch.cat([columns.flatten(), batch.random]), return_inverse=True)
+        if residual:  # sparse gradients: only the touched rows of r and d
+            r_rows = torch.nn.functional.embedding(touched, r, sparse=True)
+            d_rows = torch.nn.functional.embedding(touched, d, sparse=True)[:, 0]
+        else:
+            r_rows, d_rows = r.detach()[touched], d.detach()[touched, 0]
+        w, b = a * e[touched] + r_rows, c + d_rows
+        at, ar = inverse[:columns.numel()].view(columns.shape), inverse[columns.numel():]
+        q = x[idx]
+        logits = scale * (torch.einsum("bd,bcd->bc", q, w[at]) + b[at])
+        random_logits = scale * (q @ w[ar].T + b[ar])
+        loss = sampled_bce(logits, random_logits, batch)
+        if penalty:
+            loss = loss + l2 * (r_rows.square().sum() + d_rows.square().sum())
+        return loss
+
+    loss_of = shortlist_loss if sparse else dense_loss
     steps_per_epoch = -(-len(products) // batch_size)
 
-    def run(params, steps, step_lr, penalty, report):
-        optimizer = torch.optim.Adam(params, lr=step_lr)
+    def run(params, steps, step_lr, residual, report):
+        optimizer = (torch.optim.SparseAdam(params, lr=step_lr) if sparse and residual
+                     else torch.optim.Adam(params, lr=step_lr))
         order = torch.randperm(len(products), generator=generator).to(device)
         for step in range(steps):
             start = (step % steps_per_epoch) * batch_size
             if start == 0 and step:  # a new epoch: a new order
                 order = torch.randperm(len(products), generator=generator).to(device)
             idx = order[start:start + batch_size]
-            logits = scale * (x[idx] @ (a * e + r).T + c + d)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, targets[idx].float(), reduction="sum") / len(idx)
-            if penalty:
-                loss = loss + l2 * (r.square().sum() + d.square().sum())
+            loss = loss_of(idx, residual, penalty=residual)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -78,13 +112,15 @@ def fit_label_vectors(
 
     # Calibration of the text scores, shared by all labels: a 2-parameter logistic regression, so a fixed number
     # of steps with a large learning rate, whatever the data size.
-    run([a, c], CALIBRATION_STEPS, 0.05, penalty=False, report=False)
-    run([r, d], epochs * steps_per_epoch, lr, penalty=True, report=True)
+    run([a, c], CALIBRATION_STEPS, 0.05, residual=False, report=False)
+    a.requires_grad_(False)
+    c.requires_grad_(False)
+    run([r, d], epochs * steps_per_epoch, lr, residual=True, report=True)
 
     with torch.no_grad():
         a_, c_ = float(a), float(c)
         vectors = a_ * label_embeddings.astype(np.float32)
         bias = np.full(len(label_embeddings), c_, dtype=np.float32)
         vectors[seen] += r.cpu().numpy()
-        bias[seen] += d.cpu().numpy()
+        bias[seen] += d[:, 0].cpu().numpy()
     return LabelVectors(vectors.astype(np.float32), bias, scale)

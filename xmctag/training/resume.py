@@ -27,9 +27,15 @@ def read_checkpoint(out: Path, stage_types: tuple) -> dict | None:
         for name in ("dual_encoder", "classifier") if stage is stage_types[-1] else ("dual_encoder",):
             StageProgress.from_dict(checkpoint[name])
         for key, kind in stage.state_types.items():
-            if not isinstance(checkpoint["state"][key], kind):
-                raise TypeError(f"state {key!r} is a {type(checkpoint['state'][key]).__name__}")
+            value = checkpoint["state"].get(key) if _optional(kind) else checkpoint["state"][key]
+            if not isinstance(value, kind):
+                raise TypeError(f"state {key!r} is a {type(value).__name__}")
     return checkpoint
+
+
+def _optional(kind) -> bool:
+    """Whether a state entry of type ``kind`` may be None, and so may be missing from an older checkpoint."""
+    return isinstance(kind, tuple) and type(None) in kind
 
 
 def load_state(out: Path, stage, state: dict) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from xmctag import run_dir
@@ -49,6 +50,7 @@ from xmctag.training.dual_encoder import DualEncoderStage
 from xmctag.training.images import image_cache_dir, prepare_fusion
 from xmctag.training.label_vectors import fit_label_vectors
 from xmctag.training.lexical import fit_lexical_fusion, train_lexical_stage
+from xmctag.training.memory import check_memory, estimate_memory
 from xmctag.training.model_card import write_model_card
 from xmctag.training.resume import load_state, read_checkpoint
 from xmctag.training.schedule import seed_everything
@@ -112,6 +114,7 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     data = TrainingData.read(train, labels, dev, config)
     tokenizer, backbone = load_pretrained(config.encoder)
     check_lengths(config, tokenizer, backbone, label_images=data.labels.images is not None)
+    _check_memory(config, data, backbone, device_, show)
     run_dir.start(out, config, replace, show.log)
     seed_everything(config.seed)
     data.report(show)
@@ -137,7 +140,7 @@ def run_training(train: str | Path, labels: str | Path, out: str | Path, dev: st
     dual = _dual_encoder_stage(run, encoder)
     started = time.perf_counter()
     encoder, vectors, label_embeddings, products = _label_vectors(run, dual, encoder)
-    classifier = _classifier_stage(run, dual, encoder, vectors)
+    classifier = _classifier_stage(run, dual, encoder, vectors, products)
     if classifier is not None:  # its best epoch's head is the label vectors; embeddings again, with its encoder
         if classifier.progress.best.epoch != classifier.progress.epochs:
             encoder = run_dir.load_encoder(out).to(device_)  # the best epoch's, saved by the stage
@@ -198,11 +201,17 @@ class Run:
         run_dir.save_encoder(self.out, model, self.tokenizer)
 
     def evaluate(self, stage) -> dict[str, float] | None:
-        """Dev metrics of a stage after an epoch (its ``dev_vectors``, embedded first: the order it always had)."""
+        """Dev metrics of a stage after an epoch (its ``dev_vectors``, embedded first: the order it always had), on
+        at most ``dev_eval_rows`` dev products (a fixed sample: the same each epoch); the final model gets all."""
+        data, limit = self.data, self.config.dev_eval_rows
         vectors = stage.dev_vectors()
-        products = encode_ids(stage.encoder, self.data.dev_ids, self.data.pad_id, device=self.device,
-                              images=self.data.dev_images)
-        return evaluate_scores(products, vectors, self.data.dev.labels, self.config, self.data.inv_p)
+        ids, images, truth = data.dev_ids, data.dev_images, data.dev.labels
+        if len(ids) > limit:
+            rows = np.sort(np.random.default_rng(self.config.seed).choice(len(ids), limit, replace=False))
+            ids, truth = [ids[i] for i in rows], [truth[i] for i in rows]
+            images = images.take(rows) if images is not None else None
+        products = encode_ids(stage.encoder, ids, data.pad_id, device=self.device, images=images)
+        return evaluate_scores(products, vectors, truth, self.config, data.inv_p, device=self.device)
 
     def stage_evaluation(self):
         return self.evaluate if self.data.dev is not None else None
@@ -228,7 +237,9 @@ def _dual_encoder_stage(run: Run, encoder) -> DualEncoderStage:
     else:
         # With classifier_epochs "auto" too, the dual-encoder epochs get dual_encoder_budget_share of the budget,
         # the classifier stage the rest (where the budget binds, its epochs gained more per minute: RESULTS.md).
-        shared = config.classifier_epochs == "auto" and not encoder.is_decoder
+        # Only when the classifier stage will run: otherwise the dual encoder gets the whole budget.
+        shared = (config.classifier_epochs == "auto"
+                  and ClassifierStage.skip_reason(config, encoder, len(run.data.labels)) is None)
         epochs = dual.plan(run.budget_minutes * (config.dual_encoder_budget_share if shared else 1.0),
                            run.show)
     if run.in_classifier and epochs != checkpoint["dual_encoder"]["epochs"]:
@@ -268,22 +279,26 @@ def _label_vectors(run: Run, dual: DualEncoderStage, encoder):
     with show.task("label vectors", total=config.label_vector_epochs, unit="epochs") as update:
         vectors = fit_label_vectors(products, run.data.train.labels, label_embeddings,
                                     scale=config.label_vector_scale, epochs=config.label_vector_epochs,
-                                    lr=config.label_vector_lr, seed=config.seed, device=run.device, progress=update)
+                                    lr=config.label_vector_lr, seed=config.seed, device=run.device, progress=update,
+                                    shortlist_above=config.label_shortlist_above,
+                                    shortlist_size=config.label_shortlist,
+                                    random_negatives=config.label_random_negatives)
     return encoder, vectors, label_embeddings, products
 
 
-def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelVectors) -> ClassifierStage | None:
-    """The classifier stage, started from ``vectors``: planned on the budget left (or resumed), run; None when it
-    does not apply or gets no epoch."""
+def _classifier_stage(run: Run, dual: DualEncoderStage, encoder, vectors: LabelVectors,
+                      products) -> ClassifierStage | None:
+    """The classifier stage, started from ``vectors`` (fitted on the frozen embeddings ``products``; None when
+    resuming it): planned on the budget left (or resumed), run; None when it does not apply or gets no epoch."""
     config, checkpoint = run.config, run.checkpoint
-    stage = ClassifierStage(encoder, run.data, vectors, config, run.device, run.save_encoder)
+    if not run.in_classifier and not ClassifierStage.applies(config, encoder, len(vectors.bias), run.show):
+        return None
+    stage = ClassifierStage(encoder, run.data, vectors, config, run.device, run.save_encoder, products)
     if run.in_classifier:
         stage.start(checkpoint["classifier"]["epochs"])
         stage.progress = StageProgress.from_dict(checkpoint["classifier"])
         load_state(run.out, stage, checkpoint["state"])
     else:
-        if not ClassifierStage.applies(config, encoder, len(vectors.bias), run.show):
-            return None
         minutes_left = run.budget_minutes - sum(r["seconds"] for r in dual.progress.history) / 60
         epochs = stage.plan(minutes_left, run.show) if config.classifier_epochs == "auto" else config.classifier_epochs
         if not epochs:
@@ -313,7 +328,8 @@ def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, gr
                                                  tuple(config.eval_ks), data.inv_p)
 
     def metrics(neighbours=None, groups=None, lexical=None):
-        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, groups, lexical)
+        return evaluate_scores(products, vectors, data.dev.labels, config, data.inv_p, neighbours, groups, lexical,
+                               run.device)
 
     final["dev_label_vectors"] = metrics()
     final["dev_dense"] = metrics(neighbours)
@@ -328,6 +344,19 @@ def _final_dev_metrics(run: Run, products, vectors: LabelVectors, neighbours, gr
         show.log("lexical model alone: dev " + short(final["dev_lexical"]))
         show.log("fused (what tag reports): dev " + short(final["dev"]))
     return final["dev"]
+
+
+def _check_memory(config: Config, data: TrainingData, backbone, device: torch.device, show: Progress) -> None:
+    """``memory.check_memory`` of this run's sizes, before anything long starts."""
+    texts = data.train.texts + data.labels.texts + (data.dev.texts if data.dev is not None else [])
+    model = backbone.config
+    n_seen = int((data.train_label_counts() > 0).sum())
+    estimate = estimate_memory(
+        config, len(data.train), len(data.dev) if data.dev is not None else 0, len(data.labels), n_seen,
+        sum(map(len, texts)), getattr(model, "hidden_size", 768), sum(p.numel() for p in backbone.parameters()),
+        getattr(model, "num_hidden_layers", 12), getattr(model, "num_attention_heads", 12),
+        cuda=device.type == "cuda")
+    check_memory(estimate, config, show, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None)
 
 
 def _exclusive_groups(data: TrainingData, config: Config, show: Progress):
