@@ -81,7 +81,7 @@ def test_label_vectors_on_a_shortlist_learn_about_as_well_as_on_all_labels():
     text = np.mean([(x @ e.T)[i].argmax() in y[i] for i in range(len(y))])
     dense = fit_label_vectors(x, y, e, epochs=8, batch_size=128)
     short = fit_label_vectors(x, y, e, epochs=8, batch_size=128, shortlist_above=50, shortlist_size=16,
-                              random_negatives=32)
+                              random_negatives=32, shortlist_batch_size=128)
     assert p_at_1(dense) > text + 0.05
     assert p_at_1(short) > text + 0.05
     assert p_at_1(short) > p_at_1(dense) - 0.05

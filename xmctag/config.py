@@ -93,7 +93,7 @@ class Config:
     # shortlist (its positives, label_shortlist hard negatives per product, label_random_negatives per batch that
     # stand for the other labels) instead of all labels (xmctag/training/shortlist.py).
     label_shortlist_above: int = 50_000
-    label_shortlist: int = 64
+    label_shortlist: int = 32
     label_random_negatives: int = 512
     # --- classifier fine-tuning (third stage, encoders only: xmctag/training/classifier.py) -------------------
     # The encoder fine-tuned through a one-vs-all head started from the label vectors; the head then is the label

@@ -55,7 +55,8 @@ def classifier_loss(encoder, head_w: torch.Tensor, head_b: torch.Tensor, scale: 
             logits, batch_targets(labels, rows, len(head_b)), reduction="sum") / len(ids)
     batch = shortlist.candidates(rows)
     columns = batch.columns.clamp(min=0)
-    logits = scale * (torch.einsum("bd,bcd->bc", products, head_w[columns]) + head_b[columns])
+    logits = scale * ((torch.nn.functional.embedding(columns, head_w) * products[:, None, :]).sum(-1)
+                      + head_b[columns])
     random_logits = scale * (products @ head_w[batch.random].T + head_b[batch.random])
     return sampled_bce(logits, random_logits, batch)
 

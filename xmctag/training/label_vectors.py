@@ -35,17 +35,20 @@ def fit_label_vectors(
     device="cpu",
     progress=None,
     shortlist_above: int | None = None,
-    shortlist_size: int = 64,
+    shortlist_size: int = 32,
     random_negatives: int = 512,
+    shortlist_batch_size: int = 4096,
 ) -> LabelVectors:
     """Fits the label vectors; ``products`` ``(n, d)`` unit-norm, ``product_labels[i]`` label indices of row i.
 
     Over all seen labels per batch up to ``shortlist_above`` seen labels (None: always), over a ``Shortlist``
     (``shortlist_size`` hard negatives per product, ``random_negatives`` per batch) above it: then only the rows of
-    ``r``, ``d`` a step touches are updated (sparse gradients, ``SparseAdam``) and penalised."""
+    ``r``, ``d`` a step touches are updated (``RowAdam``) and penalised, in batches of ``shortlist_batch_size``
+    (each label still gets an update per batch that holds one of its products: a rare label as many per epoch as
+    with small batches, while the steps' fixed costs are shared by more products)."""
     import torch  # here, not at the top: tagging uses LabelVectors and must not load torch
 
-    from xmctag.training.shortlist import LabelLists, Shortlist, batch_targets, sampled_bce
+    from xmctag.training.shortlist import LabelLists, RowAdam, Shortlist, batch_targets, sampled_bce
 
     generator = torch.Generator().manual_seed(seed)
     seen = np.unique(np.concatenate(product_labels))
@@ -53,6 +56,7 @@ def fit_label_vectors(
     column_of[seen] = np.arange(len(seen))
     x = torch.from_numpy(products).float().to(device)
     e = torch.from_numpy(label_embeddings[seen]).float().to(device)
+    dim = e.shape[1]
     lists = LabelLists.build(product_labels, column_of, device)
     sparse = shortlist_above is not None and len(seen) > shortlist_above
     shortlist = (Shortlist.build(products, label_embeddings[seen], lists, shortlist_size, random_negatives, seed,
@@ -60,8 +64,13 @@ def fit_label_vectors(
 
     a = torch.ones((), device=device, requires_grad=True)
     c = torch.zeros((), device=device, requires_grad=True)
-    r = torch.zeros_like(e, requires_grad=True)
-    d = torch.zeros(len(seen), 1, device=device, requires_grad=True)  # a column: an embedding table of width 1
+    if sparse:  # one table of rows [r_l, d_l], updated row by row (RowAdam)
+        table = torch.zeros(len(seen), dim + 1, device=device)
+        r, d = table[:, :dim], table[:, dim:]
+    else:
+        r = torch.zeros_like(e, requires_grad=True)
+        d = torch.zeros(len(seen), 1, device=device, requires_grad=True)
+    row_optimizer: list[RowAdam] = []  # the shortlist's optimiser, once the residuals train
 
     def dense_loss(idx, residual, penalty):
         r_, d_ = (r, d) if residual else (r.detach(), d.detach())
@@ -74,40 +83,42 @@ def fit_label_vectors(
 
     def shortlist_loss(idx, residual, penalty):
         batch = shortlist.candidates(idx)
-        columns = batch.columns.clamp(min=0)
+        columns = batch.columns.clamp(min=0)  # (B, C); -1 (none) weighs 0
         touched, inverse = torch.unique(torch.cat([columns.flatten(), batch.random]), return_inverse=True)
-        if residual:  # sparse gradients: only the touched rows of r and d
-            r_rows = torch.nn.functional.embedding(touched, r, sparse=True)
-            d_rows = torch.nn.functional.embedding(touched, d, sparse=True)[:, 0]
-        else:
-            r_rows, d_rows = r.detach()[touched], d.detach()[touched, 0]
-        w, b = a * e[touched] + r_rows, c + d_rows
-        at, ar = inverse[:columns.numel()].view(columns.shape), inverse[columns.numel():]
+        rows = row_optimizer[0].rows(touched) if residual else table[touched]  # (U, dim + 1)
+        w, b = a * e[touched] + rows[:, :dim], c + rows[:, dim]
+        at, random_at = inverse[:columns.numel()].view(columns.shape), inverse[columns.numel():]
         q = x[idx]
-        logits = scale * (torch.einsum("bd,bcd->bc", q, w[at]) + b[at])
-        random_logits = scale * (q @ w[ar].T + b[ar])
+        # embedding(at, w), not w[at]: its backward adds rows up (index_add) instead of an accumulating index_put
+        logits = scale * ((torch.nn.functional.embedding(at, w) * q[:, None, :]).sum(-1) + b[at])
+        random_logits = scale * (q @ w[random_at].T + b[random_at])
         loss = sampled_bce(logits, random_logits, batch)
-        if penalty:
-            loss = loss + l2 * (r_rows.square().sum() + d_rows.square().sum())
+        if penalty:  # the rows this step touches
+            loss = loss + l2 * rows.square().sum()
         return loss
 
     loss_of = shortlist_loss if sparse else dense_loss
-    steps_per_epoch = -(-len(products) // batch_size)
+    steps_per_epoch = -(-len(products) // (shortlist_batch_size if sparse else batch_size))
 
     def run(params, steps, step_lr, residual, report):
-        optimizer = (torch.optim.SparseAdam(params, lr=step_lr) if sparse and residual
-                     else torch.optim.Adam(params, lr=step_lr))
+        if sparse and residual:
+            row_optimizer.append(RowAdam(table, step_lr))
+            optimizer = row_optimizer[0]
+        else:
+            optimizer = torch.optim.Adam(params, lr=step_lr)
+        size = shortlist_batch_size if sparse and residual else batch_size  # calibration: small batches
+        per_epoch = -(-len(products) // size)
         order = torch.randperm(len(products), generator=generator).to(device)
         for step in range(steps):
-            start = (step % steps_per_epoch) * batch_size
+            start = (step % per_epoch) * size
             if start == 0 and step:  # a new epoch: a new order
                 order = torch.randperm(len(products), generator=generator).to(device)
-            idx = order[start:start + batch_size]
+            idx = order[start:start + size]
             loss = loss_of(idx, residual, penalty=residual)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if report and progress is not None and (step + 1) % steps_per_epoch == 0:
+            if report and progress is not None and (step + 1) % per_epoch == 0:
                 progress(1)
 
     # Calibration of the text scores, shared by all labels: a 2-parameter logistic regression, so a fixed number
@@ -121,6 +132,6 @@ def fit_label_vectors(
         a_, c_ = float(a), float(c)
         vectors = a_ * label_embeddings.astype(np.float32)
         bias = np.full(len(label_embeddings), c_, dtype=np.float32)
-        vectors[seen] += r.cpu().numpy()
-        bias[seen] += d[:, 0].cpu().numpy()
+        vectors[seen] += r.detach().cpu().numpy()
+        bias[seen] += d[:, 0].detach().cpu().numpy()
     return LabelVectors(vectors.astype(np.float32), bias, scale)

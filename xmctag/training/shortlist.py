@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-NPROBE = 16  # inverted lists searched per product for its hard negatives
+NPROBE = 8  # inverted lists searched per product for its hard negatives (of 2 * sqrt(labels))
 CHUNK = 8192  # products searched at once
 
 
@@ -105,10 +105,10 @@ class Shortlist:
         faiss = runtime.faiss()
         matrix = np.ascontiguousarray(label_matrix, dtype=np.float32)
         d = matrix.shape[1]
-        n_lists = int(min(max(1, 4 * np.sqrt(len(matrix))), max(1, len(matrix) // 39)))
+        n_lists = int(min(max(1, 2 * np.sqrt(len(matrix))), max(1, len(matrix) // 39)))
         quantiser = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantiser, d, n_lists, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(seed).permutation(len(matrix))[:256 * n_lists]
+        sample = np.random.default_rng(seed).permutation(len(matrix))[:64 * n_lists]
         index.train(matrix[sample])
         index.add(matrix)
         index.nprobe = min(NPROBE, n_lists)
@@ -123,21 +123,28 @@ class Shortlist:
 
     def candidates(self, rows: torch.Tensor) -> Candidates:
         """The labels that the products ``rows`` are scored against in one step (see the module docstring)."""
-        device = rows.device
         positives = self.labels.padded(rows)  # (B, P), -1 padded
         hard = self.hard[rows]  # (B, M), -1 where the search found fewer
-        is_positive = (hard[:, :, None] == positives[:, None, :]).any(-1)
+        # A hard negative that is a positive is already counted among the positives.
+        is_positive = _member(hard, positives, self.n_columns)
         columns = torch.cat([positives, hard], dim=1)
         targets = torch.cat([torch.ones_like(positives), torch.zeros_like(hard)], dim=1).float()
-        # A hard negative that is a positive is already counted among the positives.
         weight = torch.cat([positives >= 0, (hard >= 0) & ~is_positive], dim=1).float()
-        random = torch.randint(0, self.n_columns, (self.n_random,), generator=self.generator).to(device)
+        random = torch.randint(0, self.n_columns, (self.n_random,), generator=self.generator).to(rows.device)
         # Drawn uniformly from all S labels, each random label stands for S / R of them; those that are the row's
         # positives or hard negatives (counted above) get 0, so the sum is an unbiased estimate of the loss over the
         # labels the candidates do not hold.
-        known = (random[None, :, None] == columns[:, None, :]).any(-1)  # (B, R)
+        known = _member(random.expand(len(rows), -1), torch.where(weight > 0, columns, -1), self.n_columns)
         random_weight = torch.where(known, 0.0, self.n_columns / max(1, self.n_random))
         return Candidates(columns, targets, weight, random, random_weight)
+
+
+def _member(values: torch.Tensor, sets: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """``(B, V)`` whether ``values[b, j]`` is in row b of ``sets`` ``(B, W)`` (-1 = no element): a sorted search per
+    row, not a ``(B, V, W)`` comparison."""
+    ordered = torch.where(sets >= 0, sets, n_columns).sort(dim=1).values
+    at = torch.searchsorted(ordered, values.contiguous()).clamp(max=ordered.shape[1] - 1)
+    return (ordered.gather(1, at) == values) & (values >= 0)
 
 
 def sampled_bce(logits: torch.Tensor, random_logits: torch.Tensor, candidates: Candidates) -> torch.Tensor:
@@ -148,3 +155,34 @@ def sampled_bce(logits: torch.Tensor, random_logits: torch.Tensor, candidates: C
     loss = loss + (bce(random_logits, torch.zeros_like(random_logits), reduction="none")
                    * candidates.random_weight).sum()
     return loss / len(logits)
+
+
+class RowAdam:
+    """Adam over the rows of ``table`` that a step uses (lazy Adam, as torch's ``SparseAdam``, without sparse
+    tensors): ``rows(ids)`` (unique ids) gives those rows as a leaf tensor to compute the loss with, ``step()``
+    updates them from its gradient; the moments of the other rows wait. Bias correction by the global step."""
+
+    def __init__(self, table: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.table, self.lr, self.betas, self.eps = table, lr, betas, eps
+        self.m, self.v = torch.zeros_like(table), torch.zeros_like(table)
+        self.steps = 0
+        self.ids = self.leaf = None
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids, self.leaf = ids, self.table[ids].requires_grad_()
+        return self.leaf
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to reset: each step's rows are a new leaf."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.steps += 1
+        g, ids = self.leaf.grad, self.ids
+        m = self.m[ids].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.v[ids].mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.m[ids], self.v[ids] = m, v
+        update = (m / (1 - b1 ** self.steps)) / ((v / (1 - b2 ** self.steps)).sqrt_() + self.eps)
+        self.table[ids] -= self.lr * update
+
