@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ ONNX_INT8 = "encoder.int8.onnx"
 GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
+GPU_FROM = 50_000  # labels: tagging on CUDA searches them on the GPU from this many (xmctag.backend.gpu_search)
 NEIGHBOUR_INDEX = "neighbours.faiss"
 IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
@@ -263,21 +265,34 @@ class Bundle:
             raise self._mismatch(f"the label table ({len(labels)} rows, manifest: {self.dims['labels']} labels)")
         return labels
 
-    def label_index(self):
+    def label_index(self, device: str = "cpu"):
         """The label search (``search(queries [q, 1], n) -> (logits, label rows)``, ``ntotal``, ``d``) of the kind
         the manifest's ``index.labels`` names (``xmctag.backend.index``): exact over ``label_vectors.npy``, or the
         IVF index in ``labels.faiss`` with the manifest's ``nprobe``, its candidates re-scored exactly. A bundle
-        without the section: the exact faiss index in ``labels.faiss``. Sizes are checked against the manifest."""
+        without the section: the exact faiss index in ``labels.faiss``. Sizes are checked against the manifest.
+        ``device`` ``cuda`` with ``GPU_FROM`` labels or more: fp16 matrix products and top-k on the GPU with ONNX
+        Runtime, candidates re-scored exactly (``xmctag.backend.gpu_search``; the CPU search, with a warning, when
+        its CUDA provider cannot start)."""
         from xmctag.backend import index as searches
         from xmctag.backend import runtime
 
+        if device == "cuda" and self.dims["labels"] >= GPU_FROM:
+            from xmctag.backend.gpu_search import OnnxTopK
+
+            vectors = self.label_vectors()
+            try:
+                with self._reading(run_dir.LABEL_VECTORS):
+                    return searches.RefinedSearch(OnnxTopK(vectors, "cuda"), vectors, searches.REFINE)
+            except runtime.CudaUnavailable as e:
+                warnings.warn(f"{e}; searching the labels on the CPU", stacklevel=2)
         entry = self.index_entry("labels")
         if entry is not None and entry["kind"] == "exact":
             return searches.ExactSearch(self.label_vectors())
         faiss = runtime.faiss()
         with self._reading(INDEX) as file:
             index = faiss.read_index(str(file))
-        if index.d != self.dims["index"] or index.ntotal != self.dims["labels"]:
+        d = self.dims["index"] if entry is None else searches.padded_dim(self.dims["index"])  # IVF: SIMD padding
+        if index.d != d or index.ntotal != self.dims["labels"]:
             raise self._mismatch(f"the index {INDEX} ({index.ntotal} x {index.d}, manifest: {self.dims['labels']} "
                                  f"x {self.dims['index']})")
         if entry is None:

@@ -191,11 +191,14 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
                    "candidates": spec["settings"]["candidates"], "beam": spec["settings"]["beam"],
                    "score": "(1 - a_l) * dense score + a_l * lexical score, a_l = weights[band of label l's "
                             "training count: <= bands[0], <= bands[1], ..., above]"}
-    vectors = trained.vectors.index_matrix()
+    vectors = np.load(trained.path / run_dir.LABEL_VECTORS, mmap_mode="r", allow_pickle=False)  # [w_l, b_l] rows
     neighbours = run_dir.load_neighbours(trained.path)
     # Real rows to measure an approximate search on: training products, else (a run without them) label texts.
-    queries = neighbours[0] if neighbours is not None else \
-        trained.label_embeddings / np.maximum(np.linalg.norm(trained.label_embeddings, axis=1, keepdims=True), 1e-12)
+    if neighbours is not None:
+        queries = neighbours[0]
+    else:
+        queries, _ = searches.query_sample(trained.label_embeddings)
+        queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     label_index, entry = searches.label_index(vectors, queries, trained.vectors.scale, **index)
     sections = {"labels": entry}
     if label_index is not None:  # exact: label_vectors.npy is searched directly (one copy of the matrix)

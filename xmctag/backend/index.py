@@ -16,7 +16,8 @@ Kinds (``export --index``; ``auto``: ``exact`` below ``exact_below`` rows, ``ivf
   ``IndexFlatIP`` (where the training embeddings are stored, once).
 - ``ivf``: ``labels.faiss`` / ``neighbours.faiss`` hold a faiss ``IndexIVFScalarQuantizer`` (inner-product metric,
   ``nlist`` = 2 sqrt(rows) k-means cells; codes ``sq8`` for the labels, whose candidates are re-scored exactly from
-  ``label_vectors.npy``, ``fp16`` for the neighbours, whose similarities weigh the votes). Export measures its recall
+  ``label_vectors.npy`` and whose rows are zero-padded from d + 1 to a multiple of 8 (``padded_dim``: the SIMD
+  kernels), ``fp16`` for the neighbours, whose similarities weigh the votes). Export measures its recall
   against exact search on real rows and tunes ``nprobe`` (powers of 2, at most ``max_nprobe``) to the smallest that
   reaches the floor; if none does, the bundle gets the exact search and a warning, and the manifest says why.
 
@@ -54,8 +55,9 @@ EXACT_BELOW = 50_000  # rows: see bench/RESULTS.md, "Approximate indexes"
 RECALL_FLOOR = 0.98
 MAX_QUERIES = 1000
 REFINE = 2
-TRAIN_PER_CELL = 64  # k-means training rows per IVF cell (faiss warns below 39)
-EXACT_CHUNK_CELLS = 1 << 23  # query x row scores held at once by the exact search (32 MiB, 64 MiB of ids)
+TRAIN_PER_CELL = 40  # k-means training rows per IVF cell (faiss warns below 39)
+KMEANS_ITERATIONS = 10
+EXACT_CHUNK_CELLS = 1 << 25  # query x row scores held at once by the exact search (128 MiB, 256 MiB of ids)
 
 
 def faiss():
@@ -109,7 +111,8 @@ class ExactSearch:
 
 class RefinedSearch:
     """An approximate label search whose candidates get their exact logits: fetches ``refine * k`` rows from the
-    faiss ``index``, scores them on ``matrix`` (``[w_l, b_l]`` rows), keeps the best ``k``."""
+    faiss ``index`` (whose rows may be zero-padded, ``padded_dim``), scores them on ``matrix`` (``[w_l, b_l]``
+    rows), keeps the best ``k``."""
 
     def __init__(self, index, matrix: np.ndarray, refine: int = REFINE):
         self.index, self.matrix, self.refine = index, matrix, refine
@@ -118,7 +121,7 @@ class RefinedSearch:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         fetch = min(self.refine * k, self.ntotal)
-        _, found = self.index.search(queries, fetch)
+        _, found = self.index.search(padded(queries, self.index.d), fetch)
         scores = np.full(found.shape, -np.inf, dtype=np.float32)
         valid = found >= 0
         rows, cols = np.nonzero(valid)
@@ -162,10 +165,26 @@ def nlist_for(rows: int) -> int:
     return max(1, min(int(2 * math.sqrt(rows)), rows // 39))
 
 
-def build_ivf(matrix: np.ndarray, storage: str, nlist: int, seed: int = 0):
-    """A trained and filled ``IndexIVFScalarQuantizer`` (inner product) over ``matrix`` (float32, may be a map)."""
+def padded_dim(d: int) -> int:
+    """``d`` rounded up to a multiple of 8: faiss's SIMD scalar-quantizer kernels need it (385 = 384 + the bias
+    column would take the scalar path, 9x slower: bench/RESULTS.md, "Approximate indexes")."""
+    return -(-d // 8) * 8
+
+
+def padded(rows: np.ndarray, d: int) -> np.ndarray:
+    """``rows`` as contiguous float32 with zero columns up to ``d`` (inner products unchanged)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.shape[1] == d:
+        return rows
+    return np.hstack([rows, np.zeros((len(rows), d - rows.shape[1]), np.float32)])
+
+
+def build_ivf(matrix: np.ndarray, storage: str, nlist: int, seed: int = 0, pad: bool = False):
+    """A trained and filled ``IndexIVFScalarQuantizer`` (inner product) over ``matrix`` (float32, may be a map);
+    ``pad``: its rows padded with zero columns to ``padded_dim`` (queries must be padded alike)."""
     f = faiss()
     rows, d = matrix.shape
+    d = padded_dim(d) if pad else d
     quantizer = f.IndexFlatIP(d)
     index = f.IndexIVFScalarQuantizer(quantizer, d, nlist, getattr(f.ScalarQuantizer, STORAGES[storage]),
                                       f.METRIC_INNER_PRODUCT)
@@ -173,11 +192,12 @@ def build_ivf(matrix: np.ndarray, storage: str, nlist: int, seed: int = 0):
     quantizer.this.disown()
     index.cp.seed = seed
     index.cp.max_points_per_centroid = TRAIN_PER_CELL
+    index.cp.niter = KMEANS_ITERATIONS
     sample = np.sort(np.random.default_rng(seed).choice(rows, size=min(rows, TRAIN_PER_CELL * nlist),
                                                         replace=False))
-    index.train(np.ascontiguousarray(matrix[sample], dtype=np.float32))
+    index.train(padded(matrix[sample], d))
     for start in range(0, rows, 65536):
-        index.add(np.ascontiguousarray(matrix[start:start + 65536], dtype=np.float32))
+        index.add(padded(matrix[start:start + 65536], d))
     return index
 
 
@@ -191,23 +211,28 @@ def overlap(found: np.ndarray, exact: np.ndarray) -> float:
     return hits / total if total else 1.0
 
 
-def label_recall(queries: np.ndarray, vectors: np.ndarray, scale: float, exact, approx) -> dict[str, float]:
-    """``candidates@C`` and ``top@5`` of the ``approx`` label search against ``exact`` (module docstring)."""
+def label_results(queries: np.ndarray, vectors: np.ndarray, scale: float, search) -> tuple[np.ndarray, np.ndarray]:
+    """``search``'s top ``label_vector_candidates(5)`` labels of ``[queries, 1]``, and the top 5 of the
+    label-vector ranking built on them (``rank_labels`` without neighbour votes)."""
     from xmctag.scoring.ranking import label_vector_candidates, rank_labels
 
-    k = min(5, len(vectors))
     pool = min(label_vector_candidates(5), len(vectors))
     q1 = np.hstack([queries, np.ones((len(queries), 1), np.float32)])
-    truth = {}
-    for name, search in (("exact", exact), ("approx", approx)):
-        truth[name] = (search.search(q1, pool)[1],
-                       rank_labels(queries, vectors, scale, search.search, None, 0.0, k)[0])
-    return {f"candidates@{pool}": round(overlap(truth["approx"][0], truth["exact"][0]), 4),
-            f"top@{k}": round(overlap(truth["approx"][1], truth["exact"][1]), 4)}
+    return search.search(q1, pool)[1], rank_labels(queries, vectors, scale, search.search, None, 0.0, 5)[0]
+
+
+def label_recall(queries: np.ndarray, vectors: np.ndarray, scale: float, exact, approx) -> dict[str, float]:
+    """``candidates@C`` and ``top@5`` of the ``approx`` label search against ``exact`` (module docstring):
+    ``exact`` is a search or its ``label_results``."""
+    truth = exact if isinstance(exact, tuple) else label_results(queries, vectors, scale, exact)
+    found = label_results(queries, vectors, scale, approx)
+    return {f"candidates@{truth[0].shape[1]}": round(overlap(found[0], truth[0]), 4),
+            f"top@{min(5, len(vectors))}": round(overlap(found[1], truth[1]), 4)}
 
 
 def neighbour_recall(queries: np.ndarray, rows: np.ndarray, exact, approx, k: int) -> dict[str, float]:
-    """``neighbours@k`` of ``approx`` against ``exact``, each query's own row (``rows``) left out."""
+    """``neighbours@k`` of ``approx`` against ``exact`` (a search, or its ``search(queries, k + 1)`` rows), each
+    query's own row (``rows``) left out."""
     def without_self(found):
         out = np.full((len(found), k), -1, np.int64)
         for i, (row, own) in enumerate(zip(found, rows)):
@@ -215,8 +240,8 @@ def neighbour_recall(queries: np.ndarray, rows: np.ndarray, exact, approx, k: in
             out[i, :len(kept)] = kept
         return out
 
-    n = min(k + 1, exact.ntotal)
-    truth = without_self(exact.search(queries, n)[1])
+    n = min(k + 1, approx.ntotal)
+    truth = without_self(exact if isinstance(exact, np.ndarray) else exact.search(queries, n)[1])
     found = without_self(approx.search(queries, n)[1])
     return {f"neighbours@{k}": round(overlap(found, truth), 4)}
 
@@ -233,7 +258,7 @@ def choose(name: str, matrix: np.ndarray, measure, requested: str, exact_below: 
         return None, entry
     nlist = nlist_for(rows)
     started = time.perf_counter()
-    index = build_ivf(matrix, storage, nlist)
+    index = build_ivf(matrix, storage, nlist, pad=refine is not None)
     log(f"{name} index: IVF {nlist} cells, {storage} codes over {rows:,} rows built in "
         f"{time.perf_counter() - started:.0f} s; tuning nprobe on {n_queries} real rows")
     cap = min(nlist, max_nprobe or nlist)
@@ -269,10 +294,12 @@ def label_index(vectors: np.ndarray, queries: np.ndarray, scale: float, requeste
     """The label search for ``vectors`` ``(L, d + 1)``: ``(faiss index or None for exact, manifest entry)``;
     ``queries``: real product embeddings ``(n, d)`` (unit norm) to measure recall on."""
     sample, _ = query_sample(queries)
-    exact = ExactSearch(vectors)
+    truth = []  # the exact results, computed once (for an approximate index only)
 
     def measure(index) -> dict[str, float]:
-        return label_recall(sample, vectors, scale, exact, RefinedSearch(index, vectors, REFINE))
+        if not truth:
+            truth.append(label_results(sample, vectors, scale, ExactSearch(vectors)))
+        return label_recall(sample, vectors, scale, truth[0], RefinedSearch(index, vectors, REFINE))
 
     return choose("label", vectors, measure, requested, exact_below, floor, "sq8", max_nprobe, len(sample), log,
                   refine=REFINE)
@@ -283,9 +310,15 @@ def neighbour_index(embeddings: np.ndarray, k: int, requested: str = "auto", exa
     """The neighbour search over the training products' ``embeddings``: ``(faiss index, manifest entry)`` (an
     ``IndexFlatIP`` for exact); recall measured with training products as queries, their own rows left out."""
     sample, rows = query_sample(embeddings)
-    exact = ExactSearch(embeddings)
-    index, entry = choose("neighbour", embeddings, lambda index: neighbour_recall(sample, rows, exact, index, k),
-                          requested, exact_below, floor, "fp16", max_nprobe, len(sample), log)
+    truth = []
+
+    def measure(index) -> dict[str, float]:
+        if not truth:
+            truth.append(ExactSearch(embeddings).search(sample, min(k + 1, len(embeddings)))[1])
+        return neighbour_recall(sample, rows, truth[0], index, k)
+
+    index, entry = choose("neighbour", embeddings, measure, requested, exact_below, floor, "fp16", max_nprobe,
+                          len(sample), log)
     if index is None:
         index = faiss().IndexFlatIP(embeddings.shape[1])
         for start in range(0, len(embeddings), 65536):
