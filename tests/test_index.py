@@ -250,3 +250,22 @@ def test_export_index_options(trained_run, tmp_path):
     defaults = {name: p.default.default for name, p in inspect.signature(cli.export).parameters.items()}
     assert (defaults["index"], defaults["exact_below"], defaults["recall_floor"]) == \
         ("auto", searches.EXACT_BELOW, searches.RECALL_FLOOR)
+
+
+def test_the_gpu_label_search_graph_matches_exact_search_on_the_cpu_provider(ivf_bundle, wide_run):
+    # The ONNX Runtime graph tagging on CUDA uses (fp16 matrix product + TopK, backend/gpu_search.py), run on the
+    # CPU provider: with its candidates re-scored exactly, the exact search's candidates and logits.
+    from xmctag.backend.gpu_search import OnnxTopK
+
+    vectors = Bundle.open(ivf_bundle).label_vectors()
+    queries, _ = searches.query_sample(np.load(wide_run / run_dir.TRAIN_EMBEDDINGS))
+    q1 = np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+    onnx = OnnxTopK(vectors, "cpu")
+    raw, exact = onnx.search(q1, 32), searches.ExactSearch(vectors).search(q1, 32)
+    np.testing.assert_allclose(raw[0], exact[0], rtol=1e-2, atol=1e-2)  # fp16 scores
+    logits, top = searches.RefinedSearch(onnx, vectors, searches.REFINE).search(q1, 32)
+    assert searches.overlap(top, exact[1]) >= 0.999
+    same = top == exact[1]
+    np.testing.assert_allclose(logits[same], exact[0][same], rtol=1e-5, atol=1e-5)
+    padded = onnx.search(q1[:3], 3005)  # more than its 3,000 rows: -1, as faiss pads
+    assert (padded[1][:, 3000:] == -1).all() and (np.sort(padded[1][:, :3000], axis=1) == np.arange(3000)).all()

@@ -136,7 +136,7 @@ class Tagger:
             device = "cpu"
             session = bundle.session(device, precision, threads)
         labels = bundle.labels(["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"])
-        index = bundle.label_index()
+        index = bundle.label_index(device)
         if exclusive_groups and ("exclusive_group" not in labels
                                  or group_ids(labels["exclusive_group"].to_list()) is None):
             warnings.warn(f"--exclusive-groups: {bundle.path} has no exclusive label groups (training found none, "
