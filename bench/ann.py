@@ -9,11 +9,11 @@ training products and their labels stay: the neighbour search is exact at that s
 
 For each size and kind (``exact``, ``ivf``), in subprocesses of this script (so each step's peak RSS is its own):
 export (wall time, the manifest's ``index`` section, bundle size), then tagging ``--catalog`` (default the sample's
-400 dev products, 5 times over: products export did not tune on) on 2 threads: load time, encoder time, label-search time per product (``label_vector_candidates(5)``
-candidates) and the end-to-end ``tag_file`` products/s. recall@5: the share of each product's top 5 under the
-exact bundle that the IVF bundle's top 5 holds, on the tagged catalog. ``ivf`` is ``export --index auto
---exact-below 5000``: the labels by IVF, the 2,000 training products (neighbour votes) exact.
-
+400 dev products, 5 times over: products export did not tune on) on 2 threads: load time, encoder time, label-search
+time per product (``label_vector_candidates(5)`` candidates) and the end-to-end ``tag_file`` products/s. recall@5:
+the share of each product's top 5 under the exact bundle that the IVF bundle's top 5 holds, on the tagged catalog.
+``ivf`` is ``export --index auto --exact-below 5000``: the labels by IVF, the 2,000 training products (neighbour
+votes) exact.
     python bench/ann.py --run /tmp/ann/run --work /tmp/ann/work --sizes 10000,100000,1000000
 """
 

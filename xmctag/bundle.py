@@ -27,10 +27,11 @@
     config.json            the training Config
     README.md              model card of the run
     manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
-                           graph, tokenization, scoring, training, index (the kind, parameters and measured
-                           recall of each search: ``xmctag.backend.index``), fusion (image fusion only), lexical
-                           (with a lexical model), relabel (a label table changed by ``xmctag.relabeller``), and, outside the
-                           bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
+                           graph, tokenization, scoring, training, index (the kind, parameters and measured recall
+                           of each search: ``xmctag.backend.index``), fusion (image fusion only),
+                           lexical (with a lexical model), relabel (a label table changed by ``xmctag.relabeller``),
+                           and, outside the bundle id, created, source_run, versions and parity_max_abs
+                           (xmctag.manifest)
 
 A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
 ``bundle_id`` is a hash of the file hashes and of every manifest section that affects results

@@ -13,9 +13,9 @@ Steps (the tools are ``xmctag.backend``'s; the bundle layout is ``xmctag.bundle`
 4. Bundle: ONNX files, tokenizer, label table, label vectors, the searches (``xmctag.backend.index``: exact, or an
    approximate IVF index per search chosen by size with ``index="auto"``, its recall measured on the run's training
    product embeddings against exact search, exact with a warning below ``recall_floor``), the config and a manifest
-   (file hashes, versions, dims, tokenisation settings, the ``index`` section, parity results). Written to a temporary directory and renamed into place,
-   so a failed export never leaves a half-written bundle. ``--overwrite`` replaces only a bundle (or an empty
-   directory), never one holding the run (``xmctag.overwrite``).
+   (file hashes, versions, dims, tokenisation settings, the ``index`` section, parity results). Written to a temporary
+   directory and renamed into place, so a failed export never leaves a half-written bundle. ``--overwrite`` replaces
+   only a bundle (or an empty directory), never one holding the run (``xmctag.overwrite``).
 """
 
 from __future__ import annotations

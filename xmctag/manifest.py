@@ -43,11 +43,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def bundle_id_of(manifest: dict) -> str:
-    """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace,
-    ASCII) of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section
-    that affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
-    ``training``, ``index`` (each search's kind, nprobe, measured recall: ``xmctag.backend.index``), ``lexical``, ``calibration`` (``xmctag.calibration``), ``relabel`` (``xmctag.relabeller``), and any
-    key a later xmctag adds."""
+    """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace, ASCII)
+    of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section that
+    affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
+    ``training``, ``index`` (each search's kind, nprobe, measured recall: ``xmctag.backend.index``), ``lexical``,
+    ``calibration`` (``xmctag.calibration``), ``relabel`` (``xmctag.relabeller``), and any key a later xmctag adds."""
     covered = {key: value for key, value in manifest.items() if key not in VOLATILE_KEYS}
     canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -19,9 +19,9 @@ the new table's, in its order:
   ``train_count`` is 0; the exclusive group is the label's group (``label_groups``) when that is one of the
   bundle's exclusive groups. The lexical model's trees cannot return a new label: its lexical weight is 0.
 - **retired** labels (in the bundle, not in the table) disappear everywhere: label table, vectors, embeddings, the
-  label search (an approximate one rebuilt and tuned again, ``xmctag.backend.index``), the training products' label lists (``train_labels.npz``) and the lexical model
-  (``lexical/label_map.npy``: the trees' label index -> the new label index, -1 for a retired label, applied after
-  each prediction; ``xmctag.lexical``).
+  label search (an approximate one rebuilt and tuned again, ``xmctag.backend.index``), the training products' label
+  lists (``train_labels.npz``) and the lexical model (``lexical/label_map.npy``: the trees' label index -> the new
+  label index, -1 for a retired label, applied after each prediction; ``xmctag.lexical``).
 
 Every other file is copied unchanged. The manifest is the source's with ``dims.labels``, ``created`` and a
 ``relabel`` section (source bundle id and creation time, counts kept / added / retired / text changed, the vector

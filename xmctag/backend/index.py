@@ -11,9 +11,9 @@ Two searches, each chosen by its own number of rows:
 Kinds (``export --index``; ``auto``: ``exact`` below ``exact_below`` rows, ``ivf`` from there on):
 
 - ``exact``: the label search has no file of its own: it runs over the memory-mapped ``label_vectors.npy``
-  (``ExactSearch``: chunked matrix product + ``argpartition``; the results of the ``IndexFlatIP`` in
-  ``labels.faiss`` of earlier bundles up to float rounding, without a second copy of the matrix). The neighbour search is ``neighbours.faiss``, an
-  ``IndexFlatIP`` (where the training embeddings are stored, once).
+  (``ExactSearch``: chunked matrix product + ``argpartition``; the results of the ``IndexFlatIP`` in ``labels.faiss``
+  of earlier bundles up to float rounding, without a second copy of the matrix). The neighbour search is
+  ``neighbours.faiss``, an ``IndexFlatIP`` (where the training embeddings are stored, once).
 - ``ivf``: ``labels.faiss`` / ``neighbours.faiss`` hold a faiss ``IndexIVFScalarQuantizer`` (inner-product metric,
   ``nlist`` = 2 sqrt(rows) k-means cells; codes ``sq8`` for the labels, whose candidates are re-scored exactly from
   ``label_vectors.npy`` and whose rows are zero-padded from d + 1 to a multiple of 8 (``padded_dim``: the SIMD
