@@ -55,6 +55,7 @@ EXACT_BELOW = 50_000  # rows: see bench/RESULTS.md, "Approximate indexes"
 RECALL_FLOOR = 0.98
 MAX_QUERIES = 1000
 REFINE = 2
+REFINE_CHUNK = 256  # queries whose candidates are re-scored at once
 TRAIN_PER_CELL = 40  # k-means training rows per IVF cell (faiss warns below 39)
 KMEANS_ITERATIONS = 10
 EXACT_CHUNK_CELLS = 1 << 25  # query x row scores held at once by the exact search (128 MiB, 256 MiB of ids)
@@ -123,12 +124,14 @@ class RefinedSearch:
         fetch = min(self.refine * k, self.ntotal)
         _, found = self.index.search(padded(queries, self.index.d), fetch)
         scores = np.full(found.shape, -np.inf, dtype=np.float32)
-        valid = found >= 0
-        rows, cols = np.nonzero(valid)
-        labels = found[valid]
-        needed, pos = np.unique(labels, return_inverse=True)  # sorted: a memory map is read in order
-        vectors = np.asarray(self.matrix[needed], dtype=np.float32)
-        scores[rows, cols] = np.einsum("nd,nd->n", queries[rows], vectors[pos])
+        for start in range(0, len(found), REFINE_CHUNK):  # bounded temporaries: (chunk, fetch, d + 1) floats
+            part = found[start:start + REFINE_CHUNK]
+            needed = np.unique(part[part >= 0])  # sorted: a memory map is read in order, each row once
+            if not len(needed):
+                continue
+            vectors = np.asarray(self.matrix[needed], dtype=np.float32)[np.searchsorted(needed, np.maximum(part, 0))]
+            logits = np.matmul(vectors, queries[start:start + REFINE_CHUNK, :, None])[..., 0]
+            scores[start:start + REFINE_CHUNK] = np.where(part >= 0, logits, -np.inf)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(found, order, axis=1)
         top_scores = np.take_along_axis(scores, order, axis=1)
