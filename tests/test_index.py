@@ -252,8 +252,9 @@ def test_export_index_options(trained_run, tmp_path):
         assert result.exit_code == 2 and match in " ".join(result.output.split()), result.output
         assert not (tmp_path / "x").exists()
     defaults = {name: p.default.default for name, p in inspect.signature(cli.export).parameters.items()}
-    assert (defaults["index"], defaults["exact_below"], defaults["recall_floor"]) == \
-        ("auto", searches.EXACT_BELOW, searches.RECALL_FLOOR)
+    assert (defaults["index"], defaults["exact_below"]) == ("auto", None)
+    assert defaults["recall_floor"] == searches.RECALL_FLOOR
+    assert (searches.EXACT_BELOW, searches.NEIGHBOUR_EXACT_BELOW) == (50_000, 20_000)  # the README's figures
 
 
 def test_the_gpu_label_search_graph_matches_exact_search_on_the_cpu_provider(ivf_bundle, wide_run):

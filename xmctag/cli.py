@@ -120,7 +120,8 @@ def export(
     index: str = typer.Option("auto", "--index", help="Label and neighbour search: auto (exact below "
                               "--exact-below rows, else ivf), exact, or ivf (approximate, nprobe tuned to "
                               "--recall-floor)."),
-    exact_below: int = typer.Option(50_000, "--exact-below", help="--index auto: exact search for fewer rows."),
+    exact_below: Optional[int] = typer.Option(None, "--exact-below", help="--index auto: exact search for fewer "
+                                              "rows [default: 50000 labels, 20000 training products]."),
     recall_floor: float = typer.Option(0.98, "--recall-floor", help="Recall against exact search an approximate "
                                        "index must reach on real rows, else exact search (lower it explicitly)."),
     summary_json: Optional[Path] = SummaryJsonOption,

@@ -46,15 +46,16 @@ from xmctag.vision.onnx_runtime import VISION_META
 
 
 def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False, progress: bool = True,
-           summary_json: str | Path | None = None, index: str = "auto", exact_below: int = searches.EXACT_BELOW,
+           summary_json: str | Path | None = None, index: str = "auto", exact_below: int | None = None,
            recall_floor: float = searches.RECALL_FLOOR, max_nprobe: int | None = None) -> Path:
     """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``. ``summary_json``: where
     to write the export's summary, however it ends (``xmctag.summary.run_summary``).
 
     ``index``: the kind of each search (``auto``, ``exact``, ``ivf``; ``xmctag.backend.index``); ``auto`` is exact
-    for a search over fewer than ``exact_below`` rows. An approximate search whose recall against exact search stays
-    below ``recall_floor`` (default 0.98; a lower floor is the caller's explicit choice) with ``nprobe`` up to
-    ``max_nprobe`` (default: every cell) is replaced by the exact one, with a warning."""
+    for a search over fewer than ``exact_below`` rows (default: 50,000 labels, 20,000 training products). An
+    approximate search whose recall against exact search stays below ``recall_floor`` (default 0.98; a lower floor
+    is the caller's explicit choice) with ``nprobe`` up to ``max_nprobe`` (default: every cell) is replaced by the
+    exact one, with a warning."""
     with run_summary(summary_json, "export", run_dir=str(run), bundle=str(out)) as report:
         export_bundle(run, out, fp16, overwrite, progress,
                       {"requested": index, "exact_below": exact_below, "floor": recall_floor,
@@ -73,7 +74,7 @@ def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite
 
     show = Progress(progress)
     index = index or {}
-    searches.check_settings(index.get("requested", "auto"), index.get("exact_below", searches.EXACT_BELOW),
+    searches.check_settings(index.get("requested", "auto"), index.get("exact_below"),
                             index.get("floor", searches.RECALL_FLOOR), index.get("max_nprobe"))
     runtime.check_runtime_packages()  # before any work: the export needs ONNX Runtime and writes a faiss index
     out = Path(out)

@@ -8,7 +8,9 @@ Two searches, each chosen by its own number of rows:
   rows of ``label_vectors.npy``, re-scored, see ``RefinedSearch``).
 - **neighbours**: inner product (cosine) of ``q`` over the training products' unit-norm embeddings (kNN votes).
 
-Kinds (``export --index``; ``auto``: ``exact`` below ``exact_below`` rows, ``ivf`` from there on):
+Kinds (``export --index``; ``auto``: ``exact`` below ``exact_below`` rows, ``ivf`` from there on; by default
+``EXACT_BELOW`` labels and ``NEIGHBOUR_EXACT_BELOW`` training products: the exact neighbour search, faiss's
+``IndexFlatIP``, costs about 3x the exact label search per row, see bench/RESULTS.md, "Approximate indexes"):
 
 - ``exact``: the label search has no file of its own: it runs over the memory-mapped ``label_vectors.npy``
   (``ExactSearch``: chunked matrix product + ``argpartition``; the results of the ``IndexFlatIP`` in ``labels.faiss``
@@ -51,7 +53,8 @@ import numpy as np
 KINDS = ("exact", "ivf")
 REQUESTS = ("auto", *KINDS)
 STORAGES = {"sq8": "QT_8bit", "fp16": "QT_fp16"}
-EXACT_BELOW = 50_000  # rows: see bench/RESULTS.md, "Approximate indexes"
+EXACT_BELOW = 50_000  # labels: exact search costs up to about 1 ms a product (a third of MiniLM's encoder) below it
+NEIGHBOUR_EXACT_BELOW = 20_000  # training products: likewise (IndexFlatIP: about 0.08 ms a product per 1,000 rows)
 RECALL_FLOOR = 0.98
 MAX_QUERIES = 1000
 REFINE = 2
@@ -67,13 +70,13 @@ def faiss():
     return runtime.faiss()
 
 
-def check_settings(kind: str, exact_below: int, floor: float, max_nprobe: int | None) -> None:
+def check_settings(kind: str, exact_below: int | None, floor: float, max_nprobe: int | None) -> None:
     """A ``UserError`` for an ``--index`` / ``--exact-below`` / ``--recall-floor`` / cap that makes no sense."""
     from xmctag.errors import UserError
 
     if kind not in REQUESTS:
         raise UserError(f"--index must be one of {', '.join(REQUESTS)}, not {kind!r}")
-    if exact_below < 0:
+    if exact_below is not None and exact_below < 0:
         raise UserError(f"--exact-below must be >= 0 rows, not {exact_below}")
     if not 0.0 < floor <= 1.0:  # also refuses nan
         raise UserError(f"--recall-floor must be in (0, 1], not {floor}")
@@ -292,7 +295,7 @@ def query_sample(queries: np.ndarray, n: int = MAX_QUERIES, seed: int = 0) -> tu
 
 
 def label_index(vectors: np.ndarray, queries: np.ndarray, scale: float, requested: str = "auto",
-                exact_below: int = EXACT_BELOW, floor: float = RECALL_FLOOR, max_nprobe: int | None = None,
+                exact_below: int | None = None, floor: float = RECALL_FLOOR, max_nprobe: int | None = None,
                 log=print):
     """The label search for ``vectors`` ``(L, d + 1)``: ``(faiss index or None for exact, manifest entry)``;
     ``queries``: real product embeddings ``(n, d)`` (unit norm) to measure recall on."""
@@ -304,11 +307,12 @@ def label_index(vectors: np.ndarray, queries: np.ndarray, scale: float, requeste
             truth.append(label_results(sample, vectors, scale, ExactSearch(vectors)))
         return label_recall(sample, vectors, scale, truth[0], RefinedSearch(index, vectors, REFINE))
 
+    exact_below = EXACT_BELOW if exact_below is None else exact_below
     return choose("label", vectors, measure, requested, exact_below, floor, "sq8", max_nprobe, len(sample), log,
                   refine=REFINE)
 
 
-def neighbour_index(embeddings: np.ndarray, k: int, requested: str = "auto", exact_below: int = EXACT_BELOW,
+def neighbour_index(embeddings: np.ndarray, k: int, requested: str = "auto", exact_below: int | None = None,
                     floor: float = RECALL_FLOOR, max_nprobe: int | None = None, log=print):
     """The neighbour search over the training products' ``embeddings``: ``(faiss index, manifest entry)`` (an
     ``IndexFlatIP`` for exact); recall measured with training products as queries, their own rows left out."""
@@ -320,6 +324,7 @@ def neighbour_index(embeddings: np.ndarray, k: int, requested: str = "auto", exa
             truth.append(ExactSearch(embeddings).search(sample, min(k + 1, len(embeddings)))[1])
         return neighbour_recall(sample, rows, truth[0], index, k)
 
+    exact_below = NEIGHBOUR_EXACT_BELOW if exact_below is None else exact_below
     index, entry = choose("neighbour", embeddings, measure, requested, exact_below, floor, "fp16", max_nprobe,
                           len(sample), log)
     if index is None:
