@@ -25,8 +25,8 @@ def test_bundle_problems_are_clear_errors(trained_run, bundle, copy_of, tmp_path
     with pytest.raises(UserError, match="no such bundle"):
         Tagger.load(tmp_path / "nothing")
     broken = copy_of(bundle)
-    (broken / "labels.faiss").unlink()
-    with pytest.raises(UserError, match="labels.faiss is missing"):
+    (broken / "label_vectors.npy").unlink()
+    with pytest.raises(UserError, match="label_vectors.npy is missing"):
         Tagger.load(broken)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["dims"]["labels"] == len(Tagger.load(bundle, verify=False).label_ids)
@@ -155,13 +155,13 @@ def test_a_listed_file_that_is_missing_or_changed_is_refused(tiny_bundle, copy_o
 
 def test_a_file_tagging_reads_must_be_listed(tiny_bundle, copy_of):
     copy = copy_of(tiny_bundle)
-    (copy / layout.INDEX).unlink()
+    (copy / run_dir.LABEL_VECTORS).unlink()
 
     def drop(manifest):
-        del manifest["files"][layout.INDEX]
+        del manifest["files"][run_dir.LABEL_VECTORS]
 
     edit(copy, drop, reseal=True)
-    refused(copy, f"bundle is incomplete, {layout.INDEX} is not in the manifest's files")
+    refused(copy, f"bundle is incomplete, {run_dir.LABEL_VECTORS} is not in the manifest's files")
 
 
 # -- paths stay inside the bundle ---------------------------------------------------------------------------------
@@ -214,13 +214,13 @@ def test_symlinks_out_of_the_bundle_are_refused(tiny_bundle, copy_of, tmp_path):
 def test_a_symlink_inside_the_bundle_to_a_listed_file_is_fine(tiny_bundle, copy_of):
     copy = copy_of(tiny_bundle)
     (copy / "README.md").unlink()
-    (copy / "README.md").symlink_to(layout.INDEX)  # stays inside; its content is checked like any file's
+    (copy / "README.md").symlink_to(layout.NEIGHBOUR_INDEX)  # stays inside; its content is checked like any file's
     edit(copy, lambda manifest: None, reseal=True)
     Bundle.open(copy)
 
 
 # -- damaged files: one line naming the file -----------------------------------------------------------------------
-DAMAGEABLE = [layout.INDEX, layout.NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS, run_dir.LABELS, run_dir.LABEL_VECTORS,
+DAMAGEABLE = [layout.NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS, run_dir.LABELS, run_dir.LABEL_VECTORS,
               layout.ONNX_FP32, "tokenizer/tokenizer.json", run_dir.CONFIG]
 
 

@@ -94,6 +94,8 @@ def without(bundle, names, **dims):
     for key, value in dims.items():
         manifest["dims"][key] = value
         manifest["scoring"]["knn_neighbours"] = value
+        if key == "neighbours" and not value:  # as export writes a bundle without neighbours: no search for them
+            manifest["index"].pop("neighbours", None)
     seal(bundle, manifest)
     return bundle
 

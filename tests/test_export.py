@@ -27,8 +27,10 @@ def test_bundle_contents_and_manifest(bundle_dir):
     assert (bundle_dir / layout.NEIGHBOUR_INDEX).exists() and manifest["scoring"]["knn_neighbours"] == 20
     assert set(manifest["parity_max_abs"]) == {"rows", layout.ONNX_FP32, layout.ONNX_FP16, layout.ONNX_INT8,
                                                f"{layout.ONNX_INT8} min cosine"}
-    for name in (layout.INDEX, "tokenizer/tokenizer.json", run_dir.LABELS, run_dir.CONFIG):
+    for name in (run_dir.LABEL_VECTORS, "tokenizer/tokenizer.json", run_dir.LABELS, run_dir.CONFIG):
         assert name in manifest["files"]
+    assert layout.INDEX not in manifest["files"]  # exact label search: label_vectors.npy, once
+    assert {entry["kind"] for entry in manifest["index"].values()} == {"exact"}
     layout.read_manifest(bundle_dir)  # hashes verify
     assert layout.is_bundle(bundle_dir)  # what export --overwrite may replace
 

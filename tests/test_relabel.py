@@ -50,8 +50,9 @@ def test_the_same_table_reproduces_the_bundle(tiny_bundle, tagger, catalog_dir, 
     again = Tagger.load(tmp_path / "same", device="cpu")
     for new, old in zip(again.predict(texts(), top_k=5), tagger.predict(texts(), top_k=5)):
         np.testing.assert_array_equal(new, old)  # indices and scores, exactly
-    for name in ("label_vectors.npy", "label_embeddings.npy", "labels.faiss", "train_labels.npz"):
+    for name in ("label_vectors.npy", "label_embeddings.npy", "neighbours.faiss", "train_labels.npz"):
         assert (tmp_path / "same" / name).read_bytes() == (tiny_bundle / name).read_bytes(), name
+    assert not (tmp_path / "same" / "labels.faiss").exists()  # exact: label_vectors.npy is searched directly
     assert not (tmp_path / "same/lexical/label_map.npy").exists()  # nothing to map
     manifest = read_manifest(tmp_path / "same")
     assert manifest["relabel"]["source_bundle_id"] == tagger.bundle_id == report.source_bundle_id

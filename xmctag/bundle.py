@@ -5,10 +5,16 @@
     encoder.int8.onnx      the fp32 graph with int8 weights (dynamic quantisation): faster on CPU, approximate
     tokenizer/             tokenizer files (tokenizer.json is what tagging uses)
     labels.parquet         label, text, encoder_text, exclusive_group, train_count
-    label_embeddings.npy   (L, d) label-text embeddings
-    label_vectors.npy      (L, d + 1) rows [w_l, b_l]
-    labels.faiss           faiss inner-product index over label_vectors (queries are [embedding, 1])
-    neighbours.faiss       faiss inner-product index over the training products' embeddings (kNN votes; optional)
+    label_embeddings.npy   (L, d) label-text embeddings: tagging never reads them; ``xmctag relabel`` fits its
+                           vector map for new labels on them (``xmctag.scoring.new_labels``)
+    label_vectors.npy      (L, d + 1) rows [w_l, b_l]; the exact label search runs on it directly (queries
+                           [embedding, 1]), and an approximate one re-scores its candidates on it
+    labels.faiss           approximate label index only (manifest ``index.labels.kind`` "ivf"): a faiss IVF index
+                           with 8-bit codes of label_vectors (``xmctag.backend.index``). Bundles from before
+                           2026-12-03 (no ``index`` section) hold an exact IndexFlatIP copy of label_vectors here
+    neighbours.faiss       faiss inner-product index over the training products' embeddings (kNN votes; optional):
+                           IndexFlatIP (exact), or IVF with fp16 codes (``index.neighbours.kind`` "ivf"); the only
+                           copy of those embeddings in the bundle
     train_labels.npz       the training products' label indices (CSR), row i of neighbours.faiss -> its labels
     train_ids.parquet      the training products' ids (String column ``id``), row i of neighbours.faiss -> its id;
                            read only by ``tag --evidence`` (optional: bundles of runs from before 2026-12-03 lack it)
@@ -21,9 +27,11 @@
     config.json            the training Config
     README.md              model card of the run
     manifest.json          format ("xmctag-bundle/2"), bundle_id, files (the sha256 of every other file), dims,
-                           graph, tokenization, scoring, training, fusion (image fusion only), lexical (with a
-                           lexical model), relabel (a label table changed by ``xmctag.relabeller``), and, outside the
-                           bundle id, created, source_run, versions and parity_max_abs (xmctag.manifest)
+                           graph, tokenization, scoring, training, index (the kind, parameters and measured recall
+                           of each search: ``xmctag.backend.index``), fusion (image fusion only),
+                           lexical (with a lexical model), relabel (a label table changed by ``xmctag.relabeller``),
+                           and, outside the bundle id, created, source_run, versions and parity_max_abs
+                           (xmctag.manifest)
 
 A bundle holds these files and nothing else: every file in it is listed in the manifest's ``files``, and its
 ``bundle_id`` is a hash of the file hashes and of every manifest section that affects results
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +68,7 @@ ONNX_INT8 = "encoder.int8.onnx"
 GRAPHS_BY_PRECISION = {"fp32": ONNX_FP32, "fp16": ONNX_FP16, "int8": ONNX_INT8}
 TOKENIZER = "tokenizer"
 INDEX = "labels.faiss"
+GPU_FROM = 50_000  # labels: tagging on CUDA searches them on the GPU from this many (xmctag.backend.gpu_search)
 NEIGHBOUR_INDEX = "neighbours.faiss"
 IMAGE_INPUTS = ("image_embedding", "image_mask")
 COPIED_FROM_RUN = (run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_EMBEDDINGS, run_dir.LABEL_VECTORS, run_dir.CARD)
@@ -96,6 +106,7 @@ class Bundle:
         if not path.is_dir():
             raise UserError(f"--model {path}: no such bundle directory")
         bundle = cls(path, read_manifest(path, verify_hashes=verify))
+        bundle.check_index_section()
         for name in bundle.required_files():
             if name not in bundle.manifest["files"]:
                 raise UserError(f"{path}: bundle is incomplete, {name} is not in the manifest's files (re-export "
@@ -106,8 +117,11 @@ class Bundle:
 
     def required_files(self) -> list[str]:
         """The files tagging reads: the manifest must list each (and so each is there, and hashed)."""
-        names = [run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_VECTORS, INDEX, ONNX_FP32,
+        names = [run_dir.CONFIG, run_dir.LABELS, run_dir.LABEL_VECTORS, ONNX_FP32,
                  self.manifest["tokenization"]["tokenizer"], *self.manifest["graph"]["files"]]
+        labels = self.index_entry("labels")
+        if labels is None or labels["kind"] != "exact":  # exact: label_vectors.npy is searched directly
+            names.append(INDEX)
         if self.dims.get("neighbours"):
             names += [NEIGHBOUR_INDEX, run_dir.TRAIN_LABELS]
         if self.fusion is not None:
@@ -116,6 +130,26 @@ class Bundle:
             folder = self.manifest["lexical"]["folder"]
             names += [f"{folder}/lexical.json", f"{folder}/features.json"]
         return names
+
+    def index_entry(self, name: str) -> dict | None:
+        """The manifest's ``index`` entry of the search ``name`` (``labels``, ``neighbours``), or None (a bundle
+        from before the section: exact faiss indexes, ``xmctag.backend.index``)."""
+        return (self.manifest.get("index") or {}).get(name)
+
+    def check_index_section(self) -> None:
+        """A one-line ``UserError`` naming the first key of the ``index`` section that is missing or out of range:
+        its ``nprobe`` and ``refine`` drive tagging (``xmctag.backend.index.entry_problem``)."""
+        from xmctag.backend.index import entry_problem
+
+        section = self.manifest.get("index")
+        if section is None:
+            return
+        searches = ["labels", "neighbours"] if self.dims.get("neighbours") else ["labels"]
+        for name in [*searches, *section]:
+            problem = entry_problem(section.get(name)) if name in searches else ""
+            if problem is not None:
+                raise UserError(f"{self.path / MANIFEST}: invalid key {'index.' + name + problem!r} (re-export the "
+                                "bundle)")
 
     def check_file(self, name: str) -> None:
         """That the listed file ``name`` still matches its sha256 (for readers that open with ``verify=False``)."""
@@ -232,17 +266,43 @@ class Bundle:
             raise self._mismatch(f"the label table ({len(labels)} rows, manifest: {self.dims['labels']} labels)")
         return labels
 
-    def label_index(self):
-        """The faiss index over the label vectors, its size checked against the manifest."""
+    def label_index(self, device: str = "cpu"):
+        """The label search (``search(queries [q, 1], n) -> (logits, label rows)``, ``ntotal``, ``d``) of the kind
+        the manifest's ``index.labels`` names (``xmctag.backend.index``): exact over ``label_vectors.npy``, or the
+        IVF index in ``labels.faiss`` with the manifest's ``nprobe``, its candidates re-scored exactly. A bundle
+        without the section: the exact faiss index in ``labels.faiss``. Sizes are checked against the manifest.
+        ``device`` ``cuda`` with ``GPU_FROM`` labels or more: fp16 matrix products and top-k on the GPU with ONNX
+        Runtime, candidates re-scored exactly (``xmctag.backend.gpu_search``; the CPU search, with a warning, when
+        its CUDA provider cannot start)."""
+        from xmctag.backend import index as searches
         from xmctag.backend import runtime
 
+        if device == "cuda" and self.dims["labels"] >= GPU_FROM:
+            from xmctag.backend.gpu_search import OnnxTopK
+
+            vectors = self.label_vectors()
+            try:
+                with self._reading(run_dir.LABEL_VECTORS):
+                    return searches.RefinedSearch(OnnxTopK(vectors, "cuda"), vectors, searches.REFINE)
+            except runtime.CudaUnavailable as e:
+                warnings.warn(f"{e}; searching the labels on the CPU", stacklevel=2)
+        entry = self.index_entry("labels")
+        if entry is not None and entry["kind"] == "exact":
+            return searches.ExactSearch(self.label_vectors())
         faiss = runtime.faiss()
         with self._reading(INDEX) as file:
             index = faiss.read_index(str(file))
-        if index.d != self.dims["index"] or index.ntotal != self.dims["labels"]:
+        d = self.dims["index"] if entry is None else searches.padded_dim(self.dims["index"])  # IVF: SIMD padding
+        if index.d != d or index.ntotal != self.dims["labels"]:
             raise self._mismatch(f"the index {INDEX} ({index.ntotal} x {index.d}, manifest: {self.dims['labels']} "
                                  f"x {self.dims['index']})")
-        return index
+        if entry is None:
+            return index
+        if searches.ivf_shape(index) != (entry["nlist"], entry["storage"]):
+            raise self._mismatch(f"the index {INDEX} (not an inner-product IVF index with {entry['nlist']} cells "
+                                 f"and {entry['storage']} codes)")
+        searches.set_nprobe(index, entry["nprobe"])
+        return searches.RefinedSearch(index, self.label_vectors(), entry.get("refine", 1))
 
     def label_vectors(self) -> np.ndarray:
         """``(L, d + 1)`` rows [w_l, b_l], memory-mapped: only the rows of candidate labels are read."""
@@ -282,6 +342,17 @@ class Bundle:
         if index.ntotal != n or index.d != self.dims["embedding"]:
             raise self._mismatch(f"the neighbour index {NEIGHBOUR_INDEX} ({index.ntotal} x {index.d}, manifest: "
                                  f"{n} x {self.dims['embedding']})")
+        entry = self.index_entry("neighbours")
+        if entry is not None:
+            from xmctag.backend import index as searches
+
+            shape = searches.ivf_shape(index)
+            if entry["kind"] == "ivf" and shape != (entry["nlist"], entry["storage"]) or \
+                    entry["kind"] == "exact" and not isinstance(index, faiss.IndexFlatIP):
+                raise self._mismatch(f"the neighbour index {NEIGHBOUR_INDEX} (not the manifest's {entry['kind']} "
+                                     "index)")
+            if shape is not None:
+                searches.set_nprobe(index, entry["nprobe"])
         problem = labels.problem(n, self.dims["labels"])
         if problem:
             raise self._mismatch(f"{run_dir.TRAIN_LABELS} ({problem})")

@@ -117,14 +117,22 @@ def export(
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write the fp16 graph for GPUs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the bundle in --out (only an xmctag "
                                    "bundle, and not one holding the run)."),
+    index: str = typer.Option("auto", "--index", help="Label and neighbour search: auto (exact below "
+                              "--exact-below rows, else ivf), exact, or ivf (approximate, nprobe tuned to "
+                              "--recall-floor)."),
+    exact_below: Optional[int] = typer.Option(None, "--exact-below", help="--index auto: exact search for fewer "
+                                              "rows [default: 50000 labels, 20000 training products]."),
+    recall_floor: float = typer.Option(0.98, "--recall-floor", help="Recall against exact search an approximate "
+                                       "index must reach on real rows, else exact search (lower it explicitly)."),
     summary_json: Optional[Path] = SummaryJsonOption,
     quiet: bool = QuietOption,
 ):
-    """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with a faiss label index."""
+    """Export a trained run to ONNX (fp32 for CPU, fp16 for GPU) with its label and neighbour searches."""
     from xmctag.exporter import export as export_api
 
     export_api(run, out or DEFAULT_EXPORT_DIR / run.resolve().name, fp16=fp16, overwrite=overwrite,
-               progress=not quiet, summary_json=summary_json)
+               progress=not quiet, summary_json=summary_json, index=index, exact_below=exact_below,
+               recall_floor=recall_floor)
 
 
 @app.command()

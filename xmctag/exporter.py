@@ -10,10 +10,12 @@ Steps (the tools are ``xmctag.backend``'s; the bundle layout is ``xmctag.bundle`
 3. Parity on real rows (the training products sampled into the run directory, and label texts) against the PyTorch
    model (``xmctag.backend.parity``); past a tolerance the export fails, writing nothing. With fusion the sampled
    products go through with their images and again with every image masked out (both kinds of rows).
-4. Bundle: ONNX files, tokenizer, label table, label vectors, faiss indexes, the config and a manifest (file hashes,
-   versions, dims, tokenisation settings, parity results). Written to a temporary directory and renamed into place,
-   so a failed export never leaves a half-written bundle. ``--overwrite`` replaces only a bundle (or an empty
-   directory), never one holding the run (``xmctag.overwrite``).
+4. Bundle: ONNX files, tokenizer, label table, label vectors, the searches (``xmctag.backend.index``: exact, or an
+   approximate IVF index per search chosen by size with ``index="auto"``, its recall measured on the run's training
+   product embeddings against exact search, exact with a warning below ``recall_floor``), the config and a manifest
+   (file hashes, versions, dims, tokenisation settings, the ``index`` section, parity results). Written to a temporary
+   directory and renamed into place, so a failed export never leaves a half-written bundle. ``--overwrite`` replaces
+   only a bundle (or an empty directory), never one holding the run (``xmctag.overwrite``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from xmctag import bundle as layout
 from xmctag import manifest as manifest_file
 from xmctag import run_dir
+from xmctag.backend import index as searches
 from xmctag.backend import parity, runtime
 from xmctag.backend.export import export_text_graph
 from xmctag.backend.optimise import optimise_text_graph
@@ -43,23 +46,36 @@ from xmctag.vision.onnx_runtime import VISION_META
 
 
 def export(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False, progress: bool = True,
-           summary_json: str | Path | None = None) -> Path:
+           summary_json: str | Path | None = None, index: str = "auto", exact_below: int | None = None,
+           recall_floor: float = searches.RECALL_FLOOR, max_nprobe: int | None = None) -> Path:
     """Exports the run directory ``run`` to the bundle directory ``out``; returns ``out``. ``summary_json``: where
-    to write the export's summary, however it ends (``xmctag.summary.run_summary``)."""
+    to write the export's summary, however it ends (``xmctag.summary.run_summary``).
+
+    ``index``: the kind of each search (``auto``, ``exact``, ``ivf``; ``xmctag.backend.index``); ``auto`` is exact
+    for a search over fewer than ``exact_below`` rows (default: 50,000 labels, 20,000 training products). An
+    approximate search whose recall against exact search stays below ``recall_floor`` (default 0.98; a lower floor
+    is the caller's explicit choice) with ``nprobe`` up to ``max_nprobe`` (default: every cell) is replaced by the
+    exact one, with a warning."""
     with run_summary(summary_json, "export", run_dir=str(run), bundle=str(out)) as report:
-        export_bundle(run, out, fp16, overwrite, progress)
+        export_bundle(run, out, fp16, overwrite, progress,
+                      {"requested": index, "exact_below": exact_below, "floor": recall_floor,
+                       "max_nprobe": max_nprobe})
         manifest = json.loads((Path(out) / layout.MANIFEST).read_text())
         report.update(bundle_id=manifest["bundle_id"], graphs=manifest["graph"]["files"],
-                      parity=manifest["parity_max_abs"], dims=manifest["dims"])
+                      parity=manifest["parity_max_abs"], dims=manifest["dims"], index=manifest["index"])
     return Path(out)
 
 
 def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite: bool = False,
-                  progress: bool = True) -> Path:
-    """The export itself (see the module docstring)."""
+                  progress: bool = True, index: dict | None = None) -> Path:
+    """The export itself (see the module docstring); ``index``: ``export``'s index settings as keyword arguments
+    of ``xmctag.backend.index.label_index`` (default: ``auto``)."""
     import torch
 
     show = Progress(progress)
+    index = index or {}
+    searches.check_settings(index.get("requested", "auto"), index.get("exact_below"),
+                            index.get("floor", searches.RECALL_FLOOR), index.get("max_nprobe"))
     runtime.check_runtime_packages()  # before any work: the export needs ONNX Runtime and writes a faiss index
     out = Path(out)
     check_new_output_dir(out, overwrite, layout.is_bundle, "an xmctag bundle", {"the run": run})
@@ -92,7 +108,8 @@ def export_bundle(run: str | Path, out: str | Path, fp16: bool = True, overwrite
                 results["vision"] = _export_vision(fusion, staging, show)
         tokenizer.save_pretrained(staging / layout.TOKENIZER)
         prompt = tokenizer.template.to_dict() if hasattr(tokenizer, "template") else None  # decoders
-        write_bundle_files(staging, trained, results, pad_id_of(tokenizer), prompt=prompt, fusion=fusion)
+        write_bundle_files(staging, trained, results, pad_id_of(tokenizer), prompt=prompt, fusion=fusion,
+                           index={**index, "log": show.log})
     show.log(f"bundle written to {out}")
     return out
 
@@ -151,7 +168,7 @@ def parity_batches(tokenizer, trained: run_dir.TrainedRun) -> list[tuple[np.ndar
 
 
 def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results: dict, pad_id: int,
-                       prompt: dict | None = None, fusion: dict | None = None) -> None:
+                       prompt: dict | None = None, fusion: dict | None = None, index: dict | None = None) -> None:
     """Everything but the ONNX graphs and tokenizer (already in ``target``): labels, index, config, and the manifest,
     sealed last (``xmctag.manifest.seal``: the hashes of every file in ``target``, and the bundle id over them and
     the manifest).
@@ -160,8 +177,11 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
     ``prefix ids + title ids[:budget] + eos`` from it instead of using the tokenizer's special tokens).
     ``fusion``: the run's ``fusion.json`` (image fusion): stored as the manifest's ``fusion`` section, with the
     vision graph's files; the text graph then has the ``image_embedding`` and ``image_mask`` inputs.
+    ``index``: keyword arguments of ``xmctag.backend.index.label_index`` / ``neighbour_index`` (kind, threshold,
+    floor, nprobe cap, log); the searches' entries become the manifest's ``index`` section.
     """
     faiss = runtime.faiss()
+    index = index or {}
     for name in layout.COPIED_FROM_RUN:
         shutil.copy2(trained.path / name, target / name)
     lexical = None
@@ -172,16 +192,23 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
                    "candidates": spec["settings"]["candidates"], "beam": spec["settings"]["beam"],
                    "score": "(1 - a_l) * dense score + a_l * lexical score, a_l = weights[band of label l's "
                             "training count: <= bands[0], <= bands[1], ..., above]"}
-    vectors = trained.vectors.index_matrix()
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    faiss.write_index(index, str(target / layout.INDEX))
+    vectors = np.load(trained.path / run_dir.LABEL_VECTORS, mmap_mode="r", allow_pickle=False)  # [w_l, b_l] rows
     neighbours = run_dir.load_neighbours(trained.path)
+    # Real rows to measure an approximate search on: training products, else (a run without them) label texts.
+    if neighbours is not None:
+        queries = neighbours[0]
+    else:
+        queries, _ = searches.query_sample(trained.label_embeddings)
+        queries /= np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    label_index, entry = searches.label_index(vectors, queries, trained.vectors.scale, **index)
+    sections = {"labels": entry}
+    if label_index is not None:  # exact: label_vectors.npy is searched directly (one copy of the matrix)
+        faiss.write_index(label_index, str(target / layout.INDEX))
     n_neighbours = 0
     if neighbours is not None:
         embeddings, labels = neighbours
-        neighbour_index = faiss.IndexFlatIP(embeddings.shape[1])
-        neighbour_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        k = max(1, trained.config.knn_neighbours)
+        neighbour_index, sections["neighbours"] = searches.neighbour_index(embeddings, k, **index)
         faiss.write_index(neighbour_index, str(target / layout.NEIGHBOUR_INDEX))
         shutil.copy2(trained.path / run_dir.TRAIN_LABELS, target / run_dir.TRAIN_LABELS)
         if (trained.path / run_dir.TRAIN_IDS).exists():  # runs from before 2026-12-03 have none: no --evidence
@@ -202,6 +229,7 @@ def write_bundle_files(target: Path, trained: run_dir.TrainedRun, parity_results
                          "pad_id": pad_id, "text_cols": config.text_cols, "separator": " ; ", "padding": "right",
                          "truncation": True},
         "training": {"rows": trained.n_train, "encoder": config.encoder},
+        "index": sections,
         "scoring": {"score": "(1 - knn_weight) * sigmoid(scale * <[embedding, 1], label vector>) + knn_weight * "
                              "neighbour vote (see xmctag/scoring/ranking.py)",
                     "scale": trained.vectors.scale,

@@ -43,11 +43,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def bundle_id_of(manifest: dict) -> str:
-    """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace,
-    ASCII) of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section
-    that affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
-    ``training``, ``lexical``, ``calibration`` (``xmctag.calibration``), ``relabel`` (``xmctag.relabeller``), and any
-    key a later xmctag adds."""
+    """The bundle id: the first 16 hex digits of the sha256 of the canonical JSON (sorted keys, no whitespace, ASCII)
+    of the manifest without ``VOLATILE_KEYS``. That covers ``files`` (every file's sha256) and every section that
+    affects results or loading: ``format``, ``dims``, ``graph``, ``tokenization``, ``scoring``, ``fusion``,
+    ``training``, ``index`` (each search's kind, nprobe, measured recall: ``xmctag.backend.index``), ``lexical``,
+    ``calibration`` (``xmctag.calibration``), ``relabel`` (``xmctag.relabeller``), and any key a later xmctag adds."""
     covered = {key: value for key, value in manifest.items() if key not in VOLATILE_KEYS}
     canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -98,6 +98,7 @@ SCHEMA = [
     ("scoring", _is(dict), True), ("scoring.scale", _number, True), ("scoring.knn_neighbours", _int(0), False),
     ("scoring.knn_temperature", _number, False), ("scoring.knn_weight", lambda v: _number(v) and 0 <= v <= 1, False),
     ("training", _is(dict), False), ("training.rows", _int(0), False),
+    ("index", _is(dict), False),  # each search's entry is checked by Bundle.check_index_section (backend.index)
     ("fusion", _is(dict), False), ("fusion.vision", _is(str), True), ("fusion.model_id", _is(str), True),
     ("fusion.vision_dim", _int(1), True), ("fusion.image_col", _is(str), True), ("fusion.max_images", _int(1), True),
     ("fusion.cache_dir", lambda v: v is None or isinstance(v, str), False),

@@ -19,9 +19,9 @@ the new table's, in its order:
   ``train_count`` is 0; the exclusive group is the label's group (``label_groups``) when that is one of the
   bundle's exclusive groups. The lexical model's trees cannot return a new label: its lexical weight is 0.
 - **retired** labels (in the bundle, not in the table) disappear everywhere: label table, vectors, embeddings, the
-  faiss label index (rebuilt), the training products' label lists (``train_labels.npz``) and the lexical model
-  (``lexical/label_map.npy``: the trees' label index -> the new label index, -1 for a retired label, applied after
-  each prediction; ``xmctag.lexical``).
+  label search (an approximate one rebuilt and tuned again, ``xmctag.backend.index``), the training products' label
+  lists (``train_labels.npz``) and the lexical model (``lexical/label_map.npy``: the trees' label index -> the new
+  label index, -1 for a retired label, applied after each prediction; ``xmctag.lexical``).
 
 Every other file is copied unchanged. The manifest is the source's with ``dims.labels``, ``created`` and a
 ``relabel`` section (source bundle id and creation time, counts kept / added / retired / text changed, the vector
@@ -113,6 +113,8 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
         # Calibrated thresholds are per label and fitted on the old ranking: they do not carry over.
         calibration = manifest.pop("calibration", None)
         manifest["dims"] = {**manifest["dims"], "labels": len(table)}
+        if written["index"] is not None:  # the label search of the new labels (xmctag.backend.index)
+            manifest["index"] = {**manifest["index"], "labels": written["index"]}
         manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         manifest["relabel"] = {"source_bundle_id": source.bundle_id,
                                "source_created": str(source.manifest.get("created", "")),
@@ -123,6 +125,8 @@ def relabel(bundle: str | Path, labels: str | Path, out: str | Path, overwrite: 
         for name in source.manifest["files"]:  # the rest, unchanged
             if calibration is not None and name == calibration["file"]:
                 continue
+            if name == INDEX and written["index"] is not None and written["index"]["kind"] == "exact":
+                continue  # an approximate label index that fell back to exact search: no file
             if not (staging / name).exists():
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source.path / name, staging / name)
@@ -197,7 +201,6 @@ def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChang
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from xmctag.backend import runtime
     from xmctag.scoring import LabelVectors
 
     n = len(table)
@@ -241,13 +244,13 @@ def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChang
     pq.write_table(pa.table(columns), staging / run_dir.LABELS)
     np.save(staging / run_dir.LABEL_EMBEDDINGS, embeddings)
     np.save(staging / run_dir.LABEL_VECTORS, vectors)
-    if change.identity:  # the same labels: the same index (no rebuild, same bytes)
-        shutil.copy2(source.path / INDEX, staging / INDEX)
+    entry = source.index_entry("labels")
+    if change.identity:  # the same labels: the same search (no rebuild, same bytes)
+        if INDEX in source.manifest["files"]:
+            shutil.copy2(source.path / INDEX, staging / INDEX)
     else:
-        faiss = runtime.faiss()
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(LabelVectors(vectors[:, :-1], vectors[:, -1], 1.0).index_matrix())
-        faiss.write_index(index, str(staging / INDEX))
+        entry = _label_index(source, LabelVectors(vectors[:, :-1], vectors[:, -1], 1.0).index_matrix(), embeddings,
+                             neighbours, staging, show)
     if neighbours is not None:
         _write_neighbour_labels(neighbours[1], change, pseudo, staging / run_dir.TRAIN_LABELS, source)
     lexical = source.manifest.get("lexical")
@@ -261,7 +264,37 @@ def _write_relabelled(source: Bundle, old, table: LabelTable, change: LabelChang
         tree_map = change.old_to_new if earlier is None else \
             np.where(earlier >= 0, change.old_to_new[np.maximum(earlier, 0)], -1)
         write_label_map(folder, tree_map, n)
-    return {"text_changed": int(text_changed), "vectors": record, "votes": vote_record}
+    return {"text_changed": int(text_changed), "vectors": record, "votes": vote_record, "index": entry}
+
+
+def _label_index(source: Bundle, vectors: np.ndarray, embeddings: np.ndarray, neighbours, staging: Path,
+                 show: Progress) -> dict | None:
+    """Writes the label search of the kind the source bundle records for the new ``vectors`` and returns its
+    manifest entry: exact (no file), or an IVF index rebuilt and its ``nprobe`` tuned again to the source's floor on
+    real rows (training products from the neighbour index, else the label embeddings), exact with a warning when
+    that fails (``xmctag.backend.index``). A source from before the ``index`` section: an exact ``labels.faiss``
+    as it had (entry None)."""
+    from xmctag.backend import index as searches
+    from xmctag.backend import runtime
+
+    faiss = runtime.faiss()
+    old = source.index_entry("labels")
+    if old is None:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        faiss.write_index(index, str(staging / INDEX))
+        return None
+    if neighbours is not None:
+        queries = neighbours[0].reconstruct_n(0, min(searches.MAX_QUERIES, neighbours[0].ntotal))
+    else:
+        queries = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    index, entry = searches.label_index(vectors, queries, float(source.manifest["scoring"]["scale"]),
+                                        requested=old["kind"], exact_below=old["exact_below"], floor=old["floor"],
+                                        log=show.log)
+    entry["requested"] = old["requested"]
+    if index is not None:
+        faiss.write_index(index, str(staging / INDEX))
+    return entry
 
 
 def embed_label_texts(source: Bundle, texts: list[str], batch_size: int = 64) -> np.ndarray:

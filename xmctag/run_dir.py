@@ -215,11 +215,12 @@ def load_run(path: str | Path) -> TrainedRun:
         raise UserError(f"{path}: not a finished xmctag run, missing {', '.join(missing)}{hint}")
     config = Config.load(path / CONFIG)
     table = pq.read_table(path / LABELS)
-    index = np.load(path / LABEL_VECTORS, allow_pickle=False)
+    # Memory-mapped: at a million labels each array is 1.5 GB, and export only streams them (xmctag.backend.index).
+    index = np.load(path / LABEL_VECTORS, mmap_mode="r", allow_pickle=False)
     vectors = LabelVectors(index[:, :-1], index[:, -1], config.label_vector_scale)
     n_train = json.loads((path / METRICS).read_text())["n_train"]
     return TrainedRun(path, config, LabelTable.from_arrow(table), table.column("train_count").to_numpy(),
-                      np.load(path / LABEL_EMBEDDINGS, allow_pickle=False), vectors, n_train)
+                      np.load(path / LABEL_EMBEDDINGS, mmap_mode="r", allow_pickle=False), vectors, n_train)
 
 
 # -- lifecycle: what --out holds before training, resumed settings, checkpoints ---------------------------------------

@@ -4,12 +4,12 @@
     frame = tagger.tag(pl.read_parquet("catalog.parquet"), top_k=5)
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
 
-Per product: text from the model's text columns -> tokens -> ONNX encoder -> embedding q -> faiss searches of the
-label vectors (query [q, 1]) and of the training products (kNN) -> blended score in [0, 1] (``xmctag.scoring``),
-fused with the lexical model's scores when the bundle has one (``xmctag.lexical``: TF-IDF label trees, on the CPU)
--> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its size (the bundle's
-indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``). The bundle is read and
-checked by ``xmctag.bundle.Bundle``; the catalog by ``xmctag.io.catalog``.
+Per product: text from the model's text columns -> tokens -> ONNX encoder -> embedding q -> searches of the label
+vectors (query [q, 1]) and training products (kNN; ``xmctag.backend.index``) -> blended score in [0, 1]
+(``xmctag.scoring``), fused with the lexical model's scores when the bundle has one (``xmctag.lexical``: TF-IDF
+label trees, on the CPU) -> top-k. ``tag_file`` streams the catalog in batches, so memory stays bounded whatever its
+size (the bundle's indexes are the fixed cost), and writes the output atomically (``xmctag.io.writers``). The bundle
+is read and checked by ``xmctag.bundle.Bundle``; the catalog by ``xmctag.io.catalog``.
 
 Bundles with image fusion (manifest ``fusion``) also read the catalog's image column: cached image embeddings are
 looked up, new pictures decoded by a thread pool and embedded with the bundle's ``vision.onnx``
@@ -136,7 +136,7 @@ class Tagger:
             device = "cpu"
             session = bundle.session(device, precision, threads)
         labels = bundle.labels(["label", "text", "exclusive_group"] if exclusive_groups else ["label", "text"])
-        index = bundle.label_index()
+        index = bundle.label_index(device)
         if exclusive_groups and ("exclusive_group" not in labels
                                  or group_ids(labels["exclusive_group"].to_list()) is None):
             warnings.warn(f"--exclusive-groups: {bundle.path} has no exclusive label groups (training found none, "
