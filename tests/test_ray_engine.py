@@ -138,6 +138,35 @@ def test_a_failing_block_leaves_no_output(local_ray, bundle, tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+def test_an_actor_that_dies_mid_run_is_restarted_and_its_block_retried(local_ray, bundle, tmp_path):
+    """The actor's process is killed while the run is going (``ray.kill(no_restart=False)``: as a crash would);
+    Ray restarts it and retries its block, and the output is still the local engine's, each row once."""
+    import threading
+    import time
+
+    from xmctag import RayTagger, Tagger
+
+    whole = catalog_parts(tmp_path / "parts")
+    whole.write_parquet(tmp_path / "whole.parquet")
+    local = Tagger.load(bundle, device="cpu").tag_file(tmp_path / "whole.parquet", tmp_path / "local.parquet",
+                                                       progress=False)
+    tagger, done, killed = RayTagger.load(bundle, device="cpu", actors=1), {}, []
+    run = threading.Thread(target=lambda: done.update(summary=tagger.tag_file(
+        tmp_path / "parts", tmp_path / "ray.parquet", progress=False, batch_size=20)))
+    run.start()
+    deadline = time.monotonic() + 120
+    while run.is_alive() and not killed and time.monotonic() < deadline:
+        names = [n for n in local_ray.util.list_named_actors() if n.startswith("xmctag-tag-")]
+        if names:
+            time.sleep(3)  # the actor has loaded the bundle and is tagging its blocks (145 of them)
+            local_ray.kill(local_ray.get_actor(names[0]), no_restart=False)
+            killed.append(names[0])
+        time.sleep(0.1)
+    run.join()
+    assert killed and "summary" in done
+    assert_same_predictions(tmp_path / "ray.parquet", tmp_path / "local.parquet")
+    assert (done["summary"].rows_read, done["summary"].rows_tagged) == (local.rows_read, local.rows_tagged)
+
 def test_cli_ray_engine_output_is_read_by_eval_and_diff(local_ray, bundle, tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
@@ -178,7 +207,7 @@ def test_options_the_ray_engine_does_not_take_are_one_line_errors(bundle, tmp_pa
     result = invoke("tag", catalog, "--model", bundle, "--engine", "ray", "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == "error: --engine ray needs Ray: pip install -e '.[cpu,ray]' (or pip install " \
-                                    "'ray[data]>=2.50,<3')"
+                                    "'ray[data]>=2.50,<2.64')"
     assert not (tmp_path / "o.parquet").exists()
 
 
@@ -186,3 +215,32 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_actor_plans_and_catalog_files(tmp_path):
+    """Pure functions of the engine: no Ray needed."""
+    from xmctag.engines.ray_engine import catalog_files, plan_actors
+    from xmctag.errors import UserError
+
+    # (actors, CPUs each, GPUs each, ONNX Runtime threads)
+    assert plan_actors("cpu", None, None, {"CPU": 2}, [2]) == (1, 2, 0, 2)  # this machine: one actor, both cores
+    assert plan_actors("cpu", 2, None, {"CPU": 2}, [2]) == (2, 1, 0, 1)
+    assert plan_actors("cpu", None, None, {"CPU": 12}, [6, 6]) == (2, 4, 0, 4)  # 4 CPUs each, on one node
+    assert plan_actors("cuda", None, None, {"CPU": 16, "GPU": 2}, [8, 8]) == (2, 1, 1, None)  # one per GPU
+    with pytest.raises(UserError, match="--actors 3: the Ray cluster has 2 CPUs"):
+        plan_actors("cpu", 3, None, {"CPU": 2}, [2])
+    with pytest.raises(UserError, match="--device cuda: the Ray cluster has no GPU"):
+        plan_actors("cuda", None, None, {"CPU": 2}, [2])
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for name in ("b.parquet", "a.parquet", ".hidden.parquet", "_SUCCESS"):
+        (catalog / name).write_text("")
+    (catalog / "sub").mkdir()
+    (catalog / "sub" / "c.parquet").write_text("")
+    assert [p.name for p in catalog_files(catalog)] == ["a.parquet", "b.parquet"]
+    assert [p.name for p in catalog_files(f"{catalog}/b*.parquet")] == ["b.parquet"]
+    assert catalog_files(catalog / "a.parquet") == [catalog / "a.parquet"]
+    for missing, message in ((tmp_path / "nope", "no such file or directory"), (f"{catalog}/z*", "no file matches"),
+                             (catalog / "sub" / "sub2", "no such file")):
+        with pytest.raises(UserError, match=message):
+            catalog_files(missing)

@@ -50,6 +50,7 @@ import json
 import logging
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,7 +64,7 @@ from xmctag.summary import RunChecks, TagSummary
 from xmctag.tagger import Tagger
 from xmctag.tagging_run import tagging_run
 
-INSTALL = "pip install -e '.[cpu,ray]' (or pip install 'ray[data]>=2.50,<3')"
+INSTALL = "pip install -e '.[cpu,ray]' (or pip install 'ray[data]>=2.50,<2.64')"
 CPU_THREADS = 4  # ONNX Runtime threads (and Ray CPUs) per CPU actor by default
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the slice it was tagging
 COUNTS = "_counts"  # the column of an actor's output that holds a slice's counts (JSON), null on product rows
@@ -99,8 +100,9 @@ def catalog_files(catalog: str | Path) -> list[Path]:
     raise UserError(f"{catalog}: no such file or directory")
 
 
-def plan_actors(device: str, actors: int | None, threads: int | None, cluster: dict, smallest_node_cpus: int):
-    """``(actors, CPUs per actor, GPUs per actor, ONNX Runtime threads)`` on a cluster of ``cluster`` resources."""
+def plan_actors(device: str, actors: int | None, threads: int | None, cluster: dict, node_cpus: list[int]):
+    """``(actors, CPUs per actor, GPUs per actor, ONNX Runtime threads)`` on a cluster of ``cluster`` resources
+    whose nodes have ``node_cpus`` CPUs (an actor's CPUs are on one node)."""
     if device == "cuda":
         gpus = int(cluster.get("GPU", 0))
         if gpus == 0:
@@ -109,11 +111,12 @@ def plan_actors(device: str, actors: int | None, threads: int | None, cluster: d
     cpus = int(cluster.get("CPU", 0))
     if actors is not None and actors > cpus:
         raise UserError(f"--actors {actors}: the Ray cluster has {cpus} CPUs; each actor needs one")
+    smallest = max(1, min(node_cpus, default=1))
     if actors is None:
-        per_actor = max(1, min(threads or CPU_THREADS, smallest_node_cpus))
-        actors = max(1, cpus // per_actor)
+        per_actor = max(1, min(threads or CPU_THREADS, smallest))
+        actors = max(1, sum(n // per_actor for n in node_cpus))
     else:
-        per_actor = max(1, min(threads or cpus // actors, smallest_node_cpus))
+        per_actor = max(1, min(threads or cpus // actors, smallest))
     return actors, per_actor, 0, per_actor
 
 
@@ -130,7 +133,7 @@ class RayTagger:
         self.requested_device, self.precision = device, precision
         self.exclusive_groups, self.calibrated = exclusive_groups, calibrated
         self.address, self.actors, self.threads = address, actors, threads
-        self.device = f"ray, {device}"  # what the last run used, once it ran: "ray: 2 actors, cpu"
+        self.device = f"ray, {device}"  # once a run has planned its actors: "ray: 2 CPU actors"
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", precision: str = "auto", exclusive_groups: bool = False,
@@ -204,8 +207,8 @@ class RayTagger:
         device = self.requested_device
         if device == "auto":
             device = "cuda" if cluster.get("GPU", 0) > 0 else "cpu"
-        smallest = min((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
-        actors, cpus, gpus, threads = plan_actors(device, self.actors, self.threads, cluster, max(1, smallest))
+        node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        actors, cpus, gpus, threads = plan_actors(device, self.actors, self.threads, cluster, node_cpus)
         self.local.graph = self.local.bundle.graph(device, self.precision).name  # what the actors run
         self.device = f"ray: {actors} {'GPU' if device == 'cuda' else 'CPU'} actor{'s' * (actors > 1)}"
         ray_report = {"engine": "ray", "ray": {"actors": actors, "cpus_per_actor": cpus, "gpus_per_actor": gpus,
@@ -272,10 +275,12 @@ def tagged_frames(ray, slices: list[dict], worker: dict, actors: int, cpus: int,
     level, quiet.level = quiet.level, logging.CRITICAL
     error = None
     try:
-        dataset = ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
-            TagWorker, fn_constructor_kwargs=worker, batch_size=1, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
-            ray_remote_args_fn=remote_args)
+        with warnings.catch_warnings():  # deprecated in 2.60 without a replacement, removed in 2.64 (hence ray<2.64)
+            warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+            dataset = ray.data.from_items(slices, override_num_blocks=len(slices)).map_batches(
+                TagWorker, fn_constructor_kwargs=worker, batch_size=1, batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus or None,
+                ray_remote_args_fn=remote_args)
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
             yield pl.from_arrow(table)
     except Exception as e:  # noqa: BLE001 - Ray wraps what happened in an actor: the cause decides
@@ -319,8 +324,6 @@ class TagWorker:
     def __init__(self, model: str, device: str, precision: str, threads: int | None, exclusive_groups: bool,
                  calibrated: bool, bundle_id: str, columns: list[str], top_k: int, min_score: float | None,
                  strict: bool, evidence: int, cache_dir: str | None, workers: int, image_hosts: tuple[str, ...]):
-        import warnings
-
         with warnings.catch_warnings():  # the driver's Tagger gave the same warnings, once
             warnings.simplefilter("ignore")
             self.tagger = Tagger.load(model, device=device, precision=precision, threads=threads,
