@@ -1,0 +1,119 @@
+"""The Ray Data engine (``tag --engine ray``) against the local engine on one machine. A benchmark script, not a
+test; it prints the machine and date, then markdown tables for bench/RESULTS.md::
+
+    python bench/ray_tag.py --bundle BUNDLE --work /tmp/raybench/work [--rows 20000] [--files 4] [--cpus 2]
+        [--batch-size 1024] [--overhead-rows 4000]
+
+The catalog (written under ``--work``, never into the repository): ``--rows`` products, ids ``r0000000``...,
+titles cycling through the Myntra sample's (``catalogs/myntra-sample``, train then dev), split into ``--files``
+Parquet files of equal size in ``WORK/catalog/`` and also written whole as ``WORK/whole.parquet``.
+
+1. **Local engine**: ``Tagger.tag_file`` on the whole file (ONNX Runtime on all cores).
+2. **Ray engine**, 1 and 2 actors, on the directory, on a local Ray of ``--cpus`` CPUs started once (its start-up
+   timed apart): ``RayTagger.tag_file`` wall time, which includes starting the actors and loading the bundle in
+   each; the output is checked against the local engine's (ids and labels equal, scores within 1e-6).
+   products/s = products / that wall time; the local engine's likewise includes its ``Tagger.load``.
+3. **Overhead per block**: 1 actor on the first ``--overhead-rows`` products with blocks of 100 and of 2,000 rows:
+   (time with small blocks - time with large blocks) / (blocks of the one - blocks of the other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from common import markdown_table, print_header
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_catalog(work: Path, rows: int, files: int) -> tuple[Path, Path]:
+    sample = ROOT / "catalogs" / "myntra-sample"
+    titles = pl.concat([pl.read_parquet(sample / f, columns=["title"]) for f in ("train.parquet", "dev.parquet")])
+    titles = titles["title"].drop_nulls()
+    catalog = pl.DataFrame({"id": [f"r{i:07d}" for i in range(rows)],
+                            "title": titles.gather(np.arange(rows) % len(titles))})
+    parts = work / "catalog"
+    parts.mkdir(parents=True, exist_ok=True)
+    per_file = -(-rows // files)
+    for i in range(files):
+        catalog.slice(i * per_file, per_file).write_parquet(parts / f"part-{i:03d}.parquet")
+    catalog.write_parquet(work / "whole.parquet")
+    return parts, work / "whole.parquet"
+
+
+def same_predictions(a: Path, b: Path) -> bool:
+    x, y = pl.read_parquet(a), pl.read_parquet(b)
+    return (x["id"].to_list() == y["id"].to_list() and x["labels"].to_list() == y["labels"].to_list()
+            and np.allclose(np.concatenate(x["scores"].to_list()), np.concatenate(y["scores"].to_list()),
+                            atol=1e-6, rtol=0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--overhead-rows", type=int, default=4000)
+    args = parser.parse_args()
+
+    import ray
+
+    from xmctag import RayTagger, Tagger
+
+    print_header("Ray Data engine vs the local engine (bench/ray_tag.py)")
+    print(f"command: {' '.join(sys.argv)}\n")
+    parts, whole = write_catalog(args.work, args.rows, args.files)
+    results = []
+
+    started = time.perf_counter()
+    summary = Tagger.load(args.bundle, device="cpu").tag_file(whole, args.work / "local.parquet", progress=False,
+                                                              batch_size=args.batch_size)
+    wall = time.perf_counter() - started
+    results.append(["local engine", "-", f"{wall:.1f}", f"{summary.rows_tagged / wall:,.0f}",
+                    f"{summary.products_per_second:,.0f}", "reference"])
+
+    started = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=500 * 1024 * 1024,
+             log_to_driver=False, logging_level=logging.WARNING)
+    ray_start = time.perf_counter() - started
+    for actors in (1, 2):
+        out = args.work / f"ray-{actors}.parquet"
+        started = time.perf_counter()
+        summary = RayTagger.load(args.bundle, device="cpu", actors=actors).tag_file(
+            parts, out, progress=False, batch_size=args.batch_size)
+        wall = time.perf_counter() - started
+        results.append([f"ray engine, {actors} actor{'s' * (actors > 1)}", str(actors), f"{wall:.1f}",
+                        f"{summary.rows_tagged / wall:,.0f}", f"{summary.products_per_second:,.0f}",
+                        "equal" if same_predictions(out, args.work / "local.parquet") else "DIFFERENT"])
+    print(f"{args.rows} products in {args.files} files, blocks of {args.batch_size} rows; local Ray of "
+          f"{args.cpus} CPUs started in {ray_start:.1f} s (not counted below)\n")
+    print(markdown_table(["engine", "actors", "wall s", "products/s (wall)", "products/s (tagging loop)",
+                          "output vs local"], results))
+
+    subset = args.work / "overhead"
+    subset.mkdir(exist_ok=True)
+    pl.read_parquet(whole).head(args.overhead_rows).write_parquet(subset / "part-000.parquet")
+    timings = {}
+    for block in (100, 2000):
+        tagger = RayTagger.load(args.bundle, device="cpu", actors=1)
+        started = time.perf_counter()
+        summary = tagger.tag_file(subset, args.work / f"overhead-{block}.parquet", progress=False, batch_size=block)
+        timings[block] = (time.perf_counter() - started, -(-args.overhead_rows // block))
+    (small, n_small), (large, n_large) = timings[100], timings[2000]
+    per_block = (small - large) / (n_small - n_large)
+    print(f"\noverhead per block (1 actor, {args.overhead_rows} products): {n_small} blocks of 100 rows "
+          f"{small:.1f} s, {n_large} blocks of 2000 rows {large:.1f} s -> {1000 * per_block:.0f} ms per block")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
