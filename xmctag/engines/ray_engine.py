@@ -36,11 +36,13 @@ temporary file is deleted and nothing is left at the output, as with Ctrl-C.
 
 **Actors**: ``--device cuda``: one per GPU of the cluster (each ``num_gpus=1``); CPU: each actor takes ``threads``
 CPUs (default ``CPU_THREADS``, at most the smallest node's) and runs ONNX Runtime on that many threads, and there
-are as many as the cluster's CPUs allow (at least 1); ``--actors N`` gives N, each with the cluster's CPUs / N.
+are as many as fit on the nodes (at least 1); ``--actors N`` gives N, each with the cluster's CPUs / N (at most the
+smallest node's; more actors than CPUs is an error).
 ``--device auto``: cuda when the cluster has GPUs, else cpu. ``--ray-address``: default a new local Ray (or the one
 ``ray.init`` already started in this process, or ``RAY_ADDRESS``); ``auto`` joins the running cluster of this node.
 
-**Not supported**: ``--previous`` (a one-line error).
+**Not supported**: ``--previous`` (a one-line error). Ray prints its own warnings on stderr (token authentication,
+actor restarts) besides xmctag's lines.
 """
 
 from __future__ import annotations
