@@ -22,7 +22,9 @@ through the same ``xmctag.tagging_run``: the same columns, the same provenance m
 ``xmctag.io.hashing.files_sha256`` of its files), a lock per output, a temporary file beside it renamed into place
 only when complete, and the checks of the result (``--max-skipped-share``, ``--allow-empty``, ...) before that.
 Rows are in catalog order (files in name order, each file's rows in order: Ray Data's ``preserve_order``), so the
-output is the local engine's output on the files' concatenation (scores equal up to float32 rounding). ``eval``,
+output is the local engine's output on the files' concatenation (scores equal up to float32 rounding when both
+run with the same number of OpenMP threads: Ray sets an actor's ``OMP_NUM_THREADS`` to its CPUs, and with
+another number float sums run in another order, so a product near a tie can score differently). ``eval``,
 ``diff`` and ``--previous`` read it as any prediction file.
 
 **Counts**: each slice's counts row is added on the driver (``TagSummary.add_batch``, ``add_images``), so the
@@ -335,7 +337,8 @@ class TagWorker:
                             f"{bundle_id}; every node must read the same bundle")
         if evidence:
             self.tagger.evidence_ids()
-        self.columns, self.top_k, self.min_score, self.strict, self.evidence = columns, top_k, min_score, strict, evidence
+        self.columns, self.top_k, self.min_score = columns, top_k, min_score
+        self.strict, self.evidence = strict, evidence
         self.images = (self.tagger.images(cache_dir, workers=workers, image_hosts=image_hosts)
                        if self.tagger.fusion is not None else None)
         self.schema = {**PRODUCT_SCHEMA, **(EVIDENCE_SCHEMA if evidence else {})}
