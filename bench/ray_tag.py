@@ -15,7 +15,10 @@ Parquet files of equal size in ``WORK/catalog/`` and also written whole as ``WOR
    1e-6). products/s = products / that wall time; the local engine's likewise includes its ``Tagger.load``. The
    local engine runs again last (the load of a shared machine drifts).
 3. **Overhead per block**: 1 actor on the first ``--overhead-rows`` products with blocks of 100 and of 2,000 rows:
-   (time with small blocks - time with large blocks) / (blocks of the one - blocks of the other).
+   (time with small blocks - time with large blocks) / (blocks of the one - blocks of the other); the same for the
+   local engine with batches of 100 and 2,000 rows, whose per-batch costs (a faiss search, the lexical model's
+   thread, padding) the Ray figure includes too: the difference is Ray's own share. ``--overhead-only`` runs only
+   this part (on the catalog a previous run wrote under ``--work``).
 """
 
 from __future__ import annotations
@@ -70,14 +73,28 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--overhead-rows", type=int, default=4000)
+    parser.add_argument("--overhead-only", action="store_true")
     args = parser.parse_args()
 
     import ray
 
-    from xmctag import RayTagger, Tagger
-
     print_header("Ray Data engine vs the local engine (bench/ray_tag.py)")
     print(f"command: {' '.join(sys.argv)}\n")
+    if not args.overhead_only:
+        engines(args)
+    else:
+        ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=500 * 1024 * 1024,
+                 log_to_driver=False, logging_level=logging.WARNING)
+    overhead(args, args.work / "whole.parquet")
+    ray.shutdown()
+
+
+def engines(args) -> None:
+    """Parts 1 and 2 of the module docstring (starts the local Ray)."""
+    import ray
+
+    from xmctag import RayTagger, Tagger
+
     parts, whole = write_catalog(args.work, args.rows, args.files)
     results = []
 
@@ -112,20 +129,28 @@ def main() -> None:
     print(markdown_table(["engine", "actors", "wall s", "products/s (wall)", "products/s (tagging loop)",
                           "output vs local"], results))
 
+
+
+def overhead(args, whole: Path) -> None:
+    from xmctag import RayTagger, Tagger
+
     subset = args.work / "overhead"
     subset.mkdir(exist_ok=True)
     pl.read_parquet(whole).head(args.overhead_rows).write_parquet(subset / "part-000.parquet")
-    timings = {}
-    for block in (100, 2000):
-        tagger = RayTagger.load(args.bundle, device="cpu", actors=1)
-        started = time.perf_counter()
-        summary = tagger.tag_file(subset, args.work / f"overhead-{block}.parquet", progress=False, batch_size=block)
-        timings[block] = (time.perf_counter() - started, -(-args.overhead_rows // block))
-    (small, n_small), (large, n_large) = timings[100], timings[2000]
-    per_block = (small - large) / (n_small - n_large)
-    print(f"\noverhead per block (1 actor, {args.overhead_rows} products): {n_small} blocks of 100 rows "
-          f"{small:.1f} s, {n_large} blocks of 2000 rows {large:.1f} s -> {1000 * per_block:.0f} ms per block")
-    ray.shutdown()
+    print()
+    for engine in ("ray, 1 actor", "local"):
+        timings = {}
+        for block in (100, 2000):
+            tagger = (RayTagger.load(args.bundle, device="cpu", actors=1) if engine != "local"
+                      else Tagger.load(args.bundle, device="cpu"))
+            started = time.perf_counter()
+            tagger.tag_file(subset / "part-000.parquet" if engine == "local" else subset,
+                            args.work / f"overhead-{block}.parquet", progress=False, batch_size=block)
+            timings[block] = (time.perf_counter() - started, -(-args.overhead_rows // block))
+        (small, n_small), (large, n_large) = timings[100], timings[2000]
+        per_block = (small - large) / (n_small - n_large)
+        print(f"overhead per block ({engine}, {args.overhead_rows} products): {n_small} blocks of 100 rows "
+              f"{small:.1f} s, {n_large} blocks of 2000 rows {large:.1f} s -> {1000 * per_block:.0f} ms per block")
 
 
 if __name__ == "__main__":
