@@ -207,7 +207,7 @@ def test_options_the_ray_engine_does_not_take_are_one_line_errors(bundle, tmp_pa
     result = invoke("tag", catalog, "--model", bundle, "--engine", "ray", "-o", tmp_path / "o.parquet")
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == "error: --engine ray needs Ray: pip install -e '.[cpu,ray]' (or pip install " \
-                                    "'ray[data]>=2.50,<2.64')"
+                                    "'ray[data]>=2.60,<2.64')"
     assert not (tmp_path / "o.parquet").exists()
 
 

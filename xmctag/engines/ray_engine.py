@@ -68,7 +68,7 @@ from xmctag.summary import RunChecks, TagSummary
 from xmctag.tagger import Tagger
 from xmctag.tagging_run import tagging_run
 
-INSTALL = "pip install -e '.[cpu,ray]' (or pip install 'ray[data]>=2.50,<2.64')"
+INSTALL = "pip install -e '.[cpu,ray]' (or pip install 'ray[data]>=2.60,<2.64')"
 CPU_THREADS = 4  # ONNX Runtime threads (and Ray CPUs) per CPU actor by default
 MAX_RETRIES = 3  # restarts of a dead actor, and retries of the slice it was tagging
 COUNTS = "_counts"  # the column of an actor's output that holds a slice's counts (JSON), null on product rows
