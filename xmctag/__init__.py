@@ -8,6 +8,7 @@ Python API (the CLI is a thin layer over it):
     tagger = xmctag.Tagger.load("export/demo")
     predictions = tagger.tag(frame)           # polars DataFrame in, DataFrame out
     summary = tagger.tag_file("catalog.parquet", "preds.parquet", top_k=5)
+    summary = xmctag.RayTagger.load("export/demo", actors=2).tag_file("catalog/", "preds.parquet")  # Ray Data
     metrics = xmctag.evaluate("preds.parquet", "truth.parquet").metrics  # evaluate returns an EvalReport
     changes = xmctag.diff("last-night.parquet", "tonight.parquet")       # a DiffReport: .to_dict() is the JSON
     report = xmctag.calibrate("export/demo", "dev.parquet", precision=0.9)  # then Tagger.load(..., calibrated=True)
@@ -25,6 +26,7 @@ ENTRY_POINTS = {
     "train": ("xmctag.training.trainer", "train"),
     "export": ("xmctag.exporter", "export"),
     "Tagger": ("xmctag.tagger", "Tagger"),
+    "RayTagger": ("xmctag.engines.ray_engine", "RayTagger"),
     "evaluate": ("xmctag.evaluation.predictions", "evaluate_predictions"),
     "diff": ("xmctag.reports.diff", "diff_predictions"),
     "calibrate": ("xmctag.calibration", "calibrate"),

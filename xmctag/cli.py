@@ -183,17 +183,36 @@ def tag(
                                     "labels, or none."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="The catalog's current label table: warn when "
                                           "its labels or texts differ from the bundle's (see `xmctag relabel`)."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors; the catalog "
+                               "may also be a directory or glob of Parquet files; needs the ray extra)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--engine ray: the cluster to join (auto: "
+                                              "the one running on this node; ray://HOST:10001) [default: a new "
+                                              "local Ray]."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="--engine ray: actors [default: one per GPU "
+                                         "with --device cuda, else one per 4 CPUs of the cluster, at least 1]."),
     quiet: bool = QuietOption,
 ):
     """Write the top-k labels of every product of a catalog."""
     from xmctag.summary import RunChecks
-    from xmctag.tagger import Tagger, check_options
+    from xmctag.tagger import Tagger
+    from xmctag.tagging_run import check_options
 
     check_options(top_k, min_score)  # before the bundle is loaded
     checks = RunChecks(max_skipped_share, max_image_failure_share, allow_empty)
     allowed = image_hosts(hosts)
-    tagger = Tagger.load(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
-                         exclusive_groups=exclusive_groups, calibrated=calibrated)
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine must be local or ray, not {engine!r}")
+    if engine == "local" and (actors is not None or ray_address is not None):
+        raise UserError("--actors and --ray-address need --engine ray")
+    loader = Tagger.load
+    if engine == "ray":
+        from functools import partial
+
+        from xmctag.engines.ray_engine import RayTagger
+
+        loader = partial(RayTagger.load, address=ray_address, actors=actors)
+    tagger = loader(model or newest_bundle(DEFAULT_EXPORT_DIR), device=device, precision=precision,
+                    exclusive_groups=exclusive_groups, calibrated=calibrated)
     if labels is not None:
         from xmctag.cli_util import warn
         from xmctag.relabeller import label_table_warning

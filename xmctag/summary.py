@@ -51,6 +51,30 @@ class TagSummary:
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def add_batch(self, rows_read: int, skipped: dict[str, int], products=None) -> None:
+        """Counts one batch of the catalog: ``rows_read`` rows, ``skipped`` of them by reason, and the products
+        written for it (a polars frame with a ``labels`` list column, or None), into this run's totals."""
+        self.rows_read += rows_read
+        for reason, n in skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        if products is not None:
+            self.rows_tagged += len(products)
+            n_labels = products["labels"].list.len()
+            self.without_labels += int((n_labels == 0).sum())
+            self.fewer_than_k += int((n_labels < self.top_k).sum())
+
+    def add_images(self, counts: dict) -> None:
+        """Adds one batch's image counts (``xmctag.vision.tagging.ImageCounts.to_dict()``): numbers are summed, the
+        first example of each kind of failure kept."""
+        if self.images is None:
+            self.images = {key: ({} if key == "examples" else 0) for key in counts}
+        for key, value in counts.items():
+            if key == "examples":
+                for kind, example in value.items():
+                    self.images["examples"].setdefault(kind, example)
+            else:
+                self.images[key] = self.images.get(key, 0) + value
+
     def to_dict(self) -> dict:
         """The ``rows`` and ``images`` sections of the tagging summary (``run_summary``)."""
         rows = {"read": self.rows_read, "tagged": self.rows_tagged, "skipped": self.rows_skipped,

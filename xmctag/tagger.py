@@ -33,15 +33,12 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 
-from xmctag import __version__
 from xmctag.backend import runtime
 from xmctag.bundle import Bundle
 from xmctag.errors import UserError
 from xmctag.incremental import coalesced, merge, reused_products, with_content_hash
-from xmctag.io.atomic import resolve_output
-from xmctag.io.catalog import CatalogColumns, count_rows, default_output_path, read_batches
-from xmctag.io.hashing import file_sha256
-from xmctag.io.writers import EVIDENCE_SCHEMA, PRODUCT_SCHEMA, PredictionWriter, resolve_format
+from xmctag.io.catalog import CatalogColumns, count_rows, read_batches
+from xmctag.io.writers import EVIDENCE_SCHEMA, PRODUCT_SCHEMA, PredictionWriter
 from xmctag.label_groups import group_ids
 from xmctag.models.prompt import PromptTemplate
 from xmctag.models.tokens import clip_text, pad
@@ -49,7 +46,8 @@ from xmctag.prefetch import prefetch
 from xmctag.progress import Progress
 from xmctag.scoring import rank_labels
 from xmctag.scoring.thresholds import apply_thresholds, load_thresholds
-from xmctag.summary import RunChecks, TagSummary, now, run_summary
+from xmctag.summary import RunChecks, TagSummary
+from xmctag.tagging_run import check_evidence, check_options, tagging_run
 
 ENCODE_BATCH_CPU = 64
 ENCODE_BATCH_CUDA = 512
@@ -254,7 +252,7 @@ class Tagger:
         if self.fusion is not None and "image" in batch.columns:
             images = self.images(cache_dir, image_hosts=image_hosts).features(batch["image"].to_list(),
                                                                               Path(base_dir))
-        products = self._tag_prepared(batch, top_k, min_score, images, evidence)
+        products = self.tag_prepared(batch, top_k, min_score, images, evidence)
         return products.select("id", "labels", "scores", *(EVIDENCE_SCHEMA if evidence else ()))
 
     # -- whole files ---------------------------------------------------------------------------------------------
@@ -291,48 +289,14 @@ class Tagger:
         products that voted most for its labels, at most this many (``xmctag.scoring.evidence``; 0: off).
         """
         catalog = Path(catalog)
-        checks = checks or RunChecks()
-        with run_summary(summary_json, "tag", catalog=str(catalog), bundle=str(self.path.resolve()),
-                         bundle_id=self.bundle_id, checks=checks.to_dict()) as report:
-            check_options(top_k, min_score)
-            check_evidence(evidence)
-            if evidence:
-                self.evidence_ids()  # before any work: a bundle without training ids cannot give evidence
-            top_k = min(top_k, len(self.label_ids))
-            fmt = resolve_format(Path(output) if output is not None else None, fmt)
-            columns = self.catalog.check_file(catalog)
-            if self.fusion is not None and self.fusion["image_col"] not in columns:  # fine, but not what it was for
-                warnings.warn(f"{catalog} has no image column {self.fusion['image_col']!r}: products are tagged "
-                              "from text only", stacklevel=2)
-            output = Path(output) if output is not None else default_output_path(catalog, fmt)
-            if resolve_output(output).resolve() == catalog.resolve():
-                raise UserError(f"--output {output}: would overwrite the catalog being tagged")
-            summary = TagSummary(output=output, top_k=top_k)
-            report.update(output=str(output), format=fmt, catalog_sha256=file_sha256(catalog))
-            metadata = {"bundle_id": self.bundle_id, "bundle": str(self.path.resolve()), "catalog": str(catalog),
-                        "catalog_sha256": report["catalog_sha256"], "top_k": top_k, "min_score": min_score,
-                        "text_cols": ",".join(self.config.text_cols), "xmctag_version": __version__,
-                        "tagged_at": now(), **self._output_settings(evidence, escape_formulas and fmt == "csv")}
-            earlier = None
-            if previous is not None:
-                from xmctag.incremental import Previous
+        with tagging_run(self, catalog, [catalog], output, top_k=top_k, fmt=fmt, min_score=min_score, checks=checks,
+                         summary_json=summary_json, escape_formulas=escape_formulas, evidence=evidence,
+                         previous=previous) as run:
+            self._tag_into(run.writer, catalog, run.columns, run.summary, run.top_k, min_score, batch_size, strict,
+                           progress, cache_dir, workers, tuple(image_hosts), evidence, run.previous)
+        return run.summary
 
-                earlier = Previous.open(previous, metadata, self.label_ids)
-            # Opened (its lock taken, its temporary file created) before any work: an output that cannot be
-            # written, or that another run is writing, fails now, not after the whole catalog has been tagged.
-            with PredictionWriter(output, fmt, metadata, escape_formulas=escape_formulas,
-                                  evidence=evidence > 0) as writer:
-                try:
-                    self._tag_into(writer, catalog, columns, summary, top_k, min_score, batch_size, strict,
-                                   progress, cache_dir, workers, tuple(image_hosts), evidence, earlier)
-                finally:
-                    if earlier is not None:
-                        summary.incremental = earlier.finish().to_dict()
-                    report.update(summary.to_dict())
-                checks.check(summary)  # before the output is renamed into place: a failed run leaves none
-            return summary
-
-    def _output_settings(self, evidence: int, escape_formulas: bool) -> dict:
+    def output_settings(self, evidence: int, escape_formulas: bool) -> dict:
         """Settings recorded with the predictions besides the bundle, top_k, min_score and text columns: with
         those, what ``tag --previous`` compares (``xmctag.incremental``)."""
         from xmctag.incremental import CONTENT_HASH
@@ -358,9 +322,7 @@ class Tagger:
             """(rows read, rows to tag, rows skipped by reason, rows reused or None, first row) per catalog batch."""
             rows = 0
             for frame in read_batches(catalog, columns, batch_size):
-                skipped: dict[str, int] = {}
-                batch = with_content_hash(self.catalog.prepare(frame, source=str(catalog), row_offset=rows,
-                                                               strict=strict, skipped=skipped), self.fusion is not None)
+                batch, skipped = self.prepare_batch(frame, str(catalog), rows, strict)
                 reused = None
                 if incremental:  # only the rows not reused are tagged
                     batch, reused = previous.split(batch)
@@ -381,10 +343,7 @@ class Tagger:
         batches = prepared() if images is None else prefetch(prepared(), name="xmctag-images")
         with show.task("tagging", total=total, unit="products") as update:
             for n_read, batch, skipped, features, reused in batches:
-                summary.rows_read += n_read
-                for reason, n in skipped.items():
-                    summary.skipped[reason] = summary.skipped.get(reason, 0) + n
-                products = self._tag_prepared(batch, top_k, min_score, features, evidence) if len(batch) else None
+                products = self.tag_prepared(batch, top_k, min_score, features, evidence) if len(batch) else None
                 if reused is not None and len(reused):
                     reused = reused_products(reused, *label_table)
                     products = merge(products, reused) if products is not None else reused.drop("_pos")
@@ -392,10 +351,7 @@ class Tagger:
                     products = products.drop("_pos")
                 if products is not None:
                     writer.write_frame(products)
-                    summary.rows_tagged += len(products)
-                    n_labels = products["labels"].list.len()
-                    summary.without_labels += int((n_labels == 0).sum())
-                    summary.fewer_than_k += int((n_labels < top_k).sum())
+                summary.add_batch(n_read, skipped, products)
                 if images is None:
                     update(n_read)
                 else:
@@ -405,10 +361,19 @@ class Tagger:
         if images is not None:
             summary.images, summary.image_cache = images.counts.to_dict(), images.cache_dir
 
-    def _tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None,
-                      evidence: int = 0) -> pl.DataFrame:
-        """Writer rows (``xmctag.io.writers.PRODUCT_SCHEMA``, and the evidence columns) of a prepared batch; its
-        ``_pos`` column, when it has one, is kept."""
+    def prepare_batch(self, frame: pl.DataFrame, source: str, row_offset: int = 0,
+                      strict: bool = False) -> tuple[pl.DataFrame, dict[str, int]]:
+        """A batch of catalog rows (``source`` and ``row_offset``: where they come from, for ``strict``'s error)
+        -> the rows to tag (``id``, ``text``, ``content_hash``, and ``image``) and the rows skipped, by reason."""
+        skipped: dict[str, int] = {}
+        batch = self.catalog.prepare(frame, source=source, row_offset=row_offset, strict=strict, skipped=skipped)
+        return with_content_hash(batch, self.fusion is not None), skipped
+
+    def tag_prepared(self, batch: pl.DataFrame, top_k: int, min_score: float | None, images=None,
+                     evidence: int = 0) -> pl.DataFrame:
+        """Writer rows (``xmctag.io.writers.PRODUCT_SCHEMA``, and the evidence columns) of a batch from
+        ``prepare_batch``; ``images``: its image inputs (``BundleImages.features``) or None; its ``_pos`` column,
+        when it has one, is kept."""
         found = self.predict(batch["text"].to_list(), top_k, min_score, images, evidence=evidence)
         indices, scores = found[0], found[1]
         keep = indices >= 0
@@ -428,14 +393,3 @@ class Tagger:
             columns["_pos"], schema["_pos"] = batch["_pos"], pl.UInt32
         return pl.DataFrame(columns, schema=schema)
 
-
-def check_evidence(evidence: int) -> None:
-    if evidence < 0:
-        raise UserError(f"--evidence must be >= 0 (0 = off), not {evidence}")
-
-
-def check_options(top_k: int, min_score: float | None) -> None:
-    if top_k < 1:
-        raise UserError(f"--top-k must be >= 1, not {top_k}")
-    if min_score is not None and not 0.0 <= min_score <= 1.0:  # also refuses nan, which would cut every label
-        raise UserError(f"--min-score must be between 0 and 1 (scores are in [0, 1]), not {min_score}")
