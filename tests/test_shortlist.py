@@ -154,3 +154,27 @@ def test_the_classifier_stage_on_a_shortlist_lowers_the_loss_over_all_labels(tin
     assert after < 0.8 * before
     state = stage.state()
     np.testing.assert_array_equal(state["shortlist"], stage.shortlist.hard.numpy())
+
+
+def test_row_adam_is_adam_on_the_rows_a_step_touches():
+    from xmctag.training.shortlist import RowAdam
+
+    torch.manual_seed(0)
+    target = torch.randn(6, 3)
+    table, reference = torch.zeros(6, 3), torch.zeros(6, 3, requires_grad=True)
+    rows_adam, adam = RowAdam(table, 0.1), torch.optim.Adam([reference], lr=0.1)
+    for _ in range(5):  # every row touched: exactly Adam
+        leaf = rows_adam.rows(torch.arange(6))
+        (leaf - target).square().sum().backward()
+        rows_adam.step()
+        adam.zero_grad()
+        (reference - target).square().sum().backward()
+        adam.step()
+    torch.testing.assert_close(table, reference.detach())
+    before = table.clone()
+    leaf = rows_adam.rows(torch.tensor([1, 4]))  # only rows 1 and 4: the others and their moments wait
+    (leaf - target[[1, 4]]).square().sum().backward()
+    rows_adam.step()
+    untouched = [0, 2, 3, 5]
+    torch.testing.assert_close(table[untouched], before[untouched])
+    assert not torch.equal(table[[1, 4]], before[[1, 4]])
