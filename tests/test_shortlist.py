@@ -1,6 +1,8 @@
 """training/shortlist: per-batch targets, shortlists that estimate the one-vs-all loss, and the stages that use them
 above ``label_shortlist_above`` labels; bounded dev search; train's memory estimate."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -139,8 +141,7 @@ def test_the_classifier_stage_on_a_shortlist_lowers_the_loss_over_all_labels(tin
                                 epochs=2)
     stage = ClassifierStage(encoder, data, vectors, config, torch.device("cpu"), lambda model: None, products)
     assert stage.shortlist is not None and stage.shortlist.hard.shape == (len(products), 8)
-    full = ClassifierStage(encoder, data, vectors, config.__class__(**{**config.__dict__,
-                                                                       "label_shortlist_above": 10**6}),
+    full = ClassifierStage(encoder, data, vectors, dataclasses.replace(config, label_shortlist_above=10**6),
                            torch.device("cpu"), lambda model: None, products)
     everything = np.arange(len(data.product_ids))
     with torch.no_grad():

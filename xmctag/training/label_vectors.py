@@ -70,7 +70,7 @@ def fit_label_vectors(
     else:
         r = torch.zeros_like(e, requires_grad=True)
         d = torch.zeros(len(seen), 1, device=device, requires_grad=True)
-    row_optimizer: list[RowAdam] = []  # the shortlist's optimiser, once the residuals train
+    row_optimizer = RowAdam(table, lr) if sparse else None  # the shortlist's optimiser of the residuals
 
     def dense_loss(idx, residual, penalty):
         r_, d_ = (r, d) if residual else (r.detach(), d.detach())
@@ -85,7 +85,7 @@ def fit_label_vectors(
         batch = shortlist.candidates(idx)
         columns = batch.columns.clamp(min=0)  # (B, C); -1 (none) weighs 0
         touched, inverse = torch.unique(torch.cat([columns.flatten(), batch.random]), return_inverse=True)
-        rows = row_optimizer[0].rows(touched) if residual else table[touched]  # (U, dim + 1)
+        rows = row_optimizer.rows(touched) if residual else table[touched]  # (U, dim + 1)
         w, b = a * e[touched] + rows[:, :dim], c + rows[:, dim]
         at, random_at = inverse[:columns.numel()].view(columns.shape), inverse[columns.numel():]
         q = x[idx]
@@ -101,11 +101,7 @@ def fit_label_vectors(
     steps_per_epoch = -(-len(products) // (shortlist_batch_size if sparse else batch_size))
 
     def run(params, steps, step_lr, residual, report):
-        if sparse and residual:
-            row_optimizer.append(RowAdam(table, step_lr))
-            optimizer = row_optimizer[0]
-        else:
-            optimizer = torch.optim.Adam(params, lr=step_lr)
+        optimizer = row_optimizer if sparse and residual else torch.optim.Adam(params, lr=step_lr)
         size = shortlist_batch_size if sparse and residual else batch_size  # calibration: small batches
         per_epoch = -(-len(products) // size)
         order = torch.randperm(len(products), generator=generator).to(device)
